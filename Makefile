@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine:  make demo   and   make test
+# Set-up is idempotent: the virtual environment is (re)installed only when setup.py or the
+# constraints change.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONSTRAINTS ?= constraints/cpu.txt
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast smoke-mcore019 lint clean
+
+$(STAMP): setup.py $(CONSTRAINTS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[dev,launch]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/masa demo $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Developers: skip the multi-process (torchrun) tests locally. CI runs everything.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Smoke test against megatron-core 0.19.x in a second environment (what Python 3.12 clusters get).
+smoke-mcore019: $(STAMP)
+	bash tools/smoke_mcore019.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check masa_megatron tests recipes tools benchmarks
+
+clean:
+	rm -rf $(VENV) .venv-mcore019 .pytest_cache

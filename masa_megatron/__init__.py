@@ -1,0 +1,2 @@
+"""MASA on Megatron-core."""
+__version__ = "0.1.0"

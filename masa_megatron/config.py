@@ -1,0 +1,417 @@
+"""Experiment configuration: one dataclass per component, composed into `ExperimentConfig`.
+
+Loaded with OmegaConf structured configs (types are enforced on merge), overridden with dotted
+`a.b=c` strings. Validation has two levels:
+
+- `validate_static(cfg)`: types, ranges, choices and impossible layouts. Needs no GPU and no
+  Megatron, so it runs on a login node for a GPU recipe.
+- `validate_environment(cfg)`: what only the job's machine can tell (CUDA present, Transformer
+  Engine installed, enough devices). Runs at job start.
+
+Each failure raises `ConfigError` naming the field and the value; the CLI prints it as one line and
+exits with code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from masa_megatron.errors import UserError
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(UserError):
+    """A bad configuration value; the message names the field and the value."""
+
+
+@dataclass
+class ModelConfig:
+    """The policy: a Hugging Face checkpoint folder (or config-only folder for random init)."""
+    hf_path: str = MISSING
+    dtype: str = "fp32"                    # fp32 | bf16 | fp16 (params/compute; master weights fp32)
+    layer_spec: str = "auto"               # auto (te when installed and CUDA, else local) | local | te
+    make_vocab_size_divisible_by: int = 128
+    fp8: Optional[str] = None              # None | hybrid | e4m3
+    fp8_recipe: str = "delayed"            # delayed | tensorwise | blockwise | mxfp8
+    fp8_param: bool = False
+    recompute_activations: bool = False
+    random_init: bool = False              # build from config.json only, no weights (tests/demo)
+    seed: int = 1234
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron layout. DP is derived: world_size / (TP * PP * CP)."""
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True   # only takes effect when DP > 1
+    world_size: Optional[int] = None         # None: taken from the launcher (WORLD_SIZE)
+
+
+@dataclass
+class RolloutConfig:
+    """Generation: which engine, and the sampling parameters of solution and meta rollouts."""
+    engine: str = "embedded"               # embedded | sglang | a registered/dotted engine name
+    max_prompt_length: int = 2048
+    max_response_length: int = 8192
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int = 0
+    # SGLang only
+    sglang_urls: list[str] = field(default_factory=list)   # attach; empty: launch servers
+    sglang_num_servers: int = 1
+    sglang_tp: int = 1
+    sglang_mem_fraction: float = 0.7
+    sglang_host: str = "127.0.0.1"
+    sglang_base_port: int = 30000
+    sglang_router: bool = False
+    sglang_concurrency: int = 256
+    sglang_health_timeout_s: float = 600.0
+    weight_sync: str = "disk"              # disk | broadcast | tensor
+    weight_sync_bucket_mb: int = 512
+    colocate: bool = False
+    offload_train_state: bool = False
+
+
+@dataclass
+class GRPOConfig:
+    """Policy optimisation (spec section 5)."""
+    group_size: int = 16                   # G solution rollouts per problem
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip: Optional[float] = 10.0
+    loss_agg: str = "token-mean"           # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    kl_coef: float = 0.0
+    kl_type: str = "k3"                    # k1 | k3
+    tis_cap: Optional[float] = None        # truncated importance sampling vs rollout log-probs
+    adv_eps: float = 1e-6
+    ppo_epochs: int = 1
+    mini_batches_per_step: int = 1
+    micro_batch_tokens: int = 16384        # token budget per micro-batch
+    dynamic_sampling: bool = False         # DAPO: drop zero-variance groups after generation
+    dynamic_sampling_max_rounds: int = 1   # >1: over-sample to refill the batch
+
+
+@dataclass
+class MASAConfig:
+    """MASA (spec sections 2-6, 9). mode: grpo | masa | masa_efficient."""
+    mode: str = "masa"
+    meta_group_size: int = 8               # M meta rollouts per problem
+    parser: str = "robust"                 # robust | reference
+    reward_base: float = 0.01
+    max_source: str = "response"           # {MAX} in the meta prompt: response | prompt
+    efficient_start_step: int = 80         # k
+    gate_sigma: float = 0.1
+    gate_min_parsed_fraction: float = 0.5  # gate only if >= ceil(M * this) predictions parsed
+    cutoff_margin: float = 2.0
+    gating: str = "text_consensus"         # registered gating policy
+    cutoff: str = "margin_mean"            # registered cutoff policy
+    predictor: str = "text"                # text | head | both
+    audit_fraction: float = 0.05
+    head_gate_threshold: float = 0.9
+    head_loss_weight: float = 0.0          # 0: head detached from the backbone
+    head_lr: float = 1e-3
+    notion_hints: bool = False
+    behaviour_cloning: bool = False
+    bc_min_notion: float = 0.2
+    bc_every: int = 10
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    prompt_batch_size: int = 128           # problems per RL step
+    shuffle: bool = True
+    seed: int = 0
+    reward: str = "math"                   # registered reward name or dotted path
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"                     # adam (AdamW with weight_decay) | sgd
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 20
+    schedule: str = "constant"             # constant | cosine
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 314
+    eval_every: int = 0                    # 0: no in-loop evaluation
+    max_consecutive_nonfinite: int = 3
+    check_ratio_invariant: bool = True
+    ratio_tolerance: float = 1e-5
+    output_dir: str = "runs/default"
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 50
+    keep_last: int = 3
+    resume: str = "auto"                   # auto | none | a checkpoint path
+    dir: Optional[str] = None              # default: <output_dir>/checkpoints
+
+
+@dataclass
+class LoggingConfig:
+    jsonl: bool = True
+    tensorboard: bool = False
+    wandb_project: Optional[str] = None
+    progress: bool = True
+    log_every: int = 1
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "masa"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    masa: MASAConfig = field(default_factory=MASAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _suggest(key: str, node: Any) -> str:
+    names = list(node.keys()) if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(key, names, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as err:
+        key = str(err.key) if err.key is not None else "?"
+        path = f"{err.full_key}" if err.full_key else key
+        parent = OmegaConf.select(base, path.rsplit(".", 1)[0]) if "." in path else base
+        raise ConfigError(f"{source}: unknown key '{path}'{_suggest(key, parent)}") from None
+    except (ValidationError, OmegaConfBaseException) as err:
+        field_name = getattr(err, "full_key", None) or "?"
+        value = getattr(err, "value", None)
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"{source}: field '{field_name}' = {value!r}: {msg}") from None
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """`a.b=c` strings -> a DictConfig; a string without '=' is an error naming it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"overrides: {str(err).splitlines()[0]}") from None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: list[str] = (),
+                base: Optional[ExperimentConfig] = None) -> ExperimentConfig:
+    """Merge defaults (or `base`, e.g. a recipe), a YAML file and dotted overrides; validate."""
+    cfg = OmegaConf.structured(base if base is not None else ExperimentConfig())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # yaml errors come in many types
+            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"config file '{path}' must hold a mapping at top level")
+        cfg = _merge(cfg, loaded, str(path))
+    if overrides:
+        cfg = _merge(cfg, parse_overrides(list(overrides)), "override")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"field '{missing[0]}' is required but not set")
+    exp = OmegaConf.to_object(cfg)
+    validate_static(exp)
+    return exp
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------- validation
+
+_CHOICES = {
+    "model.dtype": ("fp32", "bf16", "fp16"),
+    "model.layer_spec": ("auto", "local", "te"),
+    "model.fp8": (None, "hybrid", "e4m3"),
+    "model.fp8_recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
+    "rollout.weight_sync": ("disk", "broadcast", "tensor"),
+    "grpo.loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+    "grpo.kl_type": ("k1", "k3"),
+    "masa.mode": ("grpo", "masa", "masa_efficient"),
+    "masa.parser": ("robust", "reference"),
+    "masa.max_source": ("response", "prompt"),
+    "masa.predictor": ("text", "head", "both"),
+    "optimizer.name": ("adam", "sgd"),
+    "optimizer.schedule": ("constant", "cosine"),
+}
+
+# field -> (low, high, inclusive-low); None means unbounded on that side
+_RANGES = {
+    "parallel.tensor_model_parallel_size": (1, None),
+    "parallel.pipeline_model_parallel_size": (1, None),
+    "parallel.context_parallel_size": (1, None),
+    "rollout.max_prompt_length": (1, None),
+    "rollout.max_response_length": (1, None),
+    "rollout.temperature": (1e-6, None),
+    "rollout.top_p": (1e-6, 1.0),
+    "rollout.sglang_num_servers": (1, None),
+    "rollout.sglang_tp": (1, None),
+    "rollout.sglang_mem_fraction": (0.01, 0.99),
+    "rollout.sglang_concurrency": (1, None),
+    "rollout.weight_sync_bucket_mb": (1, None),
+    "grpo.clip_low": (0.0, 1.0),
+    "grpo.clip_high": (0.0, None),
+    "grpo.kl_coef": (0.0, None),
+    "grpo.ppo_epochs": (1, None),
+    "grpo.mini_batches_per_step": (1, None),
+    "grpo.micro_batch_tokens": (1, None),
+    "grpo.dynamic_sampling_max_rounds": (1, None),
+    "masa.meta_group_size": (1, None),
+    "masa.reward_base": (1e-9, 1.0),
+    "masa.efficient_start_step": (0, None),
+    "masa.gate_sigma": (0.0, None),
+    "masa.gate_min_parsed_fraction": (0.0, 1.0),
+    "masa.cutoff_margin": (1.0, None),
+    "masa.audit_fraction": (0.0, 1.0),
+    "masa.head_gate_threshold": (0.0, 1.0),
+    "masa.head_loss_weight": (0.0, None),
+    "data.prompt_batch_size": (1, None),
+    "optimizer.lr": (0.0, None),
+    "optimizer.weight_decay": (0.0, None),
+    "optimizer.clip_grad": (0.0, None),
+    "optimizer.warmup_steps": (0, None),
+    "trainer.steps": (1, None),
+    "trainer.max_consecutive_nonfinite": (1, None),
+    "checkpoint.save_every": (0, None),
+    "checkpoint.keep_last": (1, None),
+    "logging.log_every": (1, None),
+}
+
+
+def _get(cfg: ExperimentConfig, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _fail(name: str, value: Any, why: str) -> None:
+    raise ConfigError(f"field '{name}' = {value!r}: {why}")
+
+
+def validate_static(cfg: ExperimentConfig) -> None:
+    """Checks that need nothing but the config. Raises ConfigError on the first failure."""
+    for name, choices in _CHOICES.items():
+        value = _get(cfg, name)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            _fail(name, value, f"must be one of {', '.join(map(str, choices))}{hint}")
+    for name, (low, high) in _RANGES.items():
+        value = _get(cfg, name)
+        if low is not None and value < low:
+            _fail(name, value, f"must be >= {low}")
+        if high is not None and value > high:
+            _fail(name, value, f"must be <= {high}")
+    p = cfg.parallel
+    if cfg.grpo.group_size < 2:
+        _fail("grpo.group_size", cfg.grpo.group_size, "GRPO needs at least 2 rollouts per group")
+    if cfg.masa.mode != "grpo" and cfg.masa.meta_group_size < 2:
+        _fail("masa.meta_group_size", cfg.masa.meta_group_size,
+              "MASA meta rollouts are GRPO groups too and need at least 2")
+    if cfg.grpo.dual_clip is not None and cfg.grpo.dual_clip <= 1.0:
+        _fail("grpo.dual_clip", cfg.grpo.dual_clip, "dual clip constant must be > 1")
+    if cfg.grpo.tis_cap is not None and cfg.grpo.tis_cap <= 0:
+        _fail("grpo.tis_cap", cfg.grpo.tis_cap, "must be > 0")
+    if cfg.optimizer.min_lr > cfg.optimizer.lr:
+        _fail("optimizer.min_lr", cfg.optimizer.min_lr, f"exceeds optimizer.lr={cfg.optimizer.lr}")
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size \
+        * p.context_parallel_size
+    if p.world_size is not None:
+        if p.world_size < 1:
+            _fail("parallel.world_size", p.world_size, "must be >= 1")
+        if p.world_size % model_parallel:
+            _fail("parallel.world_size", p.world_size,
+                  f"not divisible by TP x PP x CP = {p.tensor_model_parallel_size} x "
+                  f"{p.pipeline_model_parallel_size} x {p.context_parallel_size} = {model_parallel}")
+    if p.sequence_parallel and p.tensor_model_parallel_size == 1:
+        _fail("parallel.sequence_parallel", True, "needs tensor_model_parallel_size > 1")
+    if cfg.model.fp8 is not None and cfg.model.layer_spec == "local":
+        _fail("model.fp8", cfg.model.fp8, "FP8 needs the Transformer Engine layer spec "
+              "(model.layer_spec=te or auto)")
+    if cfg.model.fp8_param and cfg.model.fp8 is None:
+        _fail("model.fp8_param", True, "needs model.fp8 set")
+    if cfg.rollout.weight_sync != "disk" and cfg.rollout.engine == "embedded":
+        _fail("rollout.weight_sync", cfg.rollout.weight_sync,
+              "the embedded engine shares the trainer's weights; only 'disk' (a no-op) applies")
+    if cfg.trainer.eval_every and not cfg.data.eval_files:
+        _fail("trainer.eval_every", cfg.trainer.eval_every, "set data.eval_files to evaluate")
+    for i, path in enumerate(cfg.data.train_files):
+        if not str(path).strip():
+            _fail(f"data.train_files[{i}]", path, "empty path")
+
+
+def validate_environment(cfg: ExperimentConfig, world_size: Optional[int] = None) -> None:
+    """Checks that only the job's machine can answer. Call at job start."""
+    import torch
+
+    spec = cfg.model.layer_spec
+    has_te = importlib.util.find_spec("transformer_engine") is not None
+    if spec == "te" and not has_te:
+        _fail("model.layer_spec", spec, "Transformer Engine is not installed "
+              "(pip install 'masa-megatron[gpu]' or use an NGC PyTorch container)")
+    if cfg.model.fp8 is not None:
+        if not torch.cuda.is_available():
+            _fail("model.fp8", cfg.model.fp8, "FP8 needs CUDA; none is available here")
+        if not has_te:
+            _fail("model.fp8", cfg.model.fp8, "FP8 needs Transformer Engine, not installed")
+    if cfg.rollout.engine == "sglang" and not cfg.rollout.sglang_urls \
+            and importlib.util.find_spec("sglang") is None:
+        _fail("rollout.engine", "sglang", "sglang is not installed and no rollout.sglang_urls "
+              "were given to attach to")
+    if world_size is not None:
+        p = cfg.parallel
+        mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+        if world_size % mp:
+            _fail("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size,
+                  f"TP x PP x CP = {mp} does not divide the world size {world_size}")
+        if torch.cuda.is_available() and torch.cuda.device_count() < 1:
+            _fail("parallel", world_size, "no CUDA devices visible")
+    model_path = Path(cfg.model.hf_path)
+    if not (model_path / "config.json").is_file():
+        _fail("model.hf_path", cfg.model.hf_path, "no config.json in that folder")
+    for i, f in enumerate(cfg.data.train_files):
+        if not Path(f).is_file():
+            _fail(f"data.train_files[{i}]", f, "file does not exist")

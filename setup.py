@@ -1,0 +1,37 @@
+"""masa-megatron: MASA (meta-awareness via self-alignment) RL on Megatron-core."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "torch>=2.4",
+    # 0.16.1 is what Python 3.11 resolves; 0.19.x is what Python 3.12 clusters get. Both are tested.
+    "megatron-core>=0.16.1,<0.20",
+    "omegaconf>=2.3",
+    "transformers>=4.51",
+    "tokenizers>=0.21",
+    "safetensors>=0.4",
+    "pyarrow>=15",
+    "math-verify[antlr4_13_2]>=0.7",
+    "psutil>=5.9",
+    "tqdm>=4.66",
+    "tensorboard>=2.15",
+    "matplotlib>=3.8",
+    "aiohttp>=3.9",
+]
+
+EXTRAS = {
+    "gpu": ["transformer-engine[pytorch]>=2.0", "sglang>=0.5.2", "sglang-router>=0.1"],
+    "launch": ["nemo-run>=0.5", "leptonai<0.47"],
+    "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.5"],
+    "wandb": ["wandb>=0.17"],
+}
+
+setup(
+    name="masa-megatron",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.10",
+    packages=find_packages(include=["masa_megatron", "masa_megatron.*", "recipes", "recipes.*"]),
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["masa=masa_megatron.cli:main"]},
+)
