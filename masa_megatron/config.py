@@ -112,9 +112,9 @@ class MASAConfig:
     gate_sigma: float = 0.1
     gate_min_parsed_fraction: float = 0.5  # gate only if >= ceil(M * this) predictions parsed
     cutoff_margin: float = 2.0
-    gating: str = "text_consensus"         # registered gating policy
-    cutoff: str = "margin_mean"            # registered cutoff policy
-    predictor: str = "text"                # text | head | both
+    predictor: str = "text"                # text | head | both (both: text decides, head logged)
+    gating: str = "auto"                   # auto (from predictor) | registered name | dotted path
+    cutoff: str = "auto"                   # auto (from predictor) | registered name | dotted path
     audit_fraction: float = 0.05
     head_gate_threshold: float = 0.9
     head_loss_weight: float = 0.0          # 0: head detached from the backbone
