@@ -1,0 +1,177 @@
+"""Crash-safe checkpoint directories: write to a temporary folder, rename when complete.
+
+Layout under the checkpoint root:
+
+    step_000010/            a complete checkpoint (renamed into place only after every rank wrote)
+        model/              Megatron dist_checkpointing (model + optimizer), any TP/PP can load it
+        trainer/rank_*.pt   per-rank trainer state (RNG states of every generator)
+        trainer/common.pt   step, sampler position, scheduler, counters (rank 0)
+        config.yaml         the resolved experiment config
+        COMPLETE            marker, written last inside the folder before the rename
+    latest                  text file naming the newest complete checkpoint, updated last
+    .tmp-step_000012/       a write in progress (or a crash mid-write): never loaded, removed later
+
+`resume=auto` takes `latest` (or, if it is missing or stale, the newest folder with COMPLETE).
+A crash at any point leaves the previous complete checkpoint and `latest` intact.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from masa_megatron.errors import UserError
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    def __init__(self, root: str | Path, keep_last: int = 3, log: Callable[[str], None] = print):
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.log = log
+
+    def complete_checkpoints(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.glob("step_*") if (p / COMPLETE).is_file()]
+        return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+    def latest(self) -> Optional[Path]:
+        marker = self.root / LATEST
+        if marker.is_file():
+            named = self.root / marker.read_text().strip()
+            if (named / COMPLETE).is_file():
+                return named
+        complete = self.complete_checkpoints()
+        return complete[-1] if complete else None
+
+    def resolve(self, resume: str) -> Optional[Path]:
+        """`auto` -> newest complete (or None), `none` -> None, else an explicit folder."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            found = self.latest()
+            partial = sorted(self.root.glob(".tmp-step_*")) if self.root.is_dir() else []
+            if partial:
+                self.log(f"checkpoint: ignoring incomplete write(s) "
+                         f"{', '.join(p.name for p in partial)} (interrupted while saving)")
+            if found is not None:
+                self.log(f"checkpoint: resuming from {found}")
+            return found
+        path = Path(resume)
+        if not (path / COMPLETE).is_file():
+            raise UserError(f"checkpoint.resume: '{resume}' is not a complete checkpoint "
+                            f"(no {COMPLETE} marker)")
+        return path
+
+    def save(self, step: int, write: Callable[[Path], None]) -> Path:
+        """Collective: every rank calls it; `write(tmp_dir)` writes this rank's part."""
+        rank, _ = _rank_and_world()
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".tmp-{final.name}"
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        write(tmp)
+        _barrier()
+        if rank == 0:
+            _fsync_write(tmp / COMPLETE, f"{step}\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_write(self.root / LATEST, final.name + "\n")
+            self._retain()
+        _barrier()
+        return final
+
+    def _retain(self) -> None:
+        complete = self.complete_checkpoints()
+        for old in complete[:-self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        newest = complete[-1].name if complete else None
+        for stale in self.root.glob(".tmp-step_*"):
+            if newest is None or stale.name != f".tmp-{newest}":
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    """Every generator a step draws from: python, numpy, torch CPU (and CUDA when present)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        from megatron.core import tensor_parallel
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        state["megatron_tracker"] = tracker.get_states()
+    except Exception:  # tracker not initialised (single-process tests)
+        pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "megatron_tracker" in state:
+        from megatron.core import tensor_parallel
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
+
+
+def save_trainer_state(folder: Path, common: dict) -> None:
+    """Per-rank RNG state, and (rank 0) the shared trainer state."""
+    rank, world = _rank_and_world()
+    out = folder / "trainer"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"rng": rng_state(), "world_size": world}, out / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        torch.save(common, out / "common.pt")
+
+
+def load_trainer_state(folder: Path) -> dict:
+    """Restores this rank's RNG (when the world size matches) and returns the shared state."""
+    rank, world = _rank_and_world()
+    common = torch.load(folder / "trainer" / "common.pt", weights_only=False)
+    mine = folder / "trainer" / f"rank_{rank:05d}.pt"
+    if mine.is_file():
+        saved = torch.load(mine, weights_only=False)
+        if saved["world_size"] == world:
+            set_rng_state(saved["rng"])
+    return common
