@@ -1,0 +1,121 @@
+"""The meta-head: the policy's own pass-rate and length prediction from one hidden state.
+
+Input h: the final hidden state (after the final norm) at the last prompt token of the solution
+prompt, computed by the actor in a prompt-only forward before generation, on the last pipeline
+stage. Output: a pass-rate probability p = sigmoid(w_p . h + b_p) and a log length
+u = w_l . h + b_l of a correct solution.
+
+Loss per step, on that step's observed statistics (empirical pass rate p_obs of the G solutions,
+mean length of the correct ones, L_obs):
+
+    loss = mean_q [ -p_obs log p - (1 - p_obs) log(1 - p) ]                  (soft cross-entropy)
+         + mean_{q: some correct} Huber_delta(u - log L_obs)                 (masked when none)
+
+Gating rule with the head: the chance that all G rollouts agree is p^G + (1-p)^G; cutoff is
+margin * exp(u) (see policies.py). The head is detached from the backbone (h.detach()) and has its
+own Adam optimiser. It is saved in checkpoints and exported next to the HF weights as
+`meta_head.safetensors` with tensors `pass_rate.weight [1, H]`, `pass_rate.bias [1]`,
+`log_length.weight [1, H]`, `log_length.bias [1]` (fp32) and metadata {"hidden_size": H,
+"format": "masa-meta-head-v1"}.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEAD_FILE = "meta_head.safetensors"
+FORMAT = "masa-meta-head-v1"
+
+
+class MetaHead(nn.Module):
+    def __init__(self, hidden_size: int, init_log_length: float = math.log(256.0)):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.pass_rate = nn.Linear(hidden_size, 1)
+        self.log_length = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.pass_rate.weight)
+        nn.init.zeros_(self.pass_rate.bias)
+        nn.init.zeros_(self.log_length.weight)
+        nn.init.constant_(self.log_length.bias, init_log_length)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [N, H] -> (p [N] in (0, 1), log length [N])."""
+        hidden = hidden.float()
+        return torch.sigmoid(self.pass_rate(hidden)).squeeze(-1), self.log_length(hidden).squeeze(-1)
+
+    def loss(self, hidden: torch.Tensor, pass_rates: torch.Tensor,
+             mean_correct_lengths: torch.Tensor, huber_delta: float = 1.0) -> tuple[torch.Tensor, dict]:
+        """pass_rates [N] in [0,1]; mean_correct_lengths [N] (NaN where no solution was correct)."""
+        logit = self.pass_rate(hidden.float()).squeeze(-1)
+        ce = F.binary_cross_entropy_with_logits(logit, pass_rates.float())
+        log_len = self.log_length(hidden.float()).squeeze(-1)
+        has_len = torch.isfinite(mean_correct_lengths) & (mean_correct_lengths > 0)
+        if has_len.any():
+            target = torch.log(mean_correct_lengths[has_len].float())
+            huber = F.huber_loss(log_len[has_len], target, delta=huber_delta)
+        else:
+            huber = log_len.sum() * 0.0
+        p = torch.sigmoid(logit.detach())
+        return ce + huber, {"head/loss_ce": ce.item(), "head/loss_len": huber.item(),
+                            "head/train_mae": (p - pass_rates).abs().mean().item()}
+
+
+class MetaHeadTrainer:
+    """The head, its optimiser, and the per-step update on detached hidden states."""
+
+    def __init__(self, hidden_size: int, lr: float = 1e-3, steps_per_update: int = 20):
+        self.head = MetaHead(hidden_size)
+        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=lr)
+        self.steps_per_update = steps_per_update
+
+    @torch.no_grad()
+    def predict(self, hidden: torch.Tensor) -> list[tuple[float, float]]:
+        p, u = self.head(hidden)
+        return list(zip(p.tolist(), u.tolist()))
+
+    def update(self, hidden: torch.Tensor, pass_rates: Sequence[float],
+               mean_correct_lengths: Sequence[Optional[float]]) -> dict:
+        target_p = torch.tensor(list(pass_rates), dtype=torch.float32)
+        target_l = torch.tensor([float("nan") if v is None else float(v)
+                                 for v in mean_correct_lengths], dtype=torch.float32)
+        hidden = hidden.detach().float()
+        metrics: dict = {}
+        for _ in range(self.steps_per_update):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, metrics = self.head.loss(hidden, target_p, target_l)
+            loss.backward()
+            self.optimizer.step()
+        metrics["head/loss"] = metrics["head/loss_ce"] + metrics["head/loss_len"]
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def export_meta_head(head: MetaHead, folder: str | Path) -> Path:
+    from safetensors.torch import save_file
+    path = Path(folder) / HEAD_FILE
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in head.state_dict().items()}
+    save_file(tensors, str(path), metadata={"hidden_size": str(head.hidden_size), "format": FORMAT})
+    return path
+
+
+def load_meta_head(folder: str | Path) -> MetaHead:
+    from safetensors import safe_open
+    path = Path(folder) / HEAD_FILE
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a {FORMAT} file (metadata {meta})")
+        head = MetaHead(int(meta["hidden_size"]))
+        head.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+    return head
