@@ -96,8 +96,10 @@ def test_gating_decision_rule():
 
 
 def test_notion_normalisation_and_net_counts():
-    assert M.normalise_notions("[series, boxes, probabilities]", "") == ["series", "box", "probability"]
-    assert M.normalise_notions(["angles", "angle", "class", 3], "") == ["angle", "class"]
+    assert set(M.notion_net_counts("[series, boxes, probabilities]", "", [], [])) == \
+        {"series", "box", "probability"}
+    assert M.notion_net_counts(["angles", "angle", "class"], "", [], []) == {"angle": 0, "class": 0}
+    assert M.notion_net_counts(["angles", 3], "", [], []) is None  # malformed: reward gives 0
     problem = "Find the roots of x^2-5x+6."
     nets = M.notion_net_counts(
         ["quadratic equations", "Vieta's formulas", "roots", "factoring"], problem,

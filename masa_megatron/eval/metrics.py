@@ -9,9 +9,13 @@ Metrics over an empty set are nan.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+
+from masa_megatron.masa.policies import MetaPrediction, text_consensus_gate
+from masa_megatron.rewards.meta import normalize_notions
 
 Number = float | None
 
@@ -141,46 +145,16 @@ def length_in_range_rate(predicted_lengths: Sequence[Number],
     return float(np.mean(hits)) if hits else float("nan")
 
 
-# Minimal local copy of the notion normalisation of the reward (spec section 4); switch to the
-# helper in masa_megatron.rewards.meta once that module exists, so both use one implementation.
-def singularise(phrase: str) -> str:
-    """Crude suffix rules: ies->y (not "series"); ches/shes/xes/zes/oes drop 2; s drops 1 unless ss."""
-    if phrase.endswith("series"):
-        return phrase
-    if phrase.endswith("ies"):
-        return phrase[:-3] + "y"
-    if phrase.endswith(("ches", "shes", "xes", "zes", "oes")):
-        return phrase[:-2]
-    if phrase.endswith("s") and not phrase.endswith("ss"):
-        return phrase[:-1]
-    return phrase
-
-
-def normalise_notions(notions, problem_text: str) -> list[str]:
-    """Notions as the reward counts them: comma-split strings, singularised, phrases found in the
-    problem text dropped, duplicates once (first-seen order). Non-string items are dropped."""
-    if isinstance(notions, str):
-        items = [p.strip().strip("[]").strip().strip("'\"") for p in notions.split(",")]
-    elif isinstance(notions, (list, tuple)):
-        items = list(notions)
-    else:
-        items = [notions]
-    out: list[str] = []
-    for item in items:
-        if not isinstance(item, str) or not item.strip():
-            continue
-        phrase = singularise(item.strip())
-        if phrase and phrase not in problem_text and phrase not in out:
-            out.append(phrase)
-    return out
-
-
 def notion_net_counts(notions, problem_text: str, solution_texts: Sequence[str],
-                      scores: Sequence[float]) -> dict[str, int]:
+                      scores: Sequence[float]) -> dict[str, int] | None:
     """net(n) = #{correct O_i containing n} - #{wrong O_i containing n} (case-sensitive substring)
-    for each normalised notion n."""
+    for each notion n as the reward normalises them (`rewards.meta.normalize_notions`); None when
+    the notions are malformed (the reward scores them 0)."""
+    notions = normalize_notions(notions, problem_text)
+    if notions is None:
+        return None
     return {n: sum((1 if s >= 0.5 else -1) for t, s in zip(solution_texts, scores) if n in t)
-            for n in normalise_notions(notions, problem_text)}
+            for n in notions}
 
 
 def notion_precision(net_counts: Sequence[Mapping[str, int] | None]) -> dict:
@@ -205,14 +179,14 @@ def is_zero_variance(scores: Sequence[float]) -> bool:
 
 def gating_decision(predicted_pass_rates: Sequence[Number] | None, sigma: float = 0.1,
                     min_parsed_fraction: float = 0.5) -> bool | None:
-    """Spec 6 gating rule: gate when >= ceil(M * min_parsed_fraction) of the M predictions parsed,
-    their population std < sigma and round(8 * mean) is 0 or 8. None when there are no predictions."""
+    """The trainer's text gating rule (`masa.policies.text_consensus_gate`) on M parsed pass rates
+    (None for an unparsed rollout); None when there are no predictions at all."""
     if not predicted_pass_rates:
         return None
     parsed = [float(p) for p in predicted_pass_rates if is_number(p)]
-    if not parsed or len(parsed) < math.ceil(len(predicted_pass_rates) * min_parsed_fraction):
-        return False
-    return bool(np.std(parsed) < sigma and round(8 * float(np.mean(parsed))) in (0, 8))
+    prediction = MetaPrediction(num_meta_rollouts=len(predicted_pass_rates), pass_rates=parsed)
+    rule = SimpleNamespace(gate_sigma=sigma, gate_min_parsed_fraction=min_parsed_fraction)
+    return text_consensus_gate(prediction, rule, 0)
 
 
 def gating_scores(gated: Sequence[bool | None],
