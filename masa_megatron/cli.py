@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("masa: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `masa recipes | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

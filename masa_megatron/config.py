@@ -222,8 +222,8 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
             raise ConfigError(f"override '{item}' is not of the form key=value")
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"overrides: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # omegaconf and yaml errors both reach here
+        raise ConfigError(f"overrides {' '.join(overrides)}: {str(err).splitlines()[0]}") from None
 
 
 def load_config(path: Optional[str | Path] = None, overrides: list[str] = (),

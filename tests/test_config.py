@@ -63,6 +63,7 @@ BAD_CONFIGS = [
     (["trainer.eval_every=10"], ["trainer.eval_every", "data.eval_files"]),
     (["rollout.weight_sync=broadcast"], ["rollout.weight_sync", "broadcast", "embedded"]),
     (["grpo"], ["grpo", "key=value"]),
+    (["data.train_files=[a, 'b"], ["data.train_files"]),
 ]
 
 

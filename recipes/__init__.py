@@ -1,0 +1,108 @@
+"""Registered training recipes: plain functions returning an `ExperimentConfig`.
+
+    from recipes import get_recipe, list_recipes
+    cfg = get_recipe("qwen3_8b_masa_efficient_1n8g")     # a fresh ExperimentConfig
+
+Names: `qwen3_<size>_<method>_<scale>[_fp8]` (recipes/qwen3.py) and `tiny_cpu_<method>`
+(recipes/tiny.py). `masa recipes` prints the table with layouts and memory estimates. Recipes are
+starting points: override any field with `key=value` (`masa train --recipe NAME key=value ...`).
+"""
+from __future__ import annotations
+
+import difflib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TextIO
+
+from masa_megatron.config import ExperimentConfig
+from masa_megatron.errors import UserError
+from masa_megatron.memory_estimator import ModelArch, estimate
+from recipes.qwen3 import GPUS_PER_NODE, qwen3_recipe, qwen3_recipes
+from recipes.tiny import TINY_WORLD_SIZE, tiny_cpu_recipe, tiny_recipes
+
+
+@dataclass(frozen=True)
+class RecipeInfo:
+    """A registered recipe: how to build it and where it runs."""
+    name: str
+    factory: Callable[[], ExperimentConfig]
+    arch: ModelArch | None        # None: the model comes from the caller (tiny CPU recipes)
+    train_nodes: int
+    rollout_nodes: int
+    gpus_per_node: int               # 0: CPU processes
+
+    @property
+    def procs_per_node(self) -> int:
+        """torchrun processes per training node."""
+        return self.gpus_per_node or TINY_WORLD_SIZE
+
+    def build(self) -> ExperimentConfig:
+        return self.factory()
+
+
+def _build_registry() -> dict[str, RecipeInfo]:
+    registry = {}
+    for name, (args, arch, layout) in qwen3_recipes().items():
+        registry[name] = RecipeInfo(name, lambda a=args: qwen3_recipe(*a), arch,
+                                    layout.train_nodes, layout.rollout_nodes, GPUS_PER_NODE)
+    for name, args in tiny_recipes().items():
+        registry[name] = RecipeInfo(name, lambda a=args: tiny_cpu_recipe(*a), None, 1, 0, 0)
+    return registry
+
+
+_REGISTRY = _build_registry()
+
+
+def list_recipes() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_recipe_info(name: str) -> RecipeInfo:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"unknown recipe '{name}'{hint}; `masa recipes` lists them") from None
+
+
+def get_recipe(name: str) -> ExperimentConfig:
+    """A fresh config for the registered recipe `name`; UserError (with a hint) if unknown."""
+    return get_recipe_info(name).build()
+
+
+def _layout_cells(info: RecipeInfo, cfg: ExperimentConfig) -> list[str]:
+    p, r = cfg.parallel, cfg.rollout
+    mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    dp = (p.world_size or mp) // mp
+    if r.engine != "sglang":
+        rollout = r.engine
+    elif r.colocate:
+        rollout = f"sglang coloc {r.sglang_num_servers}xTP{r.sglang_tp}"
+    else:
+        rollout = f"sglang {info.rollout_nodes}n {r.sglang_num_servers}xTP{r.sglang_tp}"
+    total = f"{estimate(cfg, info.arch)['total']:.1f}" if info.arch else "cpu"
+    nodes = f"{info.train_nodes}+{info.rollout_nodes}" if info.rollout_nodes else \
+        str(info.train_nodes)
+    return [info.name, cfg.masa.mode, "fp8" if cfg.model.fp8 else cfg.model.dtype, nodes,
+            f"{p.tensor_model_parallel_size}/{p.pipeline_model_parallel_size}/{dp}", rollout,
+            str(cfg.grpo.micro_batch_tokens), "yes" if r.offload_train_state else "no", total]
+
+
+def recipe_table() -> str:
+    """Every recipe with its layout and the estimated GiB per GPU (of 80)."""
+    header = ["recipe", "method", "precision", "nodes", "TP/PP/DP", "rollout", "mb tokens",
+              "offload", "GiB/GPU"]
+    rows = [header] + [_layout_cells(_REGISTRY[n], _REGISTRY[n].build()) for n in list_recipes()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                     for row in rows)
+
+
+def print_recipe_table(file: TextIO = sys.stdout) -> None:
+    print(recipe_table(), file=file)
+
+
+__all__ = ["RecipeInfo", "get_recipe", "get_recipe_info", "list_recipes", "print_recipe_table",
+           "recipe_table"]

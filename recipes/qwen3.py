@@ -1,0 +1,149 @@
+"""Qwen3 Base recipes: {1.7B, 4B, 8B, 14B} x {grpo, masa, masa_efficient} x {bf16, fp8}.
+
+One table row per model size (`LAYOUTS`) and one factory (`qwen3_recipe`) make the grid; recipe
+names are `qwen3_<size>_<method>_<scale>[_fp8]`, e.g. `qwen3_8b_masa_efficient_1n8g`, where the
+scale counts all nodes of 8 x 80 GB GPUs (training plus rollout).
+
+Hyperparameters follow spec/MASA.md section 7: 128 problems per step, G = 16 solution and M = 8
+meta rollouts, AdamW lr 1e-6, weight decay 0.1, 20 warm-up steps then constant, grad clip 1.0,
+prompts up to 2048 and responses up to 8192 tokens, temperature 1.0, top-p 1.0, no KL, 314 steps
+(one DeepScaleR epoch).
+
+Each layout was chosen with `masa_megatron.memory_estimator` (its totals are in `masa recipes`
+and checked < 80 GiB by tests/test_recipes.py):
+- 1.7B: one node, SGLang colocated (one engine per GPU), TP 1; logits (151,936-token
+  vocabulary) dominate, so 12,288 tokens per micro-batch.
+- 4B: one node, colocated, TP 2 with sequence parallelism, trainer state offloaded to host
+  while SGLang (TP 2) generates.
+- 8B: one node, colocated, TP 4 (activations of a 16k-token micro-batch), offload while
+  generating, SGLang TP 2.
+- 14B: two nodes, disaggregated: one node trains (TP 8), one node runs four SGLang servers
+  (TP 2); weights move by NCCL broadcast.
+Activation recomputation stays off: the model builder's recomputation is Megatron's selective one
+(core attention), which saves nothing with flash attention (see the memory estimator).
+The fp8 variants keep the layout and add FP8 compute (Transformer Engine, "hybrid" = E4M3
+forward / E5M2 backward, tensor-wise current scaling).
+
+Placeholders to override: `model.hf_path` (default `/models/Qwen3-<size>-Base`, a Hugging Face
+checkpoint folder) and `data.train_files` (default `/data/deepscaler/train.parquet`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from masa_megatron.config import ExperimentConfig
+from masa_megatron.memory_estimator import ModelArch
+
+MODELS_ROOT = "/models"
+TRAIN_FILES = ["/data/deepscaler/train.parquet"]
+METHODS = ("grpo", "masa", "masa_efficient")
+GPUS_PER_NODE = 8
+
+# Architecture numbers from each model's Hugging Face config.json (Qwen/Qwen3-1.7B-Base,
+# Qwen/Qwen3-4B-Base, Qwen/Qwen3-8B-Base, Qwen/Qwen3-14B-Base share them with the post-trained
+# Qwen/Qwen3-<size> repos), cross-checked against Megatron-Bridge's Qwen3 providers
+# (NVIDIA-NeMo/Megatron-Bridge, src/megatron/bridge/models/qwen/qwen_provider.py:
+# Qwen3ModelProvider1P7B/4B/8B/14B). All: head_dim 128, 8 KV heads, vocab 151,936.
+ARCHS = {
+    "1p7b": ModelArch("Qwen3-1.7B-Base", hidden=2048, layers=28, heads=16, kv_heads=8,
+                      head_dim=128, intermediate=6144, vocab=151936, tie_word_embeddings=True),
+    "4b": ModelArch("Qwen3-4B-Base", hidden=2560, layers=36, heads=32, kv_heads=8,
+                    head_dim=128, intermediate=9728, vocab=151936, tie_word_embeddings=True),
+    "8b": ModelArch("Qwen3-8B-Base", hidden=4096, layers=36, heads=32, kv_heads=8,
+                    head_dim=128, intermediate=12288, vocab=151936, tie_word_embeddings=False),
+    "14b": ModelArch("Qwen3-14B-Base", hidden=5120, layers=40, heads=40, kv_heads=8,
+                     head_dim=128, intermediate=17408, vocab=151936, tie_word_embeddings=False),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Parallelism, rollout placement and memory settings of one model size."""
+    train_nodes: int
+    tp: int
+    micro_batch_tokens: int
+    colocate: bool
+    sglang_tp: int
+    sglang_mem_fraction: float
+    offload_train_state: bool
+    rollout_nodes: int = 0
+    pp: int = 1
+
+    @property
+    def scale(self) -> str:
+        return f"{self.train_nodes + self.rollout_nodes}n{GPUS_PER_NODE}g"
+
+    @property
+    def sglang_num_servers(self) -> int:
+        gpus = (self.train_nodes if self.colocate else self.rollout_nodes) * GPUS_PER_NODE
+        return gpus // self.sglang_tp
+
+
+LAYOUTS = {
+    "1p7b": Layout(train_nodes=1, tp=1, micro_batch_tokens=12288, colocate=True, sglang_tp=1,
+                   sglang_mem_fraction=0.5, offload_train_state=False),
+    "4b": Layout(train_nodes=1, tp=2, micro_batch_tokens=16384, colocate=True, sglang_tp=2,
+                 sglang_mem_fraction=0.6, offload_train_state=True),
+    "8b": Layout(train_nodes=1, tp=4, micro_batch_tokens=16384, colocate=True, sglang_tp=2,
+                 sglang_mem_fraction=0.6, offload_train_state=True),
+    "14b": Layout(train_nodes=1, tp=8, micro_batch_tokens=16384, colocate=False, sglang_tp=2,
+                  sglang_mem_fraction=0.85, offload_train_state=False, rollout_nodes=1),
+}
+
+
+def recipe_name(size: str, method: str, fp8: bool) -> str:
+    return f"qwen3_{size}_{method}_{LAYOUTS[size].scale}{'_fp8' if fp8 else ''}"
+
+
+def apply_reference_hyperparameters(cfg: ExperimentConfig) -> ExperimentConfig:
+    """spec/MASA.md section 7, written out so that a change of defaults cannot move them."""
+    cfg.data.prompt_batch_size = 128
+    cfg.grpo.group_size, cfg.masa.meta_group_size = 16, 8
+    cfg.grpo.kl_coef = 0.0
+    o = cfg.optimizer
+    o.name, o.lr, o.weight_decay, o.clip_grad = "adam", 1e-6, 0.1, 1.0
+    o.warmup_steps, o.schedule = 20, "constant"
+    r = cfg.rollout
+    r.max_prompt_length, r.max_response_length, r.temperature, r.top_p = 2048, 8192, 1.0, 1.0
+    cfg.trainer.steps = 314
+    return cfg
+
+
+def qwen3_recipe(size: str, method: str, fp8: bool = False) -> ExperimentConfig:
+    """The recipe for one Qwen3 Base size, training method and precision."""
+    layout, arch = LAYOUTS[size], ARCHS[size]
+    name = recipe_name(size, method, fp8)
+    cfg = apply_reference_hyperparameters(ExperimentConfig(name=name))
+    cfg.masa.mode = method
+    cfg.data.train_files = list(TRAIN_FILES)
+
+    m = cfg.model
+    m.hf_path = f"{MODELS_ROOT}/{arch.name}"
+    m.dtype, m.layer_spec, m.recompute_activations = "bf16", "te", False
+    if fp8:
+        m.fp8, m.fp8_recipe = "hybrid", "tensorwise"
+
+    p = cfg.parallel
+    p.tensor_model_parallel_size, p.pipeline_model_parallel_size = layout.tp, layout.pp
+    p.sequence_parallel = layout.tp > 1
+    p.use_distributed_optimizer = True
+    p.world_size = layout.train_nodes * GPUS_PER_NODE
+
+    r = cfg.rollout
+    r.engine, r.colocate = "sglang", layout.colocate
+    r.weight_sync = "tensor" if layout.colocate else "broadcast"
+    r.sglang_tp, r.sglang_num_servers = layout.sglang_tp, layout.sglang_num_servers
+    r.sglang_mem_fraction = layout.sglang_mem_fraction
+    r.offload_train_state = layout.offload_train_state
+    r.sglang_router = not layout.colocate
+
+    cfg.grpo.micro_batch_tokens = layout.micro_batch_tokens
+    cfg.trainer.output_dir = f"runs/{name}"
+    cfg.logging.tensorboard = True
+    return cfg
+
+
+def qwen3_recipes() -> dict[str, tuple]:
+    """name -> (factory arguments, architecture, layout) for the whole grid."""
+    return {recipe_name(size, method, fp8): ((size, method, fp8), ARCHS[size], LAYOUTS[size])
+            for size in LAYOUTS for method in METHODS for fp8 in (False, True)}
