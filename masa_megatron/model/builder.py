@@ -1,0 +1,224 @@
+"""HF config -> Megatron `TransformerConfig` + `GPTModel` for the dense families in the registry.
+
+Mapping of the architecture: RMSNorm (eps = rms_norm_eps), SwiGLU MLP (gated_linear_unit, silu),
+no linear biases except Qwen2's q/k/v, Qwen3's q/k RMSNorm (qk_layernorm), grouped-query
+attention (num_query_groups = num_key_value_heads, kv_channels = head_dim), RoPE with
+rotary_base = rope_theta, tied input/output embeddings per tie_word_embeddings.
+
+The vocabulary is padded so each TP rank holds an equal slice: padded = the smallest multiple of
+`make_vocab_size_divisible_by * TP` that is >= vocab_size.
+
+Layer spec: "local" (Megatron-only modules; the only one that runs on CPU), "te" (Transformer
+Engine, needed for FP8), "auto" = te when CUDA and TE are present, else local.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from masa_megatron.compat.cpu import trim_host_memory
+from masa_megatron.config import ModelConfig
+from masa_megatron.model.hf_config import (
+    HFConfigLike, ModelLoadError, RopeSpec, decoder_shape, read_hf_config)
+from masa_megatron.model.registry import FamilySpec, family_for
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Smallest multiple of divisible_by * tp that is >= vocab_size."""
+    multiple = max(1, divisible_by) * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def resolve_layer_spec(choice: str) -> str:
+    """'auto' -> 'te' when CUDA and Transformer Engine are available, else 'local'."""
+    has_te = importlib.util.find_spec("transformer_engine") is not None
+    if choice == "auto":
+        return "te" if (torch.cuda.is_available() and has_te) else "local"
+    if choice == "te" and not (torch.cuda.is_available() and has_te):
+        raise ModelLoadError("model.layer_spec=te needs CUDA and Transformer Engine")
+    if choice not in ("local", "te"):
+        raise ValueError(f"model.layer_spec={choice!r}: must be auto, local or te")
+    return choice
+
+
+def _parallel_sizes() -> tuple[int, int, int]:
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 1, 1, 1
+    return (ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(), ps.get_context_parallel_world_size())
+
+
+def _leave_uninitialised(tensor: torch.Tensor) -> None:
+    """Init method for weights about to be loaded: leave the memory as allocated."""
+
+
+def _init_methods(random_init: bool) -> dict:
+    """No-op init methods unless `random_init` (then Megatron's normal(0, init_method_std))."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if random_init:
+        return {}
+    names = ("init_method", "output_layer_init_method", "embedding_init_method")
+    fields = TransformerConfig.__dataclass_fields__
+    return {name: _leave_uninitialised for name in names if name in fields}
+
+
+def transformer_config_from_hf(hf_config: HFConfigLike, model_cfg: ModelConfig):
+    """The Megatron TransformerConfig of an HF decoder; parallel sizes come from parallel_state."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cfg = read_hf_config(hf_config)
+    family = family_for(cfg)
+    shape = decoder_shape(cfg)
+    tp, pp, cp = _parallel_sizes()
+    dtype = _DTYPES[model_cfg.dtype]
+    cuda = torch.cuda.is_available()
+    fp8 = {}
+    if model_cfg.fp8 is not None:
+        fp8 = dict(fp8=model_cfg.fp8, fp8_recipe=model_cfg.fp8_recipe,
+                   fp8_param=model_cfg.fp8_param)
+    recompute = dict(recompute_granularity="selective") if model_cfg.recompute_activations else {}
+    return TransformerConfig(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        num_attention_heads=shape.num_heads,
+        num_query_groups=shape.num_kv_heads,
+        kv_channels=shape.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=shape.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=family.qkv_bias,
+        qk_layernorm=family.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=shape.init_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=model_cfg.dtype == "bf16",
+        fp16=model_cfg.dtype == "fp16",
+        use_cpu_initialization=not cuda,
+        perform_initialization=True,  # Megatron sets the TP attributes of weights only there
+        **_init_methods(model_cfg.random_init),
+        # fused kernels need CUDA (and apex/TE); the unfused paths are exact
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        **fp8,
+        **recompute,
+    )
+
+
+def _layer_spec(family: FamilySpec, spec_name: str):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if spec_name == "te":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=family.qk_norm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        qk_layernorm=family.qk_norm, normalization="RMSNorm")
+
+
+def llama3_inv_freq(head_dim: int, rope: RopeSpec) -> torch.Tensor:
+    """Llama-3 scaled RoPE frequencies (as transformers' `_compute_llama3_parameters`).
+
+    f_j = theta^(-2j/d), wavelength w_j = 2*pi/f_j, L = original_max_position_embeddings.
+    w_j < L/high_freq_factor: f_j kept; w_j > L/low_freq_factor: f_j/factor; in between
+    f_j' = (1-s) f_j/factor + s f_j with s = (L/w_j - low_freq_factor)/(high - low).
+    Megatron's RotaryEmbedding only takes `factor` (low/high/L fixed at 1/4/8192), so the builder
+    computes the frequencies here and sets them on the model's rotary embedding.
+    """
+    f = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    length = rope.original_max_position_embeddings
+    low_wavelen = length / rope.low_freq_factor
+    high_wavelen = length / rope.high_freq_factor
+    wavelen = 2 * math.pi / f
+    scaled = torch.where(wavelen > low_wavelen, f / rope.factor, f)
+    smooth = (length / wavelen - rope.low_freq_factor) / (rope.high_freq_factor
+                                                          - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def build_gpt_model(hf_config: HFConfigLike, model_cfg: ModelConfig, *,
+                    pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                    vp_stage: Optional[int] = None, padded_vocab: Optional[int] = None):
+    """This rank's GPTModel (its pipeline stage). Its weights are left uninitialised for
+    `load_hf_weights` / `load_dist_checkpoint` unless `model_cfg.random_init`.
+
+    pre_process/post_process default to "this is the first/last pipeline stage". `padded_vocab`
+    overrides the padded vocabulary size (to read a checkpoint saved at another TP)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    cfg = read_hf_config(hf_config)
+    family = family_for(cfg)
+    shape = decoder_shape(cfg)
+    spec_name = resolve_layer_spec(model_cfg.layer_spec)
+    config = transformer_config_from_hf(cfg, model_cfg)
+    if shape.num_layers % config.pipeline_model_parallel_size:
+        raise ModelLoadError(f"config.json: num_hidden_layers={shape.num_layers} is not divisible "
+                             f"by pipeline_model_parallel_size={config.pipeline_model_parallel_size}")
+    if shape.num_kv_heads % config.tensor_model_parallel_size:
+        raise ModelLoadError(f"config.json: num_key_value_heads={shape.num_kv_heads} is not "
+                             f"divisible by tensor_model_parallel_size="
+                             f"{config.tensor_model_parallel_size}")
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) \
+            if ps.model_parallel_is_initialized() else True
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage) \
+            if ps.model_parallel_is_initialized() else True
+    vocab = padded_vocab or padded_vocab_size(
+        shape.vocab_size, model_cfg.make_vocab_size_divisible_by, config.tensor_model_parallel_size)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=_layer_spec(family, spec_name),
+        vocab_size=vocab,
+        max_sequence_length=shape.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=shape.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=shape.rope.theta,
+        vp_stage=vp_stage,
+    )
+    if shape.rope.kind == "llama3":
+        model.rotary_pos_emb.inv_freq = llama3_inv_freq(shape.head_dim, shape.rope).to(
+            model.rotary_pos_emb.inv_freq.device)
+    trim_host_memory()  # the CPU initialisation's freed temporaries
+    # read by hf_io and checkpoint_io
+    model.masa_hf_config = cfg
+    model.masa_layer_spec = spec_name
+    model.masa_family = family.name
+    return model
+
+
+def model_provider(hf_config: HFConfigLike, model_cfg: ModelConfig,
+                   padded_vocab: Optional[int] = None) -> Callable:
+    """`provider(pre_process=True, post_process=True, vp_stage=None) -> GPTModel`, the signature
+    Megatron's get_model-style code calls."""
+    cfg = read_hf_config(hf_config)
+
+    def provider(pre_process: bool = True, post_process: bool = True,
+                 vp_stage: Optional[int] = None):
+        return build_gpt_model(cfg, model_cfg, pre_process=pre_process,
+                               post_process=post_process, vp_stage=vp_stage,
+                               padded_vocab=padded_vocab)
+    return provider

@@ -1,0 +1,61 @@
+"""The builder: TransformerConfig fields from the HF config and ModelConfig, layer-spec choice,
+weight initialisation and Megatron's tensor-parallel attributes."""
+import pytest
+import torch
+
+from masa_megatron.config import ModelConfig, ParallelConfig
+from masa_megatron.model import (
+    ModelLoadError, build_gpt_model, resolve_layer_spec, transformer_config_from_hf)
+from masa_megatron.model.tiny import tiny_hf_config
+from masa_megatron.parallel import init_parallel
+
+
+@pytest.fixture(autouse=True)
+def single_process():
+    init_parallel(ParallelConfig())
+
+
+def _cfg(**kwargs) -> ModelConfig:
+    return ModelConfig(hf_path="unused", **kwargs)
+
+
+def test_transformer_config_fields():
+    config = transformer_config_from_hf(tiny_hf_config("qwen2"), _cfg())
+    assert (config.num_layers, config.hidden_size, config.ffn_hidden_size) == (2, 64, 128)
+    assert (config.num_attention_heads, config.num_query_groups, config.kv_channels) == (4, 2, 16)
+    assert config.normalization == "RMSNorm" and config.gated_linear_unit
+    assert config.add_qkv_bias and not config.add_bias_linear and not config.qk_layernorm
+    assert transformer_config_from_hf(tiny_hf_config("qwen3"), _cfg()).qk_layernorm
+
+
+def test_fp8_options_reach_transformer_config():
+    config = transformer_config_from_hf(
+        tiny_hf_config("llama"), _cfg(fp8="hybrid", fp8_recipe="tensorwise", fp8_param=True))
+    assert config.fp8 == "hybrid" and config.fp8_recipe == "tensorwise" and config.fp8_param
+    assert transformer_config_from_hf(tiny_hf_config("llama"), _cfg()).fp8 is None
+
+
+def test_bf16_dtype():
+    config = transformer_config_from_hf(tiny_hf_config("llama"), _cfg(dtype="bf16"))
+    assert config.bf16 and config.params_dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
+def test_layer_spec_choice_on_cpu():
+    assert resolve_layer_spec("auto") == "local" and resolve_layer_spec("local") == "local"
+    with pytest.raises(ModelLoadError, match="needs CUDA and Transformer Engine"):
+        resolve_layer_spec("te")
+
+
+def test_random_init_and_tensor_parallel_attributes():
+    config = tiny_hf_config("llama", num_hidden_layers=1).to_dict()
+    model = build_gpt_model(config, _cfg(random_init=True))
+    qkv = model.decoder.layers[0].self_attention.linear_qkv.weight
+    assert 0.015 < qkv.std().item() < 0.025  # normal(0, initializer_range=0.02)
+    loaded = build_gpt_model(config, _cfg())  # weights to be loaded: attributes still set
+    layer = loaded.decoder.layers[0]
+    for param, dim in ((layer.self_attention.linear_qkv.weight, 0),
+                       (layer.self_attention.linear_proj.weight, 1),
+                       (layer.mlp.linear_fc1.weight, 0), (layer.mlp.linear_fc2.weight, 1),
+                       (loaded.embedding.word_embeddings.weight, 0)):
+        assert param.tensor_model_parallel and param.partition_dim == dim
