@@ -121,8 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PASSTHROUGH = {"demo": "demo_args", "eval": "eval_args", "convert": "convert_args"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] in PASSTHROUGH and not {"-h", "--help"} & set(argv[:1 + (argv[0] == "convert")]):
+        # sub-commands with their own parsers get every remaining argument, options included
+        head = argv[:2] if argv[0] == "convert" else argv[:1]
+        args = parser.parse_args(head)
+        setattr(args, PASSTHROUGH[argv[0]], argv[len(head):])
+    else:
+        args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except UserError as err:

@@ -152,7 +152,10 @@ class OptimizerConfig:
 @dataclass
 class TrainerConfig:
     steps: int = 314
-    eval_every: int = 0                    # 0: no in-loop evaluation
+    eval_every: int = 0                    # 0: no in-loop evaluation (held-out: data.eval_files)
+    eval_n: int = 4                        # solutions per held-out problem
+    eval_meta_n: int = 4                   # meta rollouts per held-out problem (any mode)
+    eval_temperature: float = 1.0
     max_consecutive_nonfinite: int = 3
     check_ratio_invariant: bool = True
     ratio_tolerance: float = 1e-5
@@ -314,6 +317,9 @@ _RANGES = {
     "optimizer.warmup_steps": (0, None),
     "trainer.steps": (1, None),
     "trainer.max_consecutive_nonfinite": (1, None),
+    "trainer.eval_n": (1, None),
+    "trainer.eval_meta_n": (0, None),
+    "trainer.eval_temperature": (0.0, None),
     "checkpoint.save_every": (0, None),
     "checkpoint.keep_last": (1, None),
     "logging.log_every": (1, None),

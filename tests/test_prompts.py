@@ -5,7 +5,7 @@ from masa_megatron.data.prompts import (
     META_SYSTEM,
     SOLUTION_SUFFIX,
     PromptConfig,
-    filter_by_meta_prompt_length,
+    filter_by_prompt_length,
     meta_content,
     meta_messages,
     render_meta_prompt,
@@ -94,17 +94,24 @@ def test_tiny_tokenizer_basics(tokenizer):
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
 
 
-def test_filter_by_meta_prompt_length(tokenizer):
+def test_filter_by_prompt_length(tokenizer):
     problems = [PROBLEM, "Compute " + "very " * 300 + "long things.", "What is 2+2?"]
     lengths = [len(render_meta_prompt(tokenizer, p)) for p in problems]
     limit = max(lengths[0], lengths[2])
     assert lengths[1] > limit
     config = PromptConfig(max_prompt_length=limit)
-    kept, dropped = filter_by_meta_prompt_length(problems, tokenizer, config)
+    kept, dropped = filter_by_prompt_length(problems, tokenizer, config)
     assert kept == [PROBLEM, "What is 2+2?"] and dropped == 1
     # the limit is inclusive, and items may be records
     records = [{"q": p} for p in problems]
-    kept, dropped = filter_by_meta_prompt_length(
+    kept, dropped = filter_by_prompt_length(
         records, tokenizer, PromptConfig(max_prompt_length=lengths[0]), problem_of=lambda r: r["q"])
     assert {"q": PROBLEM} in kept and dropped == sum(n > lengths[0] for n in lengths)
-    assert filter_by_meta_prompt_length([], tokenizer, config) == ([], 0)
+    assert filter_by_prompt_length([], tokenizer, config) == ([], 0)
+
+
+def test_filter_uses_the_solution_prompt_when_no_meta_rollouts_are_made(tokenizer):
+    solution_len = len(render_solution_prompt(tokenizer, PROBLEM))
+    config = PromptConfig(max_prompt_length=solution_len)
+    assert filter_by_prompt_length([PROBLEM], tokenizer, config) == ([], 1)
+    assert filter_by_prompt_length([PROBLEM], tokenizer, config, with_meta=False) == ([PROBLEM], 0)

@@ -95,13 +95,16 @@ def render_meta_prompt(tokenizer: Any, problem: str, config: PromptConfig = Prom
     return encode_messages(tokenizer, [meta_messages(problem, config)])[0]
 
 
-def filter_by_meta_prompt_length(
+def filter_by_prompt_length(
     items: Sequence[T], tokenizer: Any, config: PromptConfig = PromptConfig(),
     problem_of: Callable[[T], str] = lambda item: item,  # type: ignore[assignment,return-value]
+    with_meta: bool = True,
 ) -> tuple[list[T], int]:
-    """Keep the items whose meta prompt (the longer of the two prompts, as it embeds the solution
-    prompt) has at most config.max_prompt_length tokens. Returns (kept items, number dropped)."""
+    """Keep the items whose longest prompt has at most config.max_prompt_length tokens: the meta
+    prompt when meta rollouts are made (it embeds the solution prompt, so it is the longer one),
+    else the solution prompt. Returns (kept items, number dropped)."""
+    render = meta_messages if with_meta else solution_messages
     lengths = [len(ids) for ids in encode_messages(
-        tokenizer, [meta_messages(problem_of(item), config) for item in items])]
+        tokenizer, [render(problem_of(item), config) for item in items])]
     kept = [item for item, length in zip(items, lengths) if length <= config.max_prompt_length]
     return kept, len(items) - len(kept)

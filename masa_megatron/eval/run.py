@@ -32,7 +32,8 @@ def load_policy(model_path: str | Path, model_cfg=None):
     from masa_megatron.config import ModelConfig
     from masa_megatron.masa.meta_head import HEAD_FILE, load_meta_head
     from masa_megatron.model import build_gpt_model, load_hf_weights
-    from masa_megatron.model.checkpoint_io import HF_SUBDIR, load_dist_checkpoint
+    from masa_megatron.model.checkpoint_io import (HF_SUBDIR, load_dist_checkpoint,
+                                                  read_checkpoint_meta)
 
     path = Path(model_path)
     model_cfg = model_cfg or ModelConfig(hf_path=str(path))
@@ -44,7 +45,8 @@ def load_policy(model_path: str | Path, model_cfg=None):
         raise UserError(f"model '{path}': neither a Hugging Face folder (config.json) nor a "
                         f"training checkpoint (model/{HF_SUBDIR}/config.json)")
     model_cfg.hf_path = str(hf_dir)
-    model = build_gpt_model(str(hf_dir), model_cfg)
+    padded = read_checkpoint_meta(ckpt)["padded_vocab_size"] if ckpt is not None else None
+    model = build_gpt_model(str(hf_dir), model_cfg, padded_vocab=padded)
     if ckpt is None:
         load_hf_weights(model, hf_dir)
     else:
@@ -108,8 +110,11 @@ def problem_record(item, stats, benchmark: str, head_pred=None) -> dict:
     parsed_lengths = [p.get("solution_length") if M.is_number(p.get("solution_length")) else None
                       for p in item.predictions]
     notions = next((p["math_notion"] for p in item.predictions if p.get("math_notion")), None)
+    from masa_megatron.rewards.meta import meta_reward
     record = {"benchmark": benchmark, "id": item.uid, "scores": stats.scores,
               "lengths": stats.lengths, "predicted_pass_rates": parsed_rates,
+              "meta_rewards": [meta_reward(p, stats.scores, stats.lengths, stats.texts,
+                                           item.problem)["score"] for p in item.predictions],
               "predicted_lengths": parsed_lengths,
               "notion_net": (M.notion_net_counts(notions, item.problem, stats.texts, stats.scores)
                              if notions is not None else None)}
@@ -121,22 +126,61 @@ def problem_record(item, stats, benchmark: str, head_pred=None) -> dict:
     return record
 
 
+class Evaluator:
+    """Rollouts, grades and per-problem records for a list of problems, on a given engine.
+
+    `head_predict(prompt_ids_list) -> [(p, log length)] | None` adds meta-head predictions.
+    Used by `masa eval` and by the trainer's in-loop evaluation (the same prompts, parser, seeds).
+    """
+
+    def __init__(self, engine, tokenizer, cfg, head_predict=None):
+        from masa_megatron.masa.planner import RolloutPlanner
+        from masa_megatron.masa.policies import resolve_policies
+        self.tokenizer, self.head_predict = tokenizer, head_predict
+        self.planner = RolloutPlanner(cfg, tokenizer, engine, *resolve_policies(cfg.masa))
+
+    def records(self, problems) -> list[dict]:
+        """problems: [(benchmark name, eval.benchmarks.Problem)] -> one record each."""
+        from masa_megatron.data.prompts import render_solution_prompt
+        from masa_megatron.masa.scoring import grade_solutions
+        from masa_megatron.rewards.math import grade_batch
+        heads = None
+        if self.head_predict is not None:
+            heads = self.head_predict([render_solution_prompt(
+                self.tokenizer, p.problem, self.planner.prompts) for _, p in problems])
+        items = self.planner.rollout(0, [(p.id, p.problem, p.answer) for _, p in problems], heads)
+        stats = grade_solutions(items, self.tokenizer, lambda r, ref: grade_batch(r, ref))
+        return [problem_record(it, st, name, heads[i] if heads else None)
+                for i, (it, st, (name, _)) in enumerate(zip(items, stats, problems))]
+
+
+def head_predictor(actor, head):
+    """prompt ids -> [(p, log length)] from the actor's last-stage hidden states, on every rank."""
+    def predict(prompts):
+        hidden = actor.prompt_last_hidden(prompts)
+        preds = None if hidden is None else list(zip(*[t.tolist() for t in head(hidden)]))
+        return actor.broadcast_from_last_stage(preds)
+    return predict
+
+
 def evaluate(policy, args: argparse.Namespace, *, log=print) -> dict:
     """Generate, grade and record every pending problem; write the report. Returns the report."""
     from masa_megatron.eval.benchmarks import load_benchmarks
     from masa_megatron.eval.report import ResultsStore, write_report
-    from masa_megatron.masa.planner import RolloutPlanner
-    from masa_megatron.masa.policies import resolve_policies
-    from masa_megatron.masa.scoring import grade_solutions
     from masa_megatron.metrics import Progress, is_logging_rank
-    from masa_megatron.rewards.math import grade_batch
     from masa_megatron.rollout.embedded import EmbeddedEngine
 
     model, tokenizer, hf_dir, head = policy
     cfg = eval_config(args, hf_dir)
     engine = EmbeddedEngine.from_config(model, cfg.rollout, vocab_size=len(tokenizer),
                                         eos_token_ids=[tokenizer.eos_token_id])
-    planner = RolloutPlanner(cfg, tokenizer, engine, *resolve_policies(cfg.masa))
+    predict = None
+    if head is not None:
+        from masa_megatron.config import GRPOConfig
+        from masa_megatron.train.actor import Actor
+        predict = head_predictor(Actor([model], None, None, GRPOConfig(),
+                                       vocab_size=len(tokenizer)), head)
+    evaluator = Evaluator(engine, tokenizer, cfg, predict)
     benchmarks = load_benchmarks([b for b in args.benchmarks.split(",") if b],
                                  data_dir=args.data_dir, limit=args.limit)
     out = Path(args.out)
@@ -149,24 +193,9 @@ def evaluate(policy, args: argparse.Namespace, *, log=print) -> dict:
         skipped = sum(b.n_skipped for b in benchmarks)
         log(f"eval: {total} problems ({len(done)} already done, {skipped} malformed rows skipped)")
     progress = Progress(total, "eval", start=len(done), enabled=writer and not args.no_progress)
-    actor = None
-    if head is not None:
-        from masa_megatron.config import GRPOConfig
-        from masa_megatron.data.prompts import render_solution_prompt
-        from masa_megatron.train.actor import Actor
-        actor = Actor([model], None, None, GRPOConfig(), vocab_size=len(tokenizer))
     for start in range(0, len(pending), args.problems_per_batch):
         chunk = pending[start:start + args.problems_per_batch]
-        heads = None
-        if actor is not None:
-            hidden = actor.prompt_last_hidden([render_solution_prompt(
-                tokenizer, p.problem, planner.prompts) for _, p in chunk])
-            heads = actor.broadcast_from_last_stage(
-                None if hidden is None else list(zip(*[t.tolist() for t in head(hidden)])))
-        items = planner.rollout(0, [(p.id, p.problem, p.answer) for _, p in chunk], heads)
-        stats = grade_solutions(items, tokenizer, lambda r, ref: grade_batch(r, ref))
-        records = [problem_record(it, st, name, heads[i] if heads else None)
-                   for i, (it, st, (name, _)) in enumerate(zip(items, stats, chunk))]
+        records = evaluator.records(chunk)
         if writer:
             store.append_many(records)
         progress.update(progress.step + len(chunk))

@@ -71,6 +71,17 @@ def save_dist_checkpoint(models, ckpt_dir: str | Path, *,
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(ckpt_dir))
+    write_checkpoint_metadata(model, ckpt_dir, hf_source_dir=hf_source_dir)
+    return ckpt_dir
+
+
+def write_checkpoint_metadata(models, ckpt_dir: str | Path, *,
+                              hf_source_dir: Optional[str | Path] = None) -> None:
+    """`masa_model.json` and `hf/` (config, tokenizer) next to sharded model tensors, so that
+    converters and `masa eval` can rebuild the model (collective; rank 0 writes). The trainer
+    calls it for the `model/` folder of its checkpoints, which also hold the optimizer."""
+    model = _single_chunk(models)
+    ckpt_dir = Path(ckpt_dir)
     if _rank() == 0:
         meta = _model_meta(model)
         hf_dir = ckpt_dir / HF_SUBDIR
@@ -84,7 +95,6 @@ def save_dist_checkpoint(models, ckpt_dir: str | Path, *,
         (ckpt_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return ckpt_dir
 
 
 def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -109,6 +110,7 @@ class CheckpointManager:
         _barrier()
         write(tmp)
         _barrier()
+        _crash_point(step)
         if rank == 0:
             _fsync_write(tmp / COMPLETE, f"{step}\n")
             if final.exists():
@@ -127,6 +129,13 @@ class CheckpointManager:
         for stale in self.root.glob(".tmp-step_*"):
             if newest is None or stale.name != f".tmp-{newest}":
                 shutil.rmtree(stale, ignore_errors=True)
+
+
+def _crash_point(step: int) -> None:
+    """Fault injection for the crash-safety tests: MASA_TEST_CRASH_IN_SAVE=<step> SIGKILLs every
+    rank after the checkpoint's data is written and before it is marked complete."""
+    if os.environ.get("MASA_TEST_CRASH_IN_SAVE") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def rng_state() -> dict:
