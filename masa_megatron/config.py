@@ -75,8 +75,13 @@ class RolloutConfig:
     sglang_router: bool = False
     sglang_concurrency: int = 256
     sglang_health_timeout_s: float = 600.0
+    sglang_request_timeout_s: float = 3600.0
+    sglang_max_retries: int = 3
+    sglang_retry_backoff_s: float = 1.0
+    sglang_deterministic: bool = False     # --enable-deterministic-inference (seeded sampling)
     weight_sync: str = "disk"              # disk | broadcast | tensor
     weight_sync_bucket_mb: int = 512
+    weight_sync_verify: bool = False       # compare sampled weights after every sync
     colocate: bool = False
     offload_train_state: bool = False
 
@@ -294,6 +299,9 @@ _RANGES = {
     "rollout.sglang_mem_fraction": (0.01, 0.99),
     "rollout.sglang_concurrency": (1, None),
     "rollout.weight_sync_bucket_mb": (1, None),
+    "rollout.sglang_request_timeout_s": (0.001, None),
+    "rollout.sglang_max_retries": (0, None),
+    "rollout.sglang_retry_backoff_s": (0.0, None),
     "grpo.clip_low": (0.0, 1.0),
     "grpo.clip_high": (0.0, None),
     "grpo.kl_coef": (0.0, None),

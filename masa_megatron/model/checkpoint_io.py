@@ -120,5 +120,7 @@ def load_dist_checkpoint(models, ckpt_dir: str | Path) -> None:
             f"{Path(ckpt_dir) / META_NAME}: the checkpoint's padded vocabulary has "
             f"{meta['padded_vocab_size']} rows, the model {model.vocab_size}; build the model "
             f"with padded_vocab={meta['padded_vocab_size']}")
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
-    model.load_state_dict(state, strict=True)
+    request = model.sharded_state_dict()
+    state = dist_checkpointing.load(request, str(ckpt_dir))
+    # a training checkpoint also holds optimizer and scheduler state: keep the model's entries
+    model.load_state_dict({k: v for k, v in state.items() if k in request}, strict=True)

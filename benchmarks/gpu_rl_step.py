@@ -1,0 +1,120 @@
+"""One RL step of a random model on one GPU (or CPU): generation + old log-probs + PPO update.
+
+    python benchmarks/gpu_rl_step.py --size tiny|1b [--device cuda|cpu] [--out FILE]
+
+Builds a random Llama-architecture HF folder (transformers save_pretrained, no download), loads it
+into Megatron (local layer spec, bf16 on CUDA with fp32 master weights, fp32 on CPU), generates
+G samples for B prompts with the embedded engine, recomputes old log-probs and runs one PPO
+update. Prints step time, tokens/s and model FLOPs utilisation:
+
+    MFU = 6 * N * T_train / t_update / peak      (N parameters, T_train tokens in the update)
+
+peak = 989 TFLOP/s (H100 SXM dense bf16; override with --peak-tflops). Generation tokens/s is
+reported separately (decode is memory-bound; MFU is not meaningful there).
+"""
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1003),
+    # ~1.1B parameters
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20,
+               num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=32000),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=SIZES, default="tiny")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+
+    from masa_megatron.config import GRPOConfig, ModelConfig, OptimizerConfig, ParallelConfig
+    from masa_megatron.model import build_gpt_model, load_hf_weights
+    from masa_megatron.model.tiny import make_tiny_hf_model
+    from masa_megatron.parallel import destroy_parallel, init_parallel
+    from masa_megatron.rollout.base import GenerationRequest, SamplingParams
+    from masa_megatron.rollout.embedded import EmbeddedEngine
+    from masa_megatron.train.actor import Actor
+    from masa_megatron.train.batching import TrainBatch
+    from masa_megatron.train.optim import build_optimizer, wrap_ddp
+
+    shape = dict(SIZES[args.size], max_position_embeddings=args.prompt_len + args.new_tokens + 8)
+    dtype = "bf16" if cuda else "fp32"
+    with tempfile.TemporaryDirectory() as folder:
+        make_tiny_hf_model(folder, "llama", eos_token_id=2, bos_token_id=1, **shape)
+        init_parallel(ParallelConfig(), seed=0)
+        try:
+            model_cfg = ModelConfig(hf_path=folder, dtype=dtype, layer_spec="local")
+            model = build_gpt_model(folder, model_cfg)
+            load_hf_weights(model, folder)
+            if cuda:
+                model.cuda()
+            n_params = sum(p.numel() for p in model.parameters())
+            chunks = wrap_ddp([model], ParallelConfig())
+            optimizer, scheduler = build_optimizer(chunks, OptimizerConfig(lr=1e-6, warmup_steps=0),
+                                                   ParallelConfig(), dtype, total_steps=1)
+            actor = Actor(chunks, optimizer, scheduler, GRPOConfig(micro_batch_tokens=16384),
+                          vocab_size=shape["vocab_size"])
+            engine = EmbeddedEngine(model, vocab_size=shape["vocab_size"], seed=0,
+                                    max_batch_size=args.prompts * args.group)
+            gen = torch.Generator().manual_seed(0)
+            prompts = [torch.randint(3, shape["vocab_size"], (args.prompt_len,), generator=gen)
+                       .tolist() for _ in range(args.prompts)]
+            sampling = SamplingParams(max_new_tokens=args.new_tokens, n=args.group, seed=1,
+                                      ignore_eos=True)
+            sync = torch.cuda.synchronize if cuda else (lambda: None)
+            timings = {}
+            sync()
+            t0 = time.perf_counter()
+            results = engine.generate([GenerationRequest(ids, sampling) for ids in prompts])
+            sync()
+            timings["generate_s"] = time.perf_counter() - t0
+            samples = [(pr, c.token_ids) for pr, r in zip(prompts, results) for c in r.completions]
+            gen_tokens = sum(len(t) for _, t in samples)
+            advantages = torch.randn(len(samples), generator=gen)
+            batch = TrainBatch([s[0] for s in samples], [s[1] for s in samples], advantages)
+            t0 = time.perf_counter()
+            actor.compute_old_logprobs(batch)
+            sync()
+            timings["logprob_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            metrics = actor.update(batch, check_ratio=not cuda)
+            sync()
+            timings["update_s"] = time.perf_counter() - t0
+            train_tokens = sum(len(a) + len(b) for a, b in samples)
+            result = {
+                "size": args.size, "device": torch.cuda.get_device_name() if cuda else "cpu",
+                "dtype": dtype, "parameters": n_params, **timings,
+                "step_s": sum(timings.values()),
+                "generated_tokens": gen_tokens,
+                "generate_tokens_per_s": gen_tokens / timings["generate_s"],
+                "update_tokens_per_s": train_tokens / timings["update_s"],
+                "update_mfu": 6 * n_params * train_tokens / timings["update_s"]
+                / (args.peak_tflops * 1e12),
+                "ratio_dev_max": metrics.get("train/step0_ratio_dev_max"),
+                "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
+        finally:
+            destroy_parallel()
+    print(json.dumps(result, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

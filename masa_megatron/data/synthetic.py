@@ -1,0 +1,198 @@
+"""Synthetic arithmetic-chain task for the CPU demo: exact answers, controllable difficulty.
+
+A problem is a chain of integer additions/subtractions, e.g. ``Compute 47 + 38 - 91.``; its worked
+solution computes one operation per line, names the concepts it used, and ends in ``\\boxed{}``::
+
+    first 47 + 38 = 85 carry
+    then 85 - 91 = -6 borrow negative
+    so the answer is \\boxed{-6}
+
+- Difficulty: `LEVELS[d] = (n_ops, first_digits, digits, subtraction)`: level 1 is one single-digit
+  addition, level 8 is five operations on 4-digit numbers, beyond what the tiny demo model can do.
+- Concepts (the notion reward's vocabulary, `CONCEPTS`): a step writes ``carry`` when the column
+  addition of the magnitudes carries, ``borrow`` when the column subtraction borrows, ``negative``
+  when its result is below 0. None of these words ever occurs in a problem text.
+- Solution length grows with difficulty (one line per operation, longer numbers). Within a problem
+  it varies by a few tokens (optional ``first``/``then`` step prefixes and an optional
+  ``so the answer is``), so correct rollouts of one problem have a spread of lengths and the
+  length reward ``min(C) < l < max(C)`` is attainable.
+- Train/eval split by a hash of the problem text (`split_of`): the two splits are disjoint for any
+  seeds. Generation is deterministic given (seed, split, n, levels).
+- Answers are plain integers (``str(int)``), graded on the last ``\\boxed{}``.
+
+Measured pass rates after a short warm start (see `masa_megatron.demo.warmstart_data`):
+MEASURED_TABLE_PLACEHOLDER
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+CONCEPTS: tuple[str, ...] = ("carry", "borrow", "negative")
+DATA_SOURCE = "synthetic_arith"
+
+# level -> (operations, digits of the first number, digits of the others, subtraction allowed)
+LEVELS: dict[int, tuple[int, int, int, bool]] = {
+    1: (1, 1, 1, False),
+    2: (1, 2, 1, True),
+    3: (2, 1, 1, True),
+    4: (2, 2, 2, True),
+    5: (3, 2, 2, True),
+    6: (3, 3, 3, True),
+    7: (4, 3, 3, True),
+    8: (5, 4, 4, True),
+}
+EVAL_FRACTION = 0.2     # share of the problem space (by text hash) reserved for the eval split
+
+
+def split_of(problem: str) -> str:
+    """'eval' or 'train', fixed by a hash of the problem text (independent of any seed)."""
+    bucket = int(hashlib.md5(problem.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "eval" if bucket < EVAL_FRACTION else "train"
+
+
+def _carries(a: int, b: int) -> bool:
+    """Does column addition of a + b (a, b >= 0) carry in some column?"""
+    carry = 0
+    while a or b:
+        carry = 1 if a % 10 + b % 10 + carry >= 10 else 0
+        if carry:
+            return True
+        a, b = a // 10, b // 10
+    return False
+
+
+def _borrows(a: int, b: int) -> bool:
+    """Does column subtraction a - b (a >= b >= 0) borrow in some column?"""
+    borrow = 0
+    while b or borrow:
+        borrow = 1 if a % 10 - b % 10 - borrow < 0 else 0
+        if borrow:
+            return True
+        a, b = a // 10, b // 10
+    return False
+
+
+def step_concepts(x: int, op: str, y: int) -> tuple[int, list[str]]:
+    """Result of `x op y` (y >= 0) and the concepts used, by the magnitude algorithm.
+
+    Same signs: add magnitudes (carry?). Different signs: subtract the smaller magnitude from the
+    larger (borrow?). A result below 0 adds 'negative'.
+    """
+    signed = y if op == "+" else -y
+    result = x + signed
+    names = []
+    if x == 0 or signed == 0 or (x > 0) == (signed > 0):
+        if _carries(abs(x), abs(signed)):
+            names.append("carry")
+    else:
+        big, small = max(abs(x), abs(signed)), min(abs(x), abs(signed))
+        if _borrows(big, small):
+            names.append("borrow")
+    if result < 0:
+        names.append("negative")
+    return result, names
+
+
+def _operand(rng: random.Random, digits: int) -> int:
+    return rng.randint(10 ** (digits - 1) if digits > 1 else 1, 10 ** digits - 1)
+
+
+def make_problem(rng: random.Random, level: int) -> dict:
+    """One problem of the given level: problem, answer, difficulty, notions, solution."""
+    n_ops, first_digits, digits, subtraction = LEVELS[level]
+    numbers = [_operand(rng, first_digits)] + [_operand(rng, digits) for _ in range(n_ops)]
+    ops = [rng.choice("+-") if subtraction else "+" for _ in range(n_ops)]
+    expression = str(numbers[0]) + "".join(f" {o} {n}" for o, n in zip(ops, numbers[1:]))
+    value, lines, notions = numbers[0], [], []
+    for i, (op, y) in enumerate(zip(ops, numbers[1:])):
+        result, names = step_concepts(value, op, y)
+        prefix = ("first " if i == 0 else "then ") if rng.random() < 0.5 else ""
+        lines.append(" ".join([f"{prefix}{value} {op} {y} = {result}", *names]))
+        notions += [n for n in names if n not in notions]
+        value = result
+    closing = "so the answer is " if rng.random() < 0.5 else ""
+    lines.append(f"{closing}\\boxed{{{value}}}")
+    return {"problem": f"Compute {expression}.", "answer": str(value), "difficulty": level,
+            "notions": [c for c in CONCEPTS if c in notions], "solution": "\n".join(lines)}
+
+
+def generate_problems(n: int, seed: int, split: str = "train",
+                      levels: Optional[Sequence[int]] = None, max_tries: int = 50) -> list[dict]:
+    """`n` problems of `split` ('train' | 'eval'), levels cycled in order (balanced).
+
+    Problems are unique within the list while the level's space allows (`max_tries` draws),
+    and always belong to `split` (so train and eval never share a problem).
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    levels = list(levels or LEVELS)
+    rng = random.Random(f"{seed}-{split}")
+    seen: set[str] = set()
+    out = []
+    for i in range(n):
+        level = levels[i % len(levels)]
+        for attempt in range(max_tries):
+            item = make_problem(rng, level)
+            if split_of(item["problem"]) == split and (item["problem"] not in seen
+                                                       or attempt >= max_tries // 2):
+                break
+        else:
+            raise RuntimeError(f"no {split} problem found at level {level}")
+        seen.add(item["problem"])
+        out.append(item)
+    return out
+
+
+def to_verl_rows(problems: Iterable[dict], split: str = "train",
+                 data_source: str = DATA_SOURCE) -> list[dict]:
+    """verl-style rows, same schema as shared/data/*.parquet (plus difficulty/notions)."""
+    return [{
+        "data_source": data_source,
+        "prompt": [{"role": "user", "content": p["problem"]}],
+        "ability": "math",
+        "reward_model": {"style": "rule", "ground_truth": {
+            "question": p["problem"], "solution": p["solution"], "target": p["answer"]}},
+        "extra_info": {"index": i, "split": split, "difficulty": p["difficulty"],
+                       "notions": list(p["notions"])},
+    } for i, p in enumerate(problems)]
+
+
+def write_rows(rows: list[dict], path: str | Path) -> Path:
+    """Write rows to `.parquet` or `.jsonl` (chosen by the suffix)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        raise ValueError(f"unsupported suffix {path.suffix!r} (use .parquet or .jsonl)")
+    return path
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Read rows written by `write_rows` (or any verl parquet/jsonl file)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    raise ValueError(f"unsupported suffix {path.suffix!r} (use .parquet or .jsonl)")
+
+
+def write_task_files(out_dir: str | Path, n_train: int = 512, n_eval: int = 128, seed: int = 0,
+                     suffix: str = ".parquet") -> tuple[Path, Path]:
+    """Write train and eval files of the task to `out_dir`; returns their paths."""
+    out_dir = Path(out_dir)
+    paths = []
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        rows = to_verl_rows(generate_problems(n, seed, split), split)
+        paths.append(write_rows(rows, out_dir / f"synthetic_{split}{suffix}"))
+    return paths[0], paths[1]

@@ -1,0 +1,147 @@
+"""`masa demo`: GRPO vs MASA vs MASA-efficient on the synthetic task, on CPU, with a report.
+
+Every run goes through the real trainer (Megatron actor, embedded engine, the loop of
+train/loop.py) from the same warm start, seed and budget; held-out accuracy and meta-awareness
+are measured by the evaluation module (train/loop.evaluate_in_loop) at step 0, every
+`eval_every` steps and at the end. The report folder holds each run's metrics JSONL and eval
+records, the plots and `summary.md` (see demo/report.py).
+
+    masa demo                      default budget (about 10 minutes on 2 cores, one seed)
+    masa demo --quick              about a minute: a smoke run of all three modes
+    masa demo --seeds 3 --out runs/demo3
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+from masa_megatron.errors import UserError
+
+MODES = ("grpo", "masa", "masa_efficient")
+
+
+@dataclass
+class DemoBudget:
+    steps: int = 40
+    problems_per_step: int = 8
+    group_size: int = 8
+    meta_group_size: int = 4
+    max_response_length: int = 96
+    eval_problems: int = 48
+    eval_every: int = 10
+    eval_n: int = 4
+    eval_meta_n: int = 2
+    efficient_start: float = 0.4   # masa_efficient's start step k, as a fraction of the steps
+    lr: float = 2e-4
+    n_train: int = 2000
+
+
+QUICK = DemoBudget(steps=3, problems_per_step=2, group_size=4, meta_group_size=2,
+                   max_response_length=64, eval_problems=4, eval_every=3, eval_n=2,
+                   eval_meta_n=1, efficient_start=0.34, n_train=64)
+
+
+def run_config(budget: DemoBudget, mode: str, seed: int, hf_dir: Path, train_file: Path,
+               eval_file: Path, out_dir: Path):
+    from masa_megatron.config import ExperimentConfig, validate_static
+    cfg = ExperimentConfig(name=f"{mode}-s{seed}")
+    cfg.model.hf_path, cfg.model.seed = str(hf_dir), 1234 + seed
+    cfg.masa.mode = mode
+    cfg.masa.efficient_start_step = max(1, round(budget.efficient_start * budget.steps))
+    cfg.masa.audit_fraction = 0.25
+    cfg.grpo.group_size, cfg.masa.meta_group_size = budget.group_size, budget.meta_group_size
+    cfg.grpo.micro_batch_tokens = 8192
+    r = cfg.rollout
+    r.max_response_length, r.max_prompt_length, r.seed = budget.max_response_length, 1024, seed
+    cfg.data.train_files, cfg.data.eval_files = [str(train_file)], [str(eval_file)]
+    cfg.data.prompt_batch_size, cfg.data.seed = budget.problems_per_step, seed
+    o = cfg.optimizer
+    o.lr, o.weight_decay, o.warmup_steps, o.clip_grad = budget.lr, 0.0, 2, 1.0
+    t = cfg.trainer
+    t.steps, t.eval_every, t.output_dir = budget.steps, budget.eval_every, str(out_dir)
+    t.eval_n, t.eval_meta_n = budget.eval_n, budget.eval_meta_n
+    cfg.checkpoint.save_every = 0
+    cfg.logging.progress = True
+    validate_static(cfg)
+    return cfg
+
+
+def run_one(cfg, log=print) -> float:
+    """Train one configuration in this process; returns its wall time in seconds."""
+    from masa_megatron.parallel import destroy_parallel, init_parallel
+    from masa_megatron.train.loop import run_loop
+    from masa_megatron.train.main import build_training
+
+    started = time.time()
+    init_parallel(cfg.parallel, seed=cfg.model.seed)
+    try:
+        parts, start = build_training(cfg, log=log)
+        run_loop(parts, start)
+        parts.sinks.close()
+        parts.engine.shutdown()
+    finally:
+        destroy_parallel()
+    return time.time() - started
+
+
+def _parse(argv: Optional[Sequence[str]]):
+    p = argparse.ArgumentParser(prog="masa demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a ~1 minute smoke run of all modes")
+    p.add_argument("--steps", type=int, default=None, help="RL steps per run")
+    p.add_argument("--seeds", default="1", help="a count (3 -> seeds 0,1,2) or a list (0,5)")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " +
+                   ", ".join(MODES))
+    p.add_argument("--out", default="runs/demo", help="report folder")
+    p.add_argument("--cache-dir", default=None, help="where the warm start is cached "
+                   "(default $MASA_CACHE_DIR or ~/.cache/masa_megatron)")
+    args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")] if "," in args.seeds else \
+        list(range(int(args.seeds)))
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise UserError(f"--modes: unknown mode {bad[0]!r}; choose from {', '.join(MODES)}")
+    if not seeds:
+        raise UserError("--seeds: at least one seed")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps = {args.steps}: must be >= 1")
+    return args, seeds, modes
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import torch
+
+    from masa_megatron.data.synthetic import to_verl_rows, generate_problems, write_rows
+    from masa_megatron.demo.report import write_demo_report
+    from masa_megatron.demo.warmstart import WarmStartConfig, warm_start
+
+    args, seeds, modes = _parse(argv)
+    budget = QUICK if args.quick else DemoBudget()
+    if args.steps is not None:
+        budget = replace(budget, steps=args.steps,
+                         eval_every=max(1, min(budget.eval_every, args.steps)))
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(args.out)
+    started = time.time()
+    ws = WarmStartConfig(max_len=budget.max_response_length)
+    if args.quick:
+        ws = replace(ws, steps=30, n_problems=200, hidden=64, layers=2, heads=2, kv_heads=1,
+                     intermediate=128)
+    hf_dir = warm_start(ws, Path(args.cache_dir) if args.cache_dir else None)
+    train_file = write_rows(to_verl_rows(generate_problems(budget.n_train, 0, "train"), "train"),
+                            out / "data" / "train.parquet")
+    eval_file = write_rows(to_verl_rows(generate_problems(budget.eval_problems, 0, "eval"),
+                                        "eval"), out / "data" / "eval.parquet")
+    runs = {}
+    for seed in seeds:
+        for mode in modes:
+            run_dir = out / "runs" / f"{mode}-s{seed}"
+            cfg = run_config(budget, mode, seed, hf_dir, train_file, eval_file, run_dir)
+            print(f"demo: run {mode} seed {seed} ({budget.steps} steps) -> {run_dir}", flush=True)
+            runs[(mode, seed)] = (run_dir, run_one(cfg))
+    summary = write_demo_report(out, runs, budget)
+    print(f"demo: finished in {time.time() - started:.0f} s; report: {summary}")
+    return 0

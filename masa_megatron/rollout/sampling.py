@@ -1,0 +1,111 @@
+"""Logits -> next tokens and their log-probs, one row per sample, each row its own parameters.
+
+Maths (per row, logits z over the full vocabulary, in fp32):
+    T        = temperature, or 1 for greedy rows
+    logp     = log_softmax(z / T)                          reported log-probs (see rollout.base)
+    p        = exp(logp), sorted descending when top-k / top-p apply
+    keep     = rank < top_k  and  (cumsum(p) - p) <= top_p  (the head of the distribution)
+    draw     = inverse CDF: the first kept token whose cumulative kept mass exceeds u * kept mass,
+               u ~ U[0, 1) from the row's own torch.Generator (one draw per row per step)
+Greedy rows take argmax(z). One uniform per row per step makes a seeded row's samples depend
+only on its own logits and generator, not on which other rows share the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from masa_megatron.rollout.base import SamplingParams
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax(logits / T)[token] for logits [..., V] and tokens [...]; T <= 0 means 1.
+
+    The definition every engine reports and the actor recomputes (no top-k/top-p renormalisation).
+    """
+    scale = 1.0 / temperature if temperature > 0 else 1.0
+    logits = logits.float() * scale
+    picked = logits.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+@dataclass
+class RowSampling:
+    """Sampling parameters of the rows of a batch, as tensors, with one generator per row."""
+    temperature: torch.Tensor        # [B] float, 1.0 on greedy rows
+    greedy: torch.Tensor             # [B] bool
+    top_k: torch.Tensor              # [B] long, <= 0: off
+    top_p: torch.Tensor              # [B] float, 1.0: off
+    generators: list[Optional[torch.Generator]]
+
+    @classmethod
+    def from_params(cls, params: Sequence[SamplingParams],
+                    generators: Sequence[Optional[torch.Generator]]) -> "RowSampling":
+        greedy = [p.greedy for p in params]
+        return cls(
+            temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)],
+                                     dtype=torch.float32),
+            greedy=torch.tensor(greedy, dtype=torch.bool),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
+            generators=list(generators))
+
+    def select(self, rows: torch.Tensor) -> "RowSampling":
+        """The rows listed in `rows` (a long tensor), in that order."""
+        idx = rows.tolist()
+        return RowSampling(self.temperature[rows], self.greedy[rows], self.top_k[rows],
+                           self.top_p[rows], [self.generators[i] for i in idx])
+
+
+def _uniforms(generators: list[Optional[torch.Generator]]) -> torch.Tensor:
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw of one index per row of (unnormalised) probs [R, K]."""
+    cdf = probs.double().cumsum(-1)
+    target = (u * cdf[:, -1]).unsqueeze(-1)
+    picked = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return picked.clamp_(max=probs.size(-1) - 1)
+
+
+def _draw_truncated(logp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                    u: torch.Tensor) -> torch.Tensor:
+    """Draw from the top-k / top-p head of exp(logp) [R, V]; returns vocabulary ids."""
+    vocab = logp.size(-1)
+    k_max = int(top_k.max().item()) if bool((top_k > 0).all()) and bool((top_p >= 1).all()) \
+        else vocab
+    k_max = min(max(k_max, 1), vocab)
+    if k_max < vocab:          # top-k only: a partial sort is enough
+        head_logp, head_ids = logp.topk(k_max, dim=-1)
+    else:
+        head_logp, head_ids = logp.sort(dim=-1, descending=True)
+    probs = head_logp.exp()
+    rank = torch.arange(probs.size(-1)).unsqueeze(0)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    keep &= (top_k.unsqueeze(-1) <= 0) | (rank < top_k.unsqueeze(-1))
+    keep &= (probs.cumsum(-1) - probs) <= top_p.unsqueeze(-1)
+    keep[:, 0] = True
+    picked = _draw(probs * keep, u)
+    return head_ids.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
+
+
+def sample_next_tokens(logits: torch.Tensor, rows: RowSampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] -> (tokens [B] long, log-probs [B] float32) following the module docstring."""
+    logits = logits.float()
+    logp = torch.log_softmax(logits / rows.temperature.unsqueeze(-1), dim=-1)
+    tokens = logits.argmax(dim=-1)
+    sampled = (~rows.greedy).nonzero().squeeze(-1)
+    if sampled.numel():
+        u = _uniforms([rows.generators[i] for i in sampled.tolist()])
+        truncated = (rows.top_k[sampled] > 0) | (rows.top_p[sampled] < 1.0)
+        plain_rows, trunc_rows = sampled[~truncated], sampled[truncated]
+        if plain_rows.numel():
+            tokens[plain_rows] = _draw(logp[plain_rows].exp(), u[~truncated])
+        if trunc_rows.numel():
+            tokens[trunc_rows] = _draw_truncated(logp[trunc_rows], rows.top_k[trunc_rows],
+                                                 rows.top_p[trunc_rows], u[truncated])
+    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

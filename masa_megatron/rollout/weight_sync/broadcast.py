@@ -1,0 +1,198 @@
+"""Weight sync by torch.distributed broadcast, for servers on other nodes (disaggregated).
+
+Data path
+---------
+Senders: for each pipeline stage, the rank with TP rank 0 in data-parallel replica 0. The stage's
+TP ranks of that replica all-gather each parameter (buckets.stage_hf_tensors); other replicas do
+nothing.
+
+Once (first sync): each sender opens a process group of its own, `masa-weight-sync-pp<stage>`:
+world size 1 + sum of the servers' TP sizes, the sender is rank 0 and hosts the TCP store at
+(master_address, a free port); it POSTs /init_weights_update_group {"master_address",
+"master_port", "rank_offset", "world_size", "group_name", "backend"} to every server (server i's
+TP ranks become ranks rank_offset + tp_rank, rank_offset = 1 + the TP sizes of servers before
+it; one server of TP 1 is the last rank, 1) and joins the group itself while those calls wait.
+The group is made the way SGLang makes its side (sglang 0.5.x, python/sglang/srt/utils/common.py
+init_custom_process_group: rendezvous over tcp://, PrefixStore(group_name), a new process group
+outside the default one), backend NCCL on GPUs and gloo on CPU.
+
+Per bucket (at most `bucket_bytes` of HF tensors): the sender POSTs
+/update_weights_from_distributed {"names", "dtypes" (e.g. "bfloat16"), "shapes", "group_name",
+"flush_cache": false, "weight_version"} to every server and, while the servers wait in their
+matching receives, broadcasts each tensor in that order from rank 0 (SGLang receives with
+torch.distributed.broadcast(src=0) into empty tensors and calls model.load_weights). Stages send
+concurrently, each in its own group; the server serialises the updates.
+
+Close: POST /destroy_weights_update_group and destroy the local group. Errors on any rank (HTTP
+failures, a rejected bucket) are raised on every rank after the stage has been drained, so no
+rank is left waiting in a TP gather.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+from datetime import timedelta
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+import torch
+
+from masa_megatron.rollout.sglang_launch import EngineError, free_port
+from masa_megatron.rollout.weight_sync import SyncTarget, WeightSync, raise_if_any
+from masa_megatron.rollout.weight_sync.buckets import (bucketize, dtype_name, nbytes,
+                                                       stage_hf_tensors)
+
+log = logging.getLogger(__name__)
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def init_custom_process_group(*, backend: str, init_method: str, world_size: int, rank: int,
+                              group_name: str, timeout: Optional[timedelta] = None):
+    """A process group outside the default one, as SGLang builds its side of the weight-update
+    group: a TCP store at `init_method` (tcp://host:port) hosted by rank 0, keys prefixed by
+    `group_name`. The store is created explicitly rather than by torch's tcp:// rendezvous,
+    which under torchrun (TORCHELASTIC_USE_AGENT_STORE) would make rank 0 a client too."""
+    import inspect
+
+    from torch.distributed.distributed_c10d import (Backend, PrefixStore,
+                                                    _new_process_group_helper, _world)
+
+    timeout = timeout or timedelta(minutes=10)
+    address = urlparse(init_method)
+    if address.scheme != "tcp" or not address.hostname or not address.port:
+        raise ValueError(f"init_method={init_method!r}: expected tcp://host:port")
+    store = torch.distributed.TCPStore(address.hostname, address.port, world_size,
+                                       is_master=rank == 0, timeout=timeout,
+                                       wait_for_workers=False)
+    store = PrefixStore(group_name, store)
+    params = inspect.signature(_new_process_group_helper).parameters
+    options = "backend_options" if "backend_options" in params else "pg_options"
+    group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store,
+                                         group_name=group_name, timeout=timeout,
+                                         **{options: None})
+    _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group
+
+
+def _layout() -> tuple[int, int, int, int]:
+    """(pp rank, tp rank, dp rank, cp rank) of this rank; zeros without Megatron groups."""
+    from megatron.core import parallel_state as ps
+
+    if not (torch.distributed.is_initialized() and ps.model_parallel_is_initialized()):
+        return 0, 0, 0, 0
+    return (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+            ps.get_data_parallel_rank(), ps.get_context_parallel_rank())
+
+
+def default_master_address(urls: list[str]) -> str:
+    """127.0.0.1 when every server is local, else this host's address."""
+    if all(urlparse(u).hostname in _LOOPBACK for u in urls):
+        return "127.0.0.1"
+    return socket.gethostbyname(socket.gethostname())
+
+
+class BroadcastSync(WeightSync):
+    name = "broadcast"
+
+    def __init__(self, target: SyncTarget, *, master_address: Optional[str] = None,
+                 backend: Optional[str] = None, group_timeout_s: float = 600.0, **common: Any):
+        super().__init__(target, **common)
+        self.master_address = master_address or default_master_address(target.urls)
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.group_timeout = timedelta(seconds=group_timeout_s)
+        self.group = None
+        self.group_name: Optional[str] = None
+
+    # ------------------------------------------------------------ group set-up
+    def _open_group(self, pp_rank: int) -> None:
+        self.group_name = f"masa-weight-sync-pp{pp_rank}"
+        offsets, offset = [], 1
+        for tp in self.target.tp_sizes:
+            offsets.append(offset)
+            offset += tp
+        port = free_port(self.master_address)
+        bodies = [{"master_address": self.master_address, "master_port": port, "rank_offset": off,
+                   "world_size": offset, "group_name": self.group_name, "backend": self.backend}
+                  for off in offsets]
+        http = self.target.http
+        pending = http.submit(_gather_calls(http, self.target.urls, "/init_weights_update_group",
+                                            bodies, self.group_timeout.total_seconds()))
+        try:
+            self.group = init_custom_process_group(
+                backend=self.backend, init_method=f"tcp://{self.master_address}:{port}",
+                world_size=offset, rank=0, group_name=self.group_name, timeout=self.group_timeout)
+        finally:
+            replies = pending.result()
+        for reply in replies:
+            reply.check()
+        log.info("weight-update group %s: %d ranks at %s:%d", self.group_name, offset,
+                 self.master_address, port)
+
+    # ------------------------------------------------------------ transfer
+    def _transfer(self, model_chunks: Any, version: int) -> tuple[int, int]:
+        pp_rank, tp_rank, dp_rank, cp_rank = _layout()
+        if dp_rank != 0 or cp_rank != 0:
+            raise_if_any(None)
+            return 0, 0
+        sender = tp_rank == 0
+        error: Optional[str] = None
+        if sender and self.group is None:
+            try:
+                self._open_group(pp_rank)
+            except Exception as err:  # reported collectively below
+                error = f"opening the weight-update group: {err}"
+        sent_bytes = sent_buckets = index = 0
+        for bucket in bucketize(stage_hf_tensors(model_chunks), self.bucket_bytes):
+            if not sender or error is not None:
+                continue                      # keep draining: TP peers wait in the gathers
+            try:
+                self._send_bucket(bucket, version)
+            except Exception as err:  # reported collectively below
+                error = str(err)
+                continue
+            sent_buckets += 1
+            for name, tensor in bucket:
+                sent_bytes += nbytes(tensor)
+                self.record_sample(index, name, tensor)
+                index += 1
+        raise_if_any(error)
+        return sent_bytes, sent_buckets
+
+    def _send_bucket(self, bucket: list, version: int) -> None:
+        body = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
+                "flush_cache": False, "weight_version": str(version)}
+        pending = self.target.http.submit_all(self.target.urls, "/update_weights_from_distributed",
+                                              body, retries=0,
+                                              timeout_s=self.group_timeout.total_seconds())
+        try:
+            for _, tensor in bucket:
+                torch.distributed.broadcast(tensor, src=0, group=self.group)
+        finally:
+            replies = pending.result()
+        for reply in replies:
+            reply.check()
+
+    def close(self) -> None:
+        if self.group is None:
+            return
+        try:
+            for reply in self.target.http.call_all(self.target.urls,
+                                                   "/destroy_weights_update_group",
+                                                   {"group_name": self.group_name}, retries=0,
+                                                   timeout_s=30.0):
+                if reply.status != 200:
+                    log.warning("destroy %s on %s: HTTP %d", self.group_name, reply.url,
+                                reply.status)
+        except EngineError as err:
+            log.warning("destroy %s: %s", self.group_name, err)
+        torch.distributed.destroy_process_group(self.group)
+        self.group = None
+
+
+async def _gather_calls(http: Any, urls: list[str], path: str, bodies: list[dict],
+                        timeout_s: float) -> list:
+    import asyncio
+
+    return list(await asyncio.gather(*(http.request(u, path, b, retries=0, timeout_s=timeout_s)
+                                       for u, b in zip(urls, bodies))))

@@ -1,0 +1,522 @@
+"""The actor: log-probs, the PPO update and a supervised step on Megatron model chunks (TP/PP/DP).
+
+Log-probs. For logits z (this TP rank's slice of the vocabulary) and temperature T,
+    logp(y) = log_softmax(z / T)[y] = -vocab_parallel_cross_entropy(z / T, y)
+computed without gathering the full vocabulary (max and sum-exp are all-reduced over TP).
+Megatron's padding columns (ids >= the tokenizer's vocab_size) are set to -inf first, so the
+softmax runs over the true vocabulary, as in the rollout engines. Entropy per token, also
+vocab-parallel: with m = max z, e = exp(z - m), S = sum e:  H = log S - sum(e (z - m)) / S.
+
+Every forward/backward goes through Megatron's `get_forward_backward_func()`, so pipeline
+parallelism works; micro-batches have different shapes (see batching.py), which the PP p2p
+exchange supports with `variable_seq_lengths=True` (set on the model config when PP > 1).
+Results computed on the last pipeline stage are broadcast over the PP group: `logprobs` and every
+metric dict are returned on ALL ranks; `prompt_last_hidden` only on the last stage.
+
+Normalisation. `update` takes this data-parallel rank's samples (every GRPO group whole on one
+rank: see batching.split_for_data_parallel). For each mini-batch the valid-token and sequence
+counts are all-reduced over DP and passed to `policy_loss` as global normalisers, so that the sum
+of the per-micro-batch losses over micro-batches and DP ranks IS the loss of the whole mini-batch
+(token-mean = mean over all its valid tokens). Megatron then divides each micro-batch loss by
+the number of micro-batches n_mb, and DDP averages gradients over DP (scales by 1/DP before the
+sum); the loss handed to Megatron is therefore multiplied by n_mb * DP, which makes the final
+gradient exactly the single-process, single-micro-batch gradient.
+
+Invariants. With `check_ratio=True`, before the first optimizer step max |exp(logp - old_logp) - 1|
+over the first mini-batch must stay within `ratio_tolerance` (old log-probs recomputed by the same
+model), else `RatioInvariantError`. A non-finite loss or gradient skips the optimizer step
+(gradients dropped, LR schedule not advanced), reported as skipped_step.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from masa_megatron.algo.losses import policy_loss, summarize_policy_metrics
+from masa_megatron.config import GRPOConfig
+from masa_megatron.train.batching import (MicroBatch, TrainBatch, pack_micro_batch,
+                                          plan_micro_batches, split_mini_batches)
+from masa_megatron.train.optim import check_checkpoint_optimizer, prepare_optimizer_for_load
+
+# The distributed optimizer's state in the canonical per-parameter layout (gathered on DP rank 0
+# when saving), loadable at any TP/PP/DP and with or without the distributed optimizer. 0.16.1's
+# default ("fully_sharded_model_space") fails ("ShardedTensor.flattened_range is not supported").
+OPTIMIZER_CHECKPOINT_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable",
+                               "chained_optim_avoid_prefix": True}
+LossFn = Callable[[MicroBatch, Tensor], tuple[Tensor, dict[str, Tensor]]]
+PerTokenFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class RatioInvariantError(RuntimeError):
+    """The first mini-batch's probability ratio is not 1: old log-probs do not match the model."""
+
+
+def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+class _ScaleAndMaskLogits(torch.autograd.Function):
+    """z -> z / T with columns >= `pad_from` at -inf, in place (forward and backward): no copy
+    of the largest activation, which is consumed only by the cross entropy after it."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, temperature: float, pad_from: int) -> Tensor:
+        ctx.temperature, ctx.pad_from = temperature, pad_from
+        if temperature != 1.0:
+            z.div_(temperature)
+        z[..., pad_from:] = float("-inf")
+        ctx.mark_dirty(z)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad[..., ctx.pad_from:] = 0.0
+        if ctx.temperature != 1.0:
+            grad.div_(ctx.temperature)
+        return grad, None, None
+
+
+def scaled_vocab_logits(logits: Tensor, temperature: float = 1.0,
+                        vocab_size: Optional[int] = None) -> Tensor:
+    """fp32 z / T on this TP rank's vocab slice, with columns of ids >= vocab_size at -inf.
+    Overwrites fp32 logits (the model output is not used again)."""
+    from megatron.core import parallel_state as ps
+
+    z = logits.float()
+    part = z.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * part
+    pad_from = part if vocab_size is None else min(max(vocab_size - start, 0), part)
+    if temperature == 1.0 and pad_from == part:
+        return z
+    return _ScaleAndMaskLogits.apply(z, float(temperature), pad_from)
+
+
+def vocab_parallel_logprobs(z: Tensor, labels: Tensor) -> Tensor:
+    """log_softmax(z)[label] for vocab-sharded z [..., V/TP]. Overwrites z (Megatron's CE)."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    return -vocab_parallel_cross_entropy(z, labels)
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(z: Tensor) -> Tensor:
+    """Entropy of softmax(z) per position for vocab-sharded z (see the module docstring)."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group()
+    m = z.max(dim=-1).values
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    shifted = z - m.unsqueeze(-1)
+    e = shifted.exp()
+    sums = torch.stack([e.sum(-1), torch.where(e > 0, e * shifted, 0.0).sum(-1)])
+    dist.all_reduce(sums, group=group)
+    return sums[0].log() - sums[1] / sums[0]
+
+
+class Actor:
+    """Owns the model chunks (DDP-wrapped to train), their optimizer and LR scheduler."""
+
+    def __init__(self, model_chunks: Sequence[torch.nn.Module], optimizer: Any, scheduler: Any,
+                 grpo_cfg: GRPOConfig, *, temperature: float = 1.0,
+                 vocab_size: Optional[int] = None, ratio_tolerance: float = 1e-5):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.utils import get_model_config
+
+        if ps.get_context_parallel_world_size() > 1:
+            raise NotImplementedError("the actor does not split sequences (context parallel)")
+        self.model_chunks = list(model_chunks)
+        self.optimizer, self.scheduler, self.cfg = optimizer, scheduler, grpo_cfg
+        self.temperature, self.ratio_tolerance = float(temperature), float(ratio_tolerance)
+        hf = getattr(unwrap_model(self.model_chunks[0]), "masa_hf_config", None)
+        self.vocab_size = vocab_size or (hf.get("vocab_size") if isinstance(hf, dict) else None)
+        self.device = torch.device("cuda", torch.cuda.current_device()) \
+            if torch.cuda.is_available() else torch.device("cpu")
+        config = get_model_config(self.model_chunks[0])
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            config.variable_seq_lengths = True
+        config.finalize_model_grads_func = finalize_model_grads
+        if optimizer is not None:
+            config.grad_scale_func = optimizer.scale_loss
+        self.model_config = config
+        self._forward_backward = get_forward_backward_func()
+        self._dp_group = ps.get_data_parallel_group()
+        self._dp_size = ps.get_data_parallel_world_size()
+        self._pp_group = ps.get_pipeline_model_parallel_group()
+        self._pp_size = ps.get_pipeline_model_parallel_world_size()
+        self._last_stage_rank = ps.get_pipeline_model_parallel_last_rank()
+        self.is_last_stage = ps.is_pipeline_last_stage()
+        # DDP scales gradients by 1/DP unless the config asks for per-token loss scaling
+        self._dp_grad_factor = 1 if config.calculate_per_token_loss else self._dp_size
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _micro_batches(self, batch: TrainBatch, indices: Sequence[int]) -> list[MicroBatch]:
+        indices = list(indices)
+        lengths = batch.row_lengths()
+        plan = plan_micro_batches([lengths[i] for i in indices], self.cfg.micro_batch_tokens)
+        groups = [[indices[j] for j in g] for g in plan] or [[]]
+        return [pack_micro_batch(batch, g).to(self.device) for g in groups]
+
+    def _run(self, micro: list[MicroBatch], per_token: PerTokenFn, loss_func: Callable, *,
+             forward_only: bool, collect: bool = False) -> list:
+        """Megatron's schedule over `micro`; returns the loss_func outputs (last stage).
+
+        On the last stage the model output is per_token(labels [b, s], logits [s, b, V/TP]),
+        a [b, s] tensor: it stands in for GPTModel's language-model loss, which gets the logits
+        in their native layout (without labels GPTModel returns a transposed copy of the largest
+        activation). loss_func(mb, output) is the schedule's loss function."""
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            output = model(mb.tokens, mb.position_ids, None, labels=mb.labels,
+                           runtime_gather_output=False)
+            return output, partial(loss_func, mb)
+
+        heads = [m for m in map(unwrap_model, self.model_chunks) if m.post_process]
+        for model in heads:
+            model.compute_language_model_loss = per_token
+        iterators = [iter(micro) for _ in self.model_chunks]
+        try:
+            return self._forward_backward(
+                forward_step_func=forward_step,
+                data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                model=self.model_chunks, num_microbatches=len(micro),
+                seq_length=max(mb.tokens.shape[1] for mb in micro),
+                micro_batch_size=max(mb.num_rows for mb in micro),
+                forward_only=forward_only, collect_non_loss_data=collect)
+        finally:
+            for model in heads:
+                del model.compute_language_model_loss
+
+    def _logprob_fn(self, temperature: float, entropies: Optional[list] = None) -> PerTokenFn:
+        """per_token function: log-probs (and, into `entropies`, entropy) of the labels."""
+        def per_token(labels: Tensor, logits: Tensor) -> Tensor:
+            z = scaled_vocab_logits(logits, temperature, self.vocab_size)
+            if entropies is not None:
+                entropies.append(vocab_parallel_entropy(z).t())
+            return vocab_parallel_logprobs(z, labels.t().contiguous()).t()
+        return per_token
+
+    def broadcast_from_last_stage(self, obj: Any) -> Any:
+        """A picklable object held on the last pipeline stage, returned on every stage."""
+        if self._pp_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=self._last_stage_rank, group=self._pp_group)
+        return box[0]
+
+    def _broadcast_tensor(self, value: Tensor) -> Tensor:
+        if self._pp_size > 1:
+            value = value.to(self.device)
+            dist.broadcast(value, src=self._last_stage_rank, group=self._pp_group)
+        return value.cpu()
+
+    def _reduce_metrics(self, store: list[dict], keys: Sequence[str]) -> dict[str, float]:
+        """Sum (max for "_max" keys) over micro-batches and DP ranks; the same on all ranks."""
+        values = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
+        is_max = torch.tensor([k.endswith("_max") for k in keys], device=self.device)
+        for item in store:
+            row = torch.stack([item[k].to(self.device, torch.float64) for k in keys])
+            values = torch.where(is_max, torch.maximum(values, row), values + row)
+        if self._dp_size > 1:
+            maxed, summed = values.clone(), values.clone()
+            dist.all_reduce(summed, group=self._dp_group)
+            dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=self._dp_group)
+            values = torch.where(is_max, maxed, summed)
+        values = self._broadcast_tensor(values)
+        return dict(zip(keys, values.tolist()))
+
+    def _global_counts(self, counts: list[list[float]]) -> Tensor:
+        out = torch.tensor(counts, dtype=torch.float64, device=self.device)
+        if self._dp_size > 1:
+            dist.all_reduce(out, group=self._dp_group)
+        return out.cpu()
+
+    def _zero_grads(self) -> None:
+        for chunk in self.model_chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def _grads_finite(self) -> bool:
+        """All gradient buffers finite on every rank (checked before the DP-sharded step)."""
+        bad = torch.zeros((), dtype=torch.float32, device=self.device)
+        for chunk in self.model_chunks:
+            for buf in list(chunk.buffers) + list(chunk.expert_parallel_buffers):
+                bad = torch.maximum(bad, (~torch.isfinite(buf.grad_data.sum())).float())
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bool(bad.item())
+
+    def _train_step(self, micro: list[MicroBatch], loss_of: LossFn, keys: Sequence[str],
+                    check_ratio: bool = False, advance_schedule: bool = True,
+                    temperature: Optional[float] = None) -> dict[str, float]:
+        """Zero grads, forward/backward all micro-batches, then step unless non-finite.
+        The LR schedule advances by one before a step (and back if the step fails)."""
+        self._zero_grads()
+        scale = len(micro) * self._dp_grad_factor
+
+        def loss_func(mb: MicroBatch, logprobs: Tensor):
+            loss, metrics = loss_of(mb, logprobs)
+            metrics["loss"] = loss.detach().to(torch.float64)
+            if mb.is_padding_only:
+                metrics = {k: torch.zeros_like(v) for k, v in metrics.items()}
+            return loss * scale, metrics  # Megatron divides by len(micro) in place
+
+        per_token = self._logprob_fn(self.temperature if temperature is None else temperature)
+        store = self._run(micro, per_token, loss_func, forward_only=False)
+        sums = self._reduce_metrics(store, list(keys) + ["loss"])
+        if check_ratio:
+            sums["step0_ratio_dev_max"] = sums["ratio_dev_max"]
+            if not sums["ratio_dev_max"] <= self.ratio_tolerance:
+                self._zero_grads()
+                raise RatioInvariantError(
+                    f"before the first optimizer step max |exp(logp - old_logp) - 1| = "
+                    f"{sums['ratio_dev_max']:.3e} exceeds {self.ratio_tolerance:.1e}: the old "
+                    f"log-probs were not computed by this model on these tokens (stale weights, "
+                    f"dropout, a temperature or vocabulary mismatch, or a packing bug)")
+        finite = math.isfinite(sums["loss"])
+        if not self.optimizer.config.fp16:  # fp16: the loss scaler handles overflow itself
+            finite = self._grads_finite() and finite
+        grad_norm, stepped = float("nan"), False
+        if finite:
+            if advance_schedule:
+                self.scheduler.step(1)
+            stepped, grad_norm, _ = self.optimizer.step()
+            if advance_schedule and not stepped:
+                self.scheduler.step(-1)
+        if not stepped:
+            self._zero_grads()
+        sums.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                    skipped_step=float(not stepped), lr=self.current_lr())
+        return sums
+
+    def current_lr(self) -> float:
+        groups = self.optimizer.param_groups
+        return float(next((g["lr"] for g in groups if g.get("default_config", True)),
+                          groups[0]["lr"] if groups else float("nan")))
+
+    # ------------------------------------------------------------------ public API
+
+    @staticmethod
+    def make_batch(samples: Sequence[Any], advantages: Tensor | Sequence[float]) -> TrainBatch:
+        """TrainBatch from objects with prompt_ids, response_ids, rollout_logprobs, group_id."""
+        rollout = [getattr(s, "rollout_logprobs", None) for s in samples]
+        has_rollout = bool(samples) and all(r is not None and len(r) == len(s.response_ids)
+                                            for r, s in zip(rollout, samples))
+        return TrainBatch(
+            prompt_ids=[list(s.prompt_ids) for s in samples],
+            response_ids=[list(s.response_ids) for s in samples],
+            advantages=torch.as_tensor(advantages, dtype=torch.float32).reshape(-1),
+            rollout_logprobs=[torch.as_tensor(r, dtype=torch.float32) for r in rollout]
+            if has_rollout else None,
+            group_ids=[getattr(s, "group_id", 0) for s in samples])
+
+    @torch.no_grad()
+    def logprobs(self, batch: TrainBatch, *, with_entropy: bool = False):
+        """Per-sample response-token log-probs (list of [R_i] fp32 CPU tensors), on all ranks.
+
+        With `with_entropy`, returns (logprobs, entropies) of the same shapes."""
+        micro = self._micro_batches(batch, range(len(batch)))
+
+        entropies: list[Tensor] = []
+
+        def collect(mb: MicroBatch, logprobs: Tensor, non_loss_data: bool = True):
+            return {"logprobs": logprobs, "entropy": entropies.pop(0) if with_entropy else None}
+
+        for chunk in self.model_chunks:
+            chunk.eval()
+        per_token = self._logprob_fn(self.temperature, entropies if with_entropy else None)
+        store = self._run(micro, per_token, collect, forward_only=True, collect=True)
+        for chunk in self.model_chunks:
+            chunk.train()
+        lengths = [len(r) for r in batch.response_ids]
+        rows = 2 if with_entropy else 1
+        flat = torch.zeros(rows, sum(lengths), dtype=torch.float32)
+        if self.is_last_stage:
+            per_sample: list = [None] * len(batch)
+            for mb, out in zip(micro, store):
+                keys = ["logprobs", "entropy"][:rows]
+                parts = [mb.unpack(out[k].float()) for k in keys]
+                for j, i in enumerate(mb.sample_index):
+                    per_sample[i] = torch.stack([p[j] for p in parts]).cpu()
+            if per_sample:
+                flat = torch.cat(per_sample, dim=1)
+        flat = self._broadcast_tensor(flat)
+        split = [list(torch.split(flat[r], lengths)) for r in range(rows)]
+        return (split[0], split[1]) if with_entropy else split[0]
+
+    def compute_old_logprobs(self, batch: TrainBatch) -> dict[str, float]:
+        """Fill batch.old_logprobs; returns entropy and trainer-vs-rollout gap metrics (over DP)."""
+        logp, entropy = self.logprobs(batch, with_entropy=True)
+        batch.old_logprobs = logp
+        flat_logp, flat_ent = torch.cat(logp or [torch.zeros(0)]), torch.cat(entropy or [torch.zeros(0)])
+        gap = torch.zeros(0)
+        if batch.rollout_logprobs is not None and len(batch):
+            gap = (flat_logp - torch.cat(batch.rollout_logprobs)).abs()
+        totals = self._global_counts([[flat_ent.double().sum().item(), float(flat_ent.numel()),
+                                       gap.double().sum().item(), float(gap.numel())]])[0]
+        out = {"logprob/entropy_mean": (totals[0] / totals[1].clamp_min(1)).item()}
+        if totals[3] > 0:
+            out["logprob/rollout_gap_mean"] = (totals[2] / totals[3]).item()
+        return out
+
+    def update(self, batch: TrainBatch, check_ratio: bool = False) -> dict[str, float]:
+        """PPO update: one optimizer step per mini-batch (x ppo_epochs). Metrics on all ranks."""
+        if batch.old_logprobs is None:
+            raise ValueError("batch.old_logprobs is None: call compute_old_logprobs(batch) first")
+        cfg = self.cfg
+        minis = split_mini_batches(len(batch), cfg.mini_batches_per_step)
+        counts = self._global_counts(
+            [[sum(len(batch.response_ids[i]) for i in idx), len(idx)] for idx in minis])
+        loss_kwargs = dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                           dual_clip=cfg.dual_clip, agg=cfg.loss_agg, tis_cap=cfg.tis_cap,
+                           kl_coef=cfg.kl_coef, kl_type=cfg.kl_type)
+        has = {name: getattr(batch, name) is not None for name in ("rollout_logprobs",
+                                                                   "ref_logprobs")}
+        _, template = policy_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1),
+                                  torch.ones(1, 1, dtype=torch.bool), **loss_kwargs,
+                                  **{k: torch.zeros(1, 1) for k, v in has.items() if v})
+        steps = []
+        for epoch in range(cfg.ppo_epochs):
+            for k, idx in enumerate(minis):
+                tokens, seqs = counts[k].clamp_min(1).tolist()
+
+                def loss_of(mb: MicroBatch, logprobs: Tensor, tokens=tokens, seqs=seqs):
+                    return policy_loss(
+                        logprobs, mb.per_token["old_logprobs"],
+                        mb.advantages, mb.loss_mask, **loss_kwargs,
+                        **{k: mb.per_token[k] for k, v in has.items() if v},
+                        token_normalizer=tokens, seq_normalizer=seqs)
+
+                steps.append(self._train_step(self._micro_batches(batch, idx), loss_of,
+                                              list(template), check_ratio and not steps))
+        return _summarize_steps(steps, "train")
+
+    def sft_step(self, prompt_ids_list: Sequence[Sequence[int]],
+                 target_ids_list: Sequence[Sequence[int]],
+                 lr: Optional[float] = None) -> dict[str, float]:
+        """One optimizer step on the mean NLL of the target tokens (over all DP ranks):
+        loss = -sum_{pairs, t} log p(target_t | prompt, target_<t) / (number of target tokens).
+        Temperature 1. The LR is `lr` or the peak LR; the RL schedule is not advanced."""
+        batch = TrainBatch([list(p) for p in prompt_ids_list], [list(t) for t in target_ids_list])
+        tokens = self._global_counts([[batch.response_token_count()]])[0, 0].clamp_min(1).item()
+
+        def loss_of(mb: MicroBatch, logprobs: Tensor):
+            nll = -torch.where(mb.loss_mask, logprobs, 0.0).sum()
+            return nll / tokens, {"nll_sum": nll.detach().double(),
+                                  "token_count": mb.loss_mask.sum().double()}
+
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr if lr is not None else group.get("max_lr", self.scheduler.max_lr)
+        micro = self._micro_batches(batch, range(len(batch)))
+        step = self._train_step(micro, loss_of, ["nll_sum", "token_count"],
+                                advance_schedule=False, temperature=1.0)
+        self.scheduler.step(0)  # back to the scheduled LR
+        tokens_seen = max(step["token_count"], 1.0)
+        return {"sft/nll": step["nll_sum"] / tokens_seen, "sft/tokens": step["token_count"],
+                "sft/grad_norm": step["grad_norm"], "sft/skipped_step": step["skipped_step"]}
+
+    @torch.no_grad()
+    def prompt_last_hidden(self, prompt_ids_list: Sequence[Sequence[int]]) -> Optional[Tensor]:
+        """[N, hidden] fp32: the final hidden state (after the final norm) at each prompt's last
+        token, i.e. the state that predicts the first response token. Last stage only (None on
+        other stages; use broadcast_from_last_stage for what is computed from it)."""
+        batch = TrainBatch([list(p) for p in prompt_ids_list], [[0] for _ in prompt_ids_list])
+        micro = self._micro_batches(batch, range(len(batch)))
+        captured: list[Tensor] = []
+        decoder = unwrap_model(self.model_chunks[-1]).decoder
+        hook = decoder.register_forward_hook(
+            lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+
+        def collect(mb: MicroBatch, unused: Tensor, non_loss_data: bool = True):
+            hidden = captured.pop()  # [T, b, h]
+            rows = torch.arange(mb.num_rows, device=hidden.device)
+            starts = torch.as_tensor(mb.response_start, device=hidden.device)
+            return hidden[starts, rows].float()
+
+        for chunk in self.model_chunks:
+            chunk.eval()
+        try:
+            store = self._run(micro, lambda labels, logits: labels, collect,
+                              forward_only=True, collect=True)
+        finally:
+            hook.remove()
+            for chunk in self.model_chunks:
+                chunk.train()
+        if not self.is_last_stage:
+            return None
+        out = torch.zeros(len(batch), store[0].shape[-1]) if store else torch.zeros(0, 0)
+        for mb, hidden in zip(micro, store):
+            out[mb.sample_index] = hidden.cpu()
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _model_sharded_state_dict(self) -> dict:
+        chunks = [unwrap_model(c) for c in self.model_chunks]
+        if len(chunks) == 1:
+            return {"model": chunks[0].sharded_state_dict()}
+        return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+    def sharded_state_dict(self, is_loading: bool = False) -> dict:
+        """Model + optimizer sharded state (for megatron.core.dist_checkpointing) and the LR
+        scheduler's plain state (saved as common state)."""
+        state = self._model_sharded_state_dict()
+        state["optimizer"] = self.optimizer.sharded_state_dict(
+            state, is_loading=is_loading, metadata=OPTIMIZER_CHECKPOINT_FORMAT)
+        state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def load_state(self, loaded: dict) -> None:
+        """Apply what dist_checkpointing.load(self.sharded_state_dict(True), folder) returned."""
+        chunks = [unwrap_model(c) for c in self.model_chunks]
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.scheduler.num_steps = 0  # Megatron's load adds the saved count to the current one
+        self.scheduler.load_state_dict(loaded["scheduler"])
+
+    def save_checkpoint(self, folder: str) -> None:
+        """Collective. The calling script needs an `if __name__ == "__main__":` guard."""
+        from megatron.core import dist_checkpointing
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(self.sharded_state_dict(), str(folder))
+
+    def load_checkpoint(self, folder: str) -> None:
+        """Collective; the checkpoint may come from another TP/PP/DP layout."""
+        from megatron.core import dist_checkpointing
+        check_checkpoint_optimizer(self.optimizer, folder)
+        prepare_optimizer_for_load(self.optimizer)
+        self.load_state(dist_checkpointing.load(self.sharded_state_dict(is_loading=True),
+                                                str(folder)))
+
+
+def _summarize_steps(steps: list[dict[str, float]], prefix: str) -> dict[str, float]:
+    """Policy metrics over all steps' tokens; loss / grad norm averaged over steps."""
+    totals: dict[str, float] = {}
+    for step in steps:
+        for key, value in step.items():
+            if key.endswith("_max"):
+                totals[key] = max(totals.get(key, 0.0), value)
+            elif key.endswith(("_sum", "_count")):
+                totals[key] = totals.get(key, 0.0) + value
+    out = {f"{prefix}/{k}": v for k, v in summarize_policy_metrics(totals).items()}
+    applied = [s["grad_norm"] for s in steps if not s["skipped_step"]]
+    out.update({
+        f"{prefix}/loss": sum(s["loss"] for s in steps) / len(steps),
+        f"{prefix}/grad_norm": sum(applied) / len(applied) if applied else float("nan"),
+        f"{prefix}/lr": steps[-1]["lr"],
+        f"{prefix}/skipped_step": sum(s["skipped_step"] for s in steps),
+        f"{prefix}/optimizer_steps": float(len(applied)),
+    })
+    if "step0_ratio_dev_max" in steps[0]:
+        out[f"{prefix}/step0_ratio_dev_max"] = steps[0]["step0_ratio_dev_max"]
+    return out

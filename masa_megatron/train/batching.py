@@ -1,0 +1,233 @@
+"""The actor's batch format, and how a batch is cut into data-parallel shards, mini-batches and
+micro-batches. Pure Python / torch: no model, no distributed state.
+
+Layout of one sample (prompt p_0..p_{P-1}, response y_0..y_{R-1}) as a row of the model input:
+
+    input  x = p_0 .. p_{P-1} y_0 .. y_{R-2}           length L = P + R - 1
+    labels   = p_1 .. p_{P-1} y_0 .. y_{R-1}           (the next token at every input position)
+    loss_mask[t] = True  for  P-1 <= t <= L-1           (positions whose label is a response token)
+
+so the response log-prob log pi(y_j | p, y_<j) sits in column P - 1 + j. The last response token
+is never fed to the model (it predicts nothing we use). Rows are right-padded with token 0 to the
+micro-batch's longest row; causal attention keeps valid positions blind to the padding after them,
+and padding never enters a loss (mask False).
+
+Micro-batch planning: the memory of one forward/backward grows with the padded size
+num_rows x max_row_length, so rows are sorted longest first and packed greedily while
+num_rows x (longest row) <= token_budget. A row longer than the budget gets a micro-batch alone.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+PER_TOKEN_FIELDS = ("old_logprobs", "rollout_logprobs", "ref_logprobs")
+
+
+@dataclass
+class TrainBatch:
+    """The samples one actor call works on (one data-parallel rank's share).
+
+    prompt_ids / response_ids: token ids per sample (prompt non-empty). advantages: one value per
+    sample. old_logprobs / rollout_logprobs / ref_logprobs: optional, one float per response token
+    per sample (old_logprobs is what `Actor.logprobs` returns; rollout_logprobs come from the
+    engine and drive truncated importance sampling; ref_logprobs drive a KL penalty).
+    group_ids: optional GRPO group of each sample (for `split_for_data_parallel`).
+    """
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    advantages: Tensor | Sequence[float] = ()
+    old_logprobs: Optional[list[Tensor]] = None
+    rollout_logprobs: Optional[list[Tensor]] = None
+    ref_logprobs: Optional[list[Tensor]] = None
+    group_ids: Optional[list[int]] = None
+
+    def __post_init__(self) -> None:
+        n = len(self.prompt_ids)
+        if len(self.response_ids) != n:
+            raise ValueError(f"{n} prompts but {len(self.response_ids)} responses")
+        if len(self.advantages) == 0:
+            self.advantages = torch.zeros(n)
+        self.advantages = torch.as_tensor(self.advantages, dtype=torch.float32).reshape(-1)
+        if self.advantages.numel() != n:
+            raise ValueError(f"{n} samples but {self.advantages.numel()} advantages")
+        for i, prompt in enumerate(self.prompt_ids):
+            if len(prompt) == 0:
+                raise ValueError(f"sample {i}: empty prompt (the first response token needs one)")
+        for name in PER_TOKEN_FIELDS:
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if len(values) != n:
+                raise ValueError(f"{name}: {len(values)} entries for {n} samples")
+            for i, (v, r) in enumerate(zip(values, self.response_ids)):
+                if len(v) != len(r):
+                    raise ValueError(f"{name}[{i}] has {len(v)} values for {len(r)} tokens")
+        if self.group_ids is not None and len(self.group_ids) != n:
+            raise ValueError(f"group_ids: {len(self.group_ids)} entries for {n} samples")
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def row_lengths(self) -> list[int]:
+        """Model input length per sample: P + R - 1 (at least 1)."""
+        return [max(len(p) + len(r) - 1, 1) for p, r in zip(self.prompt_ids, self.response_ids)]
+
+    def response_token_count(self) -> int:
+        return sum(len(r) for r in self.response_ids)
+
+    def subset(self, indices: Sequence[int]) -> "TrainBatch":
+        """A new batch of the samples at `indices` (in that order)."""
+        def pick(values):
+            return None if values is None else [values[i] for i in indices]
+        return TrainBatch(
+            prompt_ids=pick(self.prompt_ids), response_ids=pick(self.response_ids),
+            advantages=self.advantages[list(indices)] if len(indices) else torch.zeros(0),
+            old_logprobs=pick(self.old_logprobs), rollout_logprobs=pick(self.rollout_logprobs),
+            ref_logprobs=pick(self.ref_logprobs), group_ids=pick(self.group_ids))
+
+
+@dataclass
+class MicroBatch:
+    """Padded [b, T] tensors of some samples of a TrainBatch (see the module docstring)."""
+    sample_index: list[int]          # row -> index in the TrainBatch
+    tokens: Tensor                   # [b, T] int64
+    position_ids: Tensor             # [b, T] int64
+    labels: Tensor                   # [b, T] int64, next token (0 at padding)
+    loss_mask: Tensor                # [b, T] bool
+    advantages: Tensor               # [b] float32
+    response_start: list[int]        # column of each row's first response log-prob (P - 1)
+    response_len: list[int]          # R per row
+    per_token: dict[str, Tensor] = field(default_factory=dict)  # [b, T] float32 each
+
+    @property
+    def num_rows(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def is_padding_only(self) -> bool:
+        """A stand-in micro-batch for a rank with no samples (no valid token, no sample)."""
+        return len(self.sample_index) == 0
+
+    def to(self, device: torch.device | str) -> "MicroBatch":
+        """The same micro-batch with its tensors on `device`."""
+        move = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                if isinstance(getattr(self, f.name), Tensor)}
+        per_token = {k: v.to(device) for k, v in self.per_token.items()}
+        return replace(self, per_token=per_token, **move)
+
+    def unpack(self, values: Tensor) -> list[Tensor]:
+        """Per-row response values out of a [b, T] tensor (row order = sample_index)."""
+        return [values[row, s:s + n] for row, (s, n)
+                in enumerate(zip(self.response_start, self.response_len))]
+
+
+def pack_micro_batch(batch: TrainBatch, indices: Sequence[int],
+                     pad_to: Optional[int] = None) -> MicroBatch:
+    """Pad the samples `indices` of `batch` into one MicroBatch (width max length, or `pad_to`).
+
+    With no indices, returns a one-row, one-column micro-batch with nothing valid in it: a rank
+    without samples still takes part in the collective forward/backward with it.
+    """
+    indices = list(indices)
+    if not indices:
+        zeros = torch.zeros(1, 1, dtype=torch.long)
+        return MicroBatch([], zeros, zeros.clone(), zeros.clone(),
+                          torch.zeros(1, 1, dtype=torch.bool), torch.zeros(1), [0], [0],
+                          {name: torch.zeros(1, 1) for name in PER_TOKEN_FIELDS
+                           if getattr(batch, name) is not None})
+    lengths = [max(len(batch.prompt_ids[i]) + len(batch.response_ids[i]) - 1, 1) for i in indices]
+    width = max(lengths) if pad_to is None else pad_to
+    if width < max(lengths):
+        raise ValueError(f"pad_to={pad_to} is shorter than the longest row ({max(lengths)})")
+    b = len(indices)
+    tokens = torch.zeros(b, width, dtype=torch.long)
+    labels = torch.zeros(b, width, dtype=torch.long)
+    loss_mask = torch.zeros(b, width, dtype=torch.bool)
+    per_token = {name: torch.zeros(b, width) for name in PER_TOKEN_FIELDS
+                 if getattr(batch, name) is not None}
+    starts, counts = [], []
+    for row, i in enumerate(indices):
+        prompt, response = batch.prompt_ids[i], batch.response_ids[i]
+        seq = torch.as_tensor(list(prompt) + list(response), dtype=torch.long)
+        n_in = max(len(seq) - 1, 1)
+        tokens[row, :n_in] = seq[:n_in]
+        labels[row, :len(seq) - 1] = seq[1:]
+        start, count = len(prompt) - 1, len(response)
+        loss_mask[row, start:start + count] = True
+        for name, out in per_token.items():
+            out[row, start:start + count] = torch.as_tensor(
+                getattr(batch, name)[i], dtype=torch.float32)
+        starts.append(start)
+        counts.append(count)
+    position_ids = torch.arange(width, dtype=torch.long).unsqueeze(0).expand(b, -1).contiguous()
+    return MicroBatch(indices, tokens, position_ids, labels, loss_mask,
+                      batch.advantages[indices].clone(), starts, counts, per_token)
+
+
+def plan_micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Group indices 0..n-1 so that each group's rows x (longest row) <= token_budget.
+
+    Longest rows first, greedy: a group keeps taking the next-longest row while the padded size
+    stays within budget (its first row is its longest, so the test is (k + 1) * first <= budget).
+    A row longer than the budget is a group by itself. Returns [] for no rows.
+    """
+    if token_budget < 1:
+        raise ValueError(f"token_budget={token_budget}: must be >= 1")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= token_budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def split_for_data_parallel(samples: TrainBatch | Sequence[int], group_ids: Sequence[int],
+                            dp_size: int) -> list[list[int]]:
+    """Assign samples to `dp_size` ranks: every group whole on one rank, tokens balanced.
+
+    `samples` is a TrainBatch (a sample weighs its row length P + R - 1) or the weight per sample.
+    Groups are placed largest first on the currently lightest rank (LPT scheduling: the heaviest
+    rank is at most 4/3 of the optimum). Returns the sample indices of each rank, in input order.
+    """
+    weights = samples.row_lengths() if isinstance(samples, TrainBatch) else list(samples)
+    if len(group_ids) != len(weights):
+        raise ValueError(f"{len(group_ids)} group ids for {len(weights)} samples")
+    if dp_size < 1:
+        raise ValueError(f"dp_size={dp_size}: must be >= 1")
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(group_ids):
+        members.setdefault(g, []).append(i)
+    group_weight = {g: sum(weights[i] for i in idx) for g, idx in members.items()}
+    heap = [(0, rank) for rank in range(dp_size)]
+    ranks: list[list[int]] = [[] for _ in range(dp_size)]
+    for g in sorted(members, key=lambda g: (-group_weight[g], members[g][0])):
+        load, rank = heapq.heappop(heap)
+        ranks[rank].extend(members[g])
+        heapq.heappush(heap, (load + group_weight[g], rank))
+    return [sorted(r) for r in ranks]
+
+
+def split_mini_batches(num_samples: int, num_mini_batches: int) -> list[list[int]]:
+    """Consecutive index chunks of near-equal size (the first ones one larger); some may be
+    empty when there are fewer samples than mini-batches."""
+    if num_mini_batches < 1:
+        raise ValueError(f"num_mini_batches={num_mini_batches}: must be >= 1")
+    base, extra = divmod(num_samples, num_mini_batches)
+    chunks, start = [], 0
+    for k in range(num_mini_batches):
+        size = base + (1 if k < extra else 0)
+        chunks.append(list(range(start, start + size)))
+        start += size
+    return chunks
+
+
+__all__ = [
+    "TrainBatch", "MicroBatch", "pack_micro_batch", "plan_micro_batches",
+    "split_for_data_parallel", "split_mini_batches", "PER_TOKEN_FIELDS"]

@@ -1,0 +1,179 @@
+"""`masa train`: build every part of a run from the config, resume if asked, run the loop.
+
+Run as one process (world size 1) or under torchrun; every rank executes this file (SPMD).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from masa_megatron.config import (ExperimentConfig, load_config, to_yaml, validate_environment)
+from masa_megatron.errors import UserError
+
+
+def build_training(cfg: ExperimentConfig, *, log=print):
+    """Model, optimizer, actor, engine, data, planner, head, checkpoints -> (LoopParts, start)."""
+    from transformers import AutoTokenizer
+
+    from masa_megatron.data.prompts import filter_by_prompt_length
+    from masa_megatron.data.sampler import ResumableSampler
+    from masa_megatron.eval.benchmarks import read_problems
+    from masa_megatron.masa.meta_head import MetaHeadTrainer
+    from masa_megatron.masa.planner import RolloutPlanner, prompt_config_from
+    from masa_megatron.masa.policies import resolve_policies
+    from masa_megatron.metrics import Progress, is_logging_rank, open_sinks
+    from masa_megatron.model import build_gpt_model, load_hf_weights
+    from masa_megatron.model.checkpoint_io import read_checkpoint_meta
+    from masa_megatron.rewards.meta import parse_meta_prediction
+    from masa_megatron.rewards.registry import get_batch_reward
+    from masa_megatron.rollout.base import get_engine_class
+    from masa_megatron.train.actor import Actor
+    from masa_megatron.train.checkpoint import CheckpointManager, load_trainer_state
+    from masa_megatron.train.dist import DataParallelInfo
+    from masa_megatron.train.loop import LoopParts
+    from masa_megatron.train.optim import build_optimizer, wrap_ddp
+
+    out_dir = Path(cfg.trainer.output_dir)
+    checkpoints = CheckpointManager(cfg.checkpoint.dir or out_dir / "checkpoints",
+                                    cfg.checkpoint.keep_last, log=log if is_logging_rank() else
+                                    (lambda m: None))
+    resume_from = checkpoints.resolve(cfg.checkpoint.resume)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+    # a checkpoint saved at another TP has another padded vocabulary: build with its size
+    padded = (read_checkpoint_meta(resume_from / "model")["padded_vocab_size"]
+              if resume_from is not None else None)
+    model = build_gpt_model(cfg.model.hf_path, cfg.model, padded_vocab=padded)
+    if resume_from is None and not cfg.model.random_init:
+        load_hf_weights(model, cfg.model.hf_path, progress=is_logging_rank())
+    chunks = wrap_ddp([model], cfg.parallel)
+    steps = cfg.trainer.steps * cfg.grpo.mini_batches_per_step * cfg.grpo.ppo_epochs
+    optimizer, scheduler = build_optimizer(chunks, cfg.optimizer, cfg.parallel, cfg.model.dtype,
+                                           total_steps=steps)
+    vocab = len(tokenizer)
+    actor = Actor(chunks, optimizer, scheduler, cfg.grpo, temperature=cfg.rollout.temperature,
+                  vocab_size=vocab, ratio_tolerance=cfg.trainer.ratio_tolerance)
+    engine = get_engine_class(cfg.rollout.engine).from_config(
+        model, cfg.rollout, vocab_size=vocab, eos_token_ids=[tokenizer.eos_token_id])
+
+    problems, skipped = [], 0
+    for path in cfg.data.train_files:
+        bench = read_problems(path)
+        problems += bench.problems
+        skipped += bench.n_skipped
+    problems, too_long = filter_by_prompt_length(
+        problems, tokenizer, prompt_config_from(cfg), problem_of=lambda p: p.problem,
+        with_meta=cfg.masa.mode != "grpo")
+    if is_logging_rank():
+        log(f"data: {len(problems)} training problems ({skipped} malformed rows skipped, "
+            f"{too_long} dropped for a prompt over {cfg.rollout.max_prompt_length} tokens)")
+    if not problems:
+        raise UserError("data.train_files: no usable training problems")
+    sampler = ResumableSampler(len(problems), cfg.data.prompt_batch_size, cfg.data.seed,
+                               cfg.data.shuffle)
+    planner = RolloutPlanner(cfg, tokenizer, engine, *resolve_policies(cfg.masa))
+    head = None
+    if cfg.masa.predictor != "text" and cfg.masa.mode != "grpo" and actor.is_last_stage:
+        head = MetaHeadTrainer(model.config.hidden_size, lr=cfg.masa.head_lr)
+
+    logging_rank = is_logging_rank()
+    parts = LoopParts(
+        cfg=cfg, tokenizer=tokenizer, problems=problems, sampler=sampler, planner=planner,
+        actor=actor, engine=engine, grade_batch=get_batch_reward(cfg.data.reward),
+        sinks=open_sinks(cfg.logging, out_dir, cfg.name, config=None) if logging_rank else None,
+        dp=DataParallelInfo.from_megatron(), head=head, checkpoints=checkpoints,
+        progress=Progress(cfg.trainer.steps, cfg.name, enabled=cfg.logging.progress and
+                          logging_rank),
+        reference_parse=lambda text: parse_meta_prediction(text, "reference"))
+    parts.save_checkpoint = lambda step: save_checkpoint(parts, step)
+    if cfg.trainer.eval_every:
+        parts.evaluator, parts.eval_problems = build_evaluator(cfg, engine, tokenizer, actor, head)
+    start = 0
+    if resume_from is not None:
+        actor.load_checkpoint(str(resume_from / "model"))
+        common = load_trainer_state(resume_from)
+        sampler.load_state_dict(common["sampler"])
+        if head is not None and common.get("head") is not None:
+            head.load_state_dict(common["head"])
+        parts.bc_buffer = list(common.get("bc_buffer", []))
+        parts.nonfinite_streak = common.get("nonfinite_streak", 0)
+        start = common["step"]
+        parts.progress.step = parts.progress._s0 = start
+        engine.update_weights(actor.model_chunks, version=start)
+    return parts, start
+
+
+def build_evaluator(cfg: ExperimentConfig, engine, tokenizer, actor, head):
+    """In-loop evaluation on data.eval_files: trainer.eval_n solutions and eval_meta_n meta
+    rollouts per problem (meta rollouts in every mode, so a GRPO run is a control for MASA)."""
+    import copy
+
+    from masa_megatron.eval.benchmarks import read_problems
+    from masa_megatron.eval.run import Evaluator, head_predictor
+    eval_cfg = copy.deepcopy(cfg)
+    eval_cfg.masa.mode = "masa" if cfg.trainer.eval_meta_n > 0 else "grpo"
+    eval_cfg.masa.notion_hints = False
+    eval_cfg.grpo.group_size = cfg.trainer.eval_n
+    eval_cfg.masa.meta_group_size = max(1, cfg.trainer.eval_meta_n)
+    eval_cfg.rollout.temperature = cfg.trainer.eval_temperature
+    problems = [(bench.name, p) for path in cfg.data.eval_files
+                for bench in [read_problems(path)] for p in bench.problems]
+    uses_head = cfg.masa.predictor != "text" and cfg.masa.mode != "grpo"
+    predict = head_predictor(actor, head.head if head is not None else None) if uses_head else None
+    return Evaluator(engine, tokenizer, eval_cfg, predict), problems
+
+
+def save_checkpoint(parts, step: int) -> None:
+    from masa_megatron.metrics import is_logging_rank
+    from masa_megatron.train.checkpoint import save_trainer_state
+
+    from masa_megatron.compat.megatron_versions import use_fork_for_checkpoint_queue
+    from masa_megatron.model.checkpoint_io import write_checkpoint_metadata
+
+    use_fork_for_checkpoint_queue()
+
+    def write(folder: Path) -> None:
+        parts.actor.save_checkpoint(str(folder / "model"))
+        write_checkpoint_metadata(parts.actor.model_chunks, folder / "model",
+                                  hf_source_dir=parts.cfg.model.hf_path)
+        save_trainer_state(folder, {
+            "step": step, "sampler": parts.sampler.state_dict(),
+            "head": parts.head.state_dict() if parts.head is not None else None,
+            "bc_buffer": parts.bc_buffer, "nonfinite_streak": parts.nonfinite_streak})
+        if is_logging_rank():
+            (folder / "config.yaml").write_text(to_yaml(parts.cfg))
+            if parts.head is not None:
+                from masa_megatron.masa.meta_head import export_meta_head
+                export_meta_head(parts.head.head, folder)
+
+    parts.checkpoints.save(step, write)
+
+
+def run_training(config: Optional[str], overrides: list[str], recipe: Optional[str] = None,
+                 log=print) -> int:
+    from masa_megatron.parallel import destroy_parallel, init_parallel
+    from masa_megatron.train.loop import run_loop
+
+    base = None
+    if recipe:
+        from recipes import get_recipe
+        base = get_recipe(recipe)
+    cfg = load_config(config, overrides, base=base)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_environment(cfg, world_size=world)
+    init_parallel(cfg.parallel, seed=cfg.model.seed)
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        parts, start = build_training(cfg, log=log)
+        if start >= cfg.trainer.steps:
+            log(f"nothing to do: the checkpoint is at step {start} >= trainer.steps")
+            return 0
+        run_loop(parts, start)
+        if parts.sinks is not None:
+            parts.sinks.close()
+        parts.engine.shutdown()
+    finally:
+        destroy_parallel()
+    return 0

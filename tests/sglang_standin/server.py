@@ -1,0 +1,359 @@
+"""A stand-in for an SGLang 0.5.x HTTP server, for CPU tests (SGLang itself cannot run here).
+
+    python -m tests.sglang_standin.server --model-path HF_DIR --port 30000 [--backend echo]
+
+It accepts the flags our launcher passes to `sglang.launch_server` and serves the routes the
+trainer uses with SGLang's request/response schemas (schemas.py; unknown fields are HTTP 400):
+/health, /health_generate, /get_model_info, /get_server_info, /generate, /flush_cache,
+/abort_request, /update_weights_from_disk, /update_weights_from_tensor,
+/init_weights_update_group, /update_weights_from_distributed, /destroy_weights_update_group,
+/get_weights_by_name, /release_memory_occupation, /resume_memory_occupation,
+/begin_weight_update and /end_weight_update (absent with --no-begin-end, like older servers).
+Test-only: POST /standin/faults (faults.py), GET /standin/stats.
+
+Behaviour kept from SGLang: n > 1 answers a list (rids "<rid>_<i>"), the model's EOS ids stop
+generation unless ignore_eos, temperature < 1e-6 is greedy, a prompt with prompt + max_new_tokens
+>= the context length is a 400 naming the context length, weight updates are serialised with
+generation, and the weight-update group is joined with `init_custom_process_group` as SGLang does
+(rank = rank_offset + TP rank, here TP = 1), then tensors arrive by broadcast(src=0) in the
+announced order. Generation requests arriving together are run as one batch in a worker thread.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from aiohttp import web
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.sglang_standin import schemas  # noqa: E402
+from tests.sglang_standin.backend import EchoBackend, Item  # noqa: E402
+from tests.sglang_standin.faults import FaultPlan, fault_middleware  # noqa: E402
+
+log = logging.getLogger("sglang_standin")
+
+
+def error(message: str, status: int = 400) -> web.Response:
+    return web.json_response({"error": {"message": message}}, status=status)
+
+
+def result(success: bool, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"success": success, "message": message, **extra},
+                             status=200 if success else 400)
+
+
+@dataclass
+class _Pending:
+    item: Item
+    future: asyncio.Future
+
+
+class StandIn:
+    def __init__(self, backend: Any, faults: FaultPlan, begin_end: bool = True):
+        self.backend, self.faults, self.begin_end = backend, faults, begin_end
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="standin-model")
+        self.queue: Optional[asyncio.Queue] = None
+        self.stats = {"paths": {}, "generate_inflight": 0, "max_generate_inflight": 0,
+                      "aborted": [], "updates": [], "sessions": 0}
+        self.aborted: set[str] = set()
+        self.abort_all_before = 0
+        self.released: set[str] = set()
+        self.groups: dict[str, Any] = {}
+        self.weight_version = "default"
+        self.seq = 0
+
+    async def run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    # ------------------------------------------------------------ generation
+    async def batcher(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            await asyncio.sleep(0.005)
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            live = []
+            for p in batch:
+                if p.item.rid in self.aborted or p.item.seq < self.abort_all_before:
+                    p.future.set_result(([], [], {"type": "abort", "message": "Abort request"}))
+                else:
+                    live.append(p)
+            if not live:
+                continue
+            try:
+                outs = await self.run(self.backend.generate, [p.item for p in live])
+                for p, out in zip(live, outs):
+                    p.future.set_result(out)
+            except Exception as err:  # the whole batch fails the same way
+                for p in live:
+                    if not p.future.done():
+                        p.future.set_exception(err)
+
+    async def generate(self, request: web.Request) -> web.Response:
+        self.stats["generate_inflight"] += 1
+        self.stats["max_generate_inflight"] = max(self.stats["max_generate_inflight"],
+                                                  self.stats["generate_inflight"])
+        try:
+            return await self._generate(await request.json())
+        except schemas.BadRequest as err:
+            return error(str(err))
+        finally:
+            self.stats["generate_inflight"] -= 1
+
+    async def _generate(self, body: Any) -> web.Response:
+        req = schemas.parse(schemas.GenerateReqInput, body)
+        schemas.unsupported(req, schemas.GENERATE_UNSUPPORTED, "GenerateReqInput")
+        params = schemas.parse(schemas.SamplingParams, req.sampling_params or {}, "sampling_params")
+        schemas.unsupported(params, schemas.SAMPLING_UNSUPPORTED, "sampling_params")
+        if "kv_cache" in self.released or "weights" in self.released:
+            return error("memory is released (/release_memory_occupation); resume it first")
+        ids = req.input_ids
+        if not ids or not all(isinstance(t, int) for t in ids):
+            raise schemas.BadRequest("input_ids must be a non-empty list of token ids")
+        total = len(ids) + (params.max_new_tokens or 0)
+        if total >= self.backend.context_length:
+            raise schemas.BadRequest(
+                f"Requested token count exceeds the model's maximum context length of "
+                f"{self.backend.context_length} tokens. You requested a total of {total} tokens: "
+                f"{len(ids)} tokens from the input messages and {params.max_new_tokens} tokens "
+                f"for the completion.")
+        if min(ids) < 0 or max(ids) >= self.backend.vocab_size:
+            raise schemas.BadRequest(f"input_ids out of the vocabulary (size "
+                                     f"{self.backend.vocab_size})")
+        rid = req.rid if isinstance(req.rid, str) else f"standin-{self.seq}"
+        rids = [rid] if params.n == 1 else [f"{rid}_{i}" for i in range(params.n)]
+        params.temperature = 0.0 if params.temperature < 1e-6 else params.temperature
+        pending = []
+        for r in rids:
+            self.seq += 1
+            item = Item(r, list(ids), params, self.seq)
+            pending.append(_Pending(item, asyncio.get_running_loop().create_future()))
+            await self.queue.put(pending[-1])
+        outs = [await p.future for p in pending]
+        answers = [self._answer(r, ids, out, bool(req.return_logprob))
+                   for r, out in zip(rids, outs)]
+        return web.json_response(answers[0] if params.n == 1 else answers)
+
+    def _answer(self, rid: str, ids: list, out: tuple, logprobs: bool) -> dict:
+        tokens, lps, reason = out
+        meta = {"id": rid, "finish_reason": reason, "prompt_tokens": len(ids),
+                "completion_tokens": len(tokens), "cached_tokens": 0,
+                "weight_version": self.weight_version}
+        if logprobs:
+            meta["input_token_logprobs"] = [[None, ids[-1], None]]
+            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(lps, tokens)]
+        return {"output_ids": tokens, "meta_info": meta}
+
+    # ------------------------------------------------------------ control
+    async def abort_request(self, request: web.Request) -> web.Response:
+        req = schemas.parse(schemas.AbortReq, await request.json())
+        if req.abort_all:
+            self.abort_all_before = self.seq + 1
+        elif req.rid:
+            self.aborted.add(req.rid)
+        self.stats["aborted"].append(req.rid or "*")
+        return web.Response(status=200)
+
+    async def memory(self, request: web.Request) -> web.Response:
+        release = request.path.startswith("/release")
+        cls = schemas.ReleaseMemoryOccupationReqInput if release \
+            else schemas.ResumeMemoryOccupationReqInput
+        req = schemas.parse(cls, await request.json() if request.can_read_body else {})
+        tags = set(req.tags or schemas.MEMORY_TAGS)
+        if not tags <= set(schemas.MEMORY_TAGS):
+            return error(f"unknown memory tags {sorted(tags - set(schemas.MEMORY_TAGS))}")
+        self.released = self.released | tags if release else self.released - tags
+        return web.json_response(None)
+
+    async def session(self, request: web.Request) -> web.Response:
+        self.stats["sessions"] += 1
+        return result(True, f"{request.path} ok")
+
+    def _weights_ready(self) -> Optional[str]:
+        return "weights are released; resume them before updating" \
+            if "weights" in self.released else None
+
+    async def update(self, request: web.Request) -> web.Response:
+        handlers = {"/update_weights_from_disk": (schemas.UpdateWeightFromDiskReqInput, self._disk),
+                    "/update_weights_from_tensor": (schemas.UpdateWeightsFromTensorReqInput,
+                                                    self._tensor),
+                    "/update_weights_from_distributed": (
+                        schemas.UpdateWeightsFromDistributedReqInput, self._distributed),
+                    "/init_weights_update_group": (schemas.InitWeightsUpdateGroupReqInput,
+                                                   self._init_group),
+                    "/destroy_weights_update_group": (schemas.DestroyWeightsUpdateGroupReqInput,
+                                                      self._destroy_group)}
+        cls, fn = handlers[request.path]
+        try:
+            req = schemas.parse(cls, await request.json())
+        except schemas.BadRequest as err:
+            return result(False, str(err))
+        problem = self._weights_ready() if request.path.startswith("/update") else None
+        if problem:
+            return result(False, problem)
+        try:
+            message = await self.run(fn, req)
+        except Exception as err:  # reported like SGLang: success false, HTTP 400
+            return result(False, f"{type(err).__name__}: {err}")
+        version = getattr(req, "weight_version", None)
+        if version is not None:
+            self.weight_version = version
+        self.stats["updates"].append(request.path)
+        return result(True, message, **({"num_paused_requests": 0}
+                                        if request.path.endswith("disk") else {}))
+
+    def _disk(self, req) -> str:
+        self.backend.load_from_disk(req.model_path)
+        return f"Succeeded to update model weights from {req.model_path}."
+
+    def _tensor(self, req) -> str:
+        from tests.sglang_standin.payload import decode, named_tensors
+
+        obj, _ = decode(req.serialized_named_tensors[0])          # this server's TP rank 0
+        named = named_tensors(obj, req.load_format)
+        self.backend.load_tensors(named)
+        return f"Success ({len(named)} tensors)"
+
+    def _init_group(self, req) -> str:
+        from masa_megatron.rollout.weight_sync.broadcast import init_custom_process_group
+
+        self.groups[req.group_name] = init_custom_process_group(
+            backend=req.backend, init_method=f"tcp://{req.master_address}:{req.master_port}",
+            world_size=req.world_size, rank=req.rank_offset, group_name=req.group_name)
+        return f"joined {req.group_name} as rank {req.rank_offset} of {req.world_size}"
+
+    def _distributed(self, req) -> str:
+        import torch
+
+        group = self.groups.get(req.group_name)
+        if group is None:
+            raise KeyError(f"no weight-update group {req.group_name!r}")
+        if not (len(req.names) == len(req.dtypes) == len(req.shapes)):
+            raise ValueError("names, dtypes and shapes differ in length")
+        tensors = [torch.empty(s, dtype=getattr(torch, d)) for s, d in zip(req.shapes, req.dtypes)]
+        for tensor in tensors:
+            torch.distributed.broadcast(tensor, src=0, group=group)
+        self.backend.load_tensors(list(zip(req.names, tensors)))
+        return f"Succeeded to update {len(tensors)} parameters online from distributed."
+
+    def _destroy_group(self, req) -> str:
+        import torch
+
+        group = self.groups.pop(req.group_name, None)
+        if group is None:
+            raise KeyError(f"no weight-update group {req.group_name!r}")
+        torch.distributed.destroy_process_group(group)
+        return f"destroyed {req.group_name}"
+
+    async def get_weights(self, request: web.Request) -> web.Response:
+        try:
+            req = schemas.parse(schemas.GetWeightsByNameReqInput, await request.json())
+            values = await self.run(self.backend.weights_by_name, req.name, req.truncate_size)
+        except (schemas.BadRequest, KeyError) as err:
+            return error(f"Get parameter by name failed: {err}")
+        return web.json_response(values)
+
+    async def info(self, request: web.Request) -> web.Response:
+        return web.json_response({"tp_size": 1, "version": "standin (sglang 0.5.x API)",
+                                  "weight_version": self.weight_version,
+                                  "context_length": self.backend.context_length,
+                                  "pending_parts": self.backend.missing_parts()})
+
+    async def set_faults(self, request: web.Request) -> web.Response:
+        try:
+            self.faults.update(await request.json())
+        except (ValueError, TypeError) as err:
+            return error(str(err))
+        return web.json_response(self.faults.as_dict())
+
+    async def get_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(dict(self.stats, faults=self.faults.as_dict(),
+                                      released=sorted(self.released)))
+
+
+def build_app(standin: StandIn) -> web.Application:
+    app = web.Application(middlewares=[fault_middleware(standin.faults, standin.stats["paths"])],
+                          client_max_size=1 << 30)
+    ok = lambda request: web.Response(text="ok")  # noqa: E731
+    for path in ("/health", "/health_generate"):
+        app.router.add_get(path, ok)
+    app.router.add_get("/get_model_info", standin.info)
+    app.router.add_get("/get_server_info", standin.info)
+    app.router.add_post("/generate", standin.generate)
+    app.router.add_route("*", "/flush_cache", lambda r: web.Response(text="Cache flushed.\n"))
+    app.router.add_post("/abort_request", standin.abort_request)
+    for path in ("/update_weights_from_disk", "/update_weights_from_tensor",
+                 "/update_weights_from_distributed", "/init_weights_update_group",
+                 "/destroy_weights_update_group"):
+        app.router.add_post(path, standin.update)
+    app.router.add_route("*", "/get_weights_by_name", standin.get_weights)
+    app.router.add_route("*", "/release_memory_occupation", standin.memory)
+    app.router.add_route("*", "/resume_memory_occupation", standin.memory)
+    if standin.begin_end:
+        app.router.add_post("/begin_weight_update", standin.session)
+        app.router.add_post("/end_weight_update", standin.session)
+    app.router.add_post("/standin/faults", standin.set_faults)
+    app.router.add_get("/standin/stats", standin.get_stats)
+
+    async def start_batcher(app: web.Application) -> None:
+        standin.queue = asyncio.Queue()
+        app["batcher"] = asyncio.create_task(standin.batcher())
+    app.on_startup.append(start_batcher)
+    return app
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--tp-size", "--tp", type=int, default=1)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--random-seed", type=int, default=0)
+    p.add_argument("--context-length", type=int, default=None)
+    for flag in ("--mem-fraction-static", "--base-gpu-id", "--dtype", "--log-level"):
+        p.add_argument(flag, default=None)
+    for flag in ("--skip-tokenizer-init", "--enable-memory-saver",
+                 "--enable-deterministic-inference"):
+        p.add_argument(flag, action="store_true")
+    p.add_argument("--backend", choices=("model", "echo"), default="model")
+    p.add_argument("--no-begin-end", action="store_true", help="no /begin_/end_weight_update")
+    for name in ("fail-next", "delay-next", "drop-next", "die-next"):
+        p.add_argument(f"--{name}", type=int, default=0)
+    p.add_argument("--delay-s", type=float, default=0.0)
+    p.add_argument("--fault-paths", nargs="*", default=["/generate"])
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s standin %(message)s")
+    if args.tp_size != 1:
+        raise SystemExit(f"the stand-in serves TP=1 only (got --tp-size {args.tp_size})")
+    if args.backend == "echo":
+        backend = EchoBackend(args.model_path, context_length=args.context_length or 4096)
+    else:
+        from tests.sglang_standin.backend import ModelBackend
+        backend = ModelBackend(args.model_path, seed=args.random_seed,
+                               context_length=args.context_length)
+    faults = FaultPlan(fail_next=args.fail_next, delay_s=args.delay_s, delay_next=args.delay_next,
+                       drop_next=args.drop_next, die_next=args.die_next,
+                       paths=list(args.fault_paths))
+    standin = StandIn(backend, faults, begin_end=not args.no_begin_end)
+    log.info("serving %s (%s backend) on %s:%d", args.model_path, args.backend, args.host,
+             args.port)
+    web.run_app(build_app(standin), host=args.host, port=args.port, print=None,
+                handle_signals=True, shutdown_timeout=1.0)
+    os._exit(0)          # do not wait for a worker thread stuck in a collective
+
+
+if __name__ == "__main__":
+    main()

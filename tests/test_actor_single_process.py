@@ -1,0 +1,169 @@
+"""The actor in this process (TP=PP=DP=1) on a tiny random Qwen3-like model: log-probs and
+entropy against plain full-vocabulary maths, micro-batching that does not change the update, the
+in-loop invariants (ratio, NaN skip), sft_step, prompt_last_hidden, the LR schedule.
+The multi-process layouts are in test_actor_parallel.py."""
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("megatron.core")
+sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
+
+from actor_common import VOCAB, make_batch, max_abs_diff, model_state, setup_actor  # noqa: E402
+
+from masa_megatron.config import OptimizerConfig  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def actor():
+    from masa_megatron.parallel import destroy_parallel
+
+    actor, _ = setup_actor(1, 1, micro_batch_tokens=1 << 20)
+    yield actor
+    destroy_parallel()
+
+
+def _restore(actor, weights):
+    """Set the weights and drop the optimizer state (a fresh start from `weights`)."""
+    from masa_megatron.train.actor import unwrap_model
+
+    with torch.no_grad():
+        for name, param in unwrap_model(actor.model_chunks[0]).named_parameters():
+            param.copy_(weights[name])
+    for sub in actor.optimizer.chained_optimizers:
+        sub.optimizer.state.clear()
+
+
+@pytest.fixture
+def fresh(actor):
+    """The module's actor back at its initial weights, every test."""
+    if not hasattr(actor, "_initial"):
+        actor._initial = model_state(actor)
+    _restore(actor, actor._initial)
+    actor.cfg.micro_batch_tokens = 1 << 20
+    return actor
+
+
+def _plain_forward(actor, tokens):
+    from masa_megatron.train.actor import unwrap_model
+    x = torch.tensor(tokens).unsqueeze(0)
+    return unwrap_model(actor.model_chunks[0])(x, torch.arange(x.shape[1]).unsqueeze(0), None)[0]
+
+
+def test_logprobs_and_entropy_equal_plain_log_softmax(fresh):
+    batch = make_batch()
+    logp, entropy = fresh.logprobs(batch, with_entropy=True)
+    for i, (prompt, response) in enumerate(zip(batch.prompt_ids, batch.response_ids)):
+        with torch.no_grad():
+            logits = _plain_forward(fresh, prompt + response[:-1])[:, :VOCAB] / fresh.temperature
+        plain = torch.log_softmax(logits.float(), dim=-1)[len(prompt) - 1:]
+        expected = plain.gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+        assert (logp[i] - expected).abs().max() <= 1e-5
+        plain_entropy = -(plain.exp() * plain).sum(-1)
+        assert (entropy[i] - plain_entropy).abs().max() <= 1e-4
+        assert len(logp[i]) == len(response)
+
+
+def test_micro_batch_budget_does_not_change_the_update(fresh):
+    batch = make_batch()
+    batch.old_logprobs = fresh.logprobs(batch)
+    start = model_state(fresh)
+    one = fresh.update(batch, check_ratio=True)
+    single = model_state(fresh)
+    _restore(fresh, start)
+    fresh.cfg.micro_batch_tokens = 100  # rows up to ~90 tokens: many micro-batches
+    assert len(fresh._micro_batches(batch, range(8))) > 2
+    many = fresh.update(batch, check_ratio=True)
+    assert abs(one["train/loss"] - many["train/loss"]) <= 1e-6
+    assert max_abs_diff(single, model_state(fresh)) <= 1e-6
+    assert max_abs_diff(start, single) > 1e-3  # the update did something
+    assert one["train/step0_ratio_dev_max"] <= 1e-5 and one["train/optimizer_steps"] == 2
+
+
+def test_ratio_invariant_fires_on_stale_old_logprobs(fresh):
+    from masa_megatron.train.actor import RatioInvariantError
+
+    batch = make_batch()
+    batch.old_logprobs = [x + 1e-3 for x in fresh.logprobs(batch)]
+    before = model_state(fresh)
+    with pytest.raises(RatioInvariantError, match=r"= 9\.99\de-04 exceeds 1\.0e-05"):
+        fresh.update(batch, check_ratio=True)
+    assert max_abs_diff(before, model_state(fresh)) == 0.0
+    fresh.update(batch, check_ratio=False)  # without the check it trains
+    assert max_abs_diff(before, model_state(fresh)) > 0.0
+
+
+def test_nan_loss_skips_the_step_and_keeps_weights(fresh):
+    batch = make_batch()
+    batch.old_logprobs = fresh.logprobs(batch)
+    batch.advantages[0] = batch.advantages[-1] = float("nan")
+    before = model_state(fresh)
+    lr_steps = fresh.scheduler.num_steps
+    metrics = fresh.update(batch)
+    assert metrics["train/skipped_step"] == 2 and metrics["train/optimizer_steps"] == 0
+    assert math.isnan(metrics["train/grad_norm"])
+    assert max_abs_diff(before, model_state(fresh)) == 0.0
+    assert fresh.scheduler.num_steps == lr_steps  # skipped steps do not consume the schedule
+    batch.advantages[0] = batch.advantages[-1] = 0.5
+    assert fresh.update(batch)["train/skipped_step"] == 0  # the next good batch trains
+
+
+def test_sft_step_lowers_the_nll(fresh):
+    batch = make_batch()
+    pairs = (batch.prompt_ids[:6], batch.response_ids[:6])
+    lr_before = fresh.current_lr()
+    nll = [fresh.sft_step(*pairs, lr=0.2)["sft/nll"] for _ in range(4)]
+    assert nll[-1] < nll[0] - 0.1, nll
+    assert fresh.current_lr() == lr_before
+
+
+def test_prompt_last_hidden_is_the_final_norm_output_at_the_last_prompt_token(fresh):
+    from masa_megatron.train.actor import unwrap_model
+
+    prompts = make_batch().prompt_ids[:5]
+    hidden = fresh.prompt_last_hidden(prompts)
+    seen = []
+    norm = unwrap_model(fresh.model_chunks[0]).decoder.final_layernorm
+    hook = norm.register_forward_hook(lambda m, a, out: seen.append(out[-1, 0]))
+    with torch.no_grad():
+        for p in prompts:
+            _plain_forward(fresh, p)
+    hook.remove()
+    assert hidden.shape == (5, 64)
+    assert (hidden - torch.stack(seen)).abs().max() <= 1e-5
+
+
+def test_make_batch_from_samples(fresh):
+    samples = [SimpleNamespace(prompt_ids=[1, 2], response_ids=[3, 4], rollout_logprobs=[-1, -2],
+                               group_id=7)]
+    batch = fresh.make_batch(samples, [0.5])
+    assert batch.rollout_logprobs[0].tolist() == [-1.0, -2.0] and batch.group_ids == [7]
+    metrics = fresh.compute_old_logprobs(batch)
+    assert batch.old_logprobs[0].shape == (2,)
+    assert metrics["logprob/rollout_gap_mean"] > 0 and metrics["logprob/entropy_mean"] > 0
+
+
+def test_lr_schedule_warmup_then_cosine():
+    from masa_megatron.train.optim import build_scheduler
+
+    groups = [{"max_lr": 1.0, "min_lr": 0.1}, {"max_lr": 1.0, "min_lr": 0.1, "wd_mult": 0.0}]
+    opt = SimpleNamespace(param_groups=groups)
+    cfg = OptimizerConfig(lr=1.0, min_lr=0.1, warmup_steps=4, schedule="cosine", weight_decay=0.1)
+    scheduler = build_scheduler(opt, cfg, total_steps=12)
+    lrs = []
+    for _ in range(14):  # the actor advances the scheduler right before each optimizer step
+        scheduler.step(1)
+        lrs.append(groups[0]["lr"])
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[7] == pytest.approx(0.1 + 0.9 * 0.5)  # step 8 of 12: half way through the decay
+    assert lrs[11:] == pytest.approx([0.1] * 3)
+    assert groups[0]["weight_decay"] == pytest.approx(0.1) and groups[1]["weight_decay"] == 0.0
+    plain = SimpleNamespace(param_groups=[{}])
+    constant = build_scheduler(plain, OptimizerConfig(lr=2.0, warmup_steps=0), total_steps=5)
+    for _ in range(7):
+        constant.step(1)
+        assert plain.param_groups[0]["lr"] == 2.0

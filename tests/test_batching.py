@@ -1,0 +1,98 @@
+"""train/batching.py: packing layout, micro-batch token budget, DP split, mini-batches."""
+import random
+
+import pytest
+import torch
+
+from masa_megatron.train.batching import (TrainBatch, pack_micro_batch, plan_micro_batches,
+                                          split_for_data_parallel, split_mini_batches)
+
+
+def test_pack_layout_puts_response_logprob_targets_after_the_prompt():
+    batch = TrainBatch([[10, 11, 12], [20]], [[13, 14], [21, 22, 23]], [1.0, -1.0],
+                       old_logprobs=[torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -4.0, -5.0])])
+    mb = pack_micro_batch(batch, [0, 1])
+    # row 0: input 10 11 12 13 (P + R - 1 = 4), labels 11 12 13 14, response targets at 2..3
+    assert mb.tokens.tolist() == [[10, 11, 12, 13], [20, 21, 22, 0]]
+    assert mb.labels.tolist() == [[11, 12, 13, 14], [21, 22, 23, 0]]
+    assert mb.loss_mask.tolist() == [[False, False, True, True], [True, True, True, False]]
+    assert mb.position_ids.tolist() == [[0, 1, 2, 3]] * 2
+    assert mb.per_token["old_logprobs"][0, 2:].tolist() == [-1.0, -2.0]
+    assert [t.tolist() for t in mb.unpack(mb.per_token["old_logprobs"])] == \
+        [[-1.0, -2.0], [-3.0, -4.0, -5.0]]
+    assert mb.advantages.tolist() == [1.0, -1.0]
+
+
+def test_pack_without_samples_is_one_padding_row():
+    batch = TrainBatch([[1]], [[2]], [0.5], old_logprobs=[torch.zeros(1)])
+    mb = pack_micro_batch(batch, [])
+    assert mb.is_padding_only and mb.tokens.shape == (1, 1) and not mb.loss_mask.any()
+    assert "old_logprobs" in mb.per_token
+
+
+def test_batch_validation_names_the_problem():
+    with pytest.raises(ValueError, match="empty prompt"):
+        TrainBatch([[]], [[1]])
+    with pytest.raises(ValueError, match="old_logprobs\\[0\\] has 1 values for 2 tokens"):
+        TrainBatch([[1]], [[1, 2]], old_logprobs=[torch.zeros(1)])
+    with pytest.raises(ValueError, match="advantages"):
+        TrainBatch([[1]], [[1]], [0.0, 1.0])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_micro_batches_respect_the_token_budget_and_cover_every_row(seed):
+    rng = random.Random(seed)
+    lengths = [rng.choice([rng.randint(1, 20), rng.randint(100, 400)]) for _ in range(60)]
+    budget = 512
+    plan = plan_micro_batches(lengths, budget)
+    assert sorted(i for g in plan for i in g) == list(range(60))
+    for group in plan:
+        padded = len(group) * max(lengths[i] for i in group)
+        assert padded <= budget or len(group) == 1
+    # greedy packing is not wasteful: short rows share micro-batches
+    assert len(plan) < len(lengths) / 2
+
+
+def test_a_row_over_budget_gets_its_own_micro_batch():
+    assert plan_micro_batches([1000, 10, 10], 100) == [[0], [1, 2]]
+    assert plan_micro_batches([], 100) == []
+
+
+@pytest.mark.parametrize("dp", [1, 2, 3, 4])
+def test_data_parallel_split_keeps_groups_whole_and_balances_tokens(dp):
+    rng = random.Random(dp)
+    group_ids = [g for g in range(12) for _ in range(4)]
+    lengths = [rng.randint(5, 300) for _ in group_ids]
+    ranks = split_for_data_parallel(lengths, group_ids, dp)
+    assert sorted(i for r in ranks for i in r) == list(range(len(lengths)))
+    owner = {}
+    for rank, indices in enumerate(ranks):
+        for i in indices:
+            assert owner.setdefault(group_ids[i], rank) == rank, "a group was split"
+    loads = [sum(lengths[i] for i in r) for r in ranks]
+    heaviest_group = max(sum(lengths[i] for i in range(len(lengths)) if group_ids[i] == g)
+                         for g in set(group_ids))
+    assert max(loads) - min(loads) <= heaviest_group  # LPT bound
+
+
+def test_data_parallel_split_takes_a_batch():
+    batch = TrainBatch([[1] * 5, [1] * 5, [1], [1]], [[2] * 50, [2] * 50, [2], [2]],
+                       group_ids=[0, 0, 1, 1])
+    ranks = split_for_data_parallel(batch, batch.group_ids, 2)
+    assert sorted(ranks) == [[0, 1], [2, 3]]
+
+
+def test_mini_batches_are_consecutive_and_near_equal():
+    assert split_mini_batches(7, 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split_mini_batches(1, 2) == [[0], []]
+    with pytest.raises(ValueError):
+        split_mini_batches(3, 0)
+
+
+def test_subset_keeps_per_token_fields_aligned():
+    batch = TrainBatch([[1], [2], [3]], [[4], [5, 6], [7]], [0.1, 0.2, 0.3],
+                       old_logprobs=[torch.zeros(1), torch.ones(2), torch.zeros(1)],
+                       group_ids=[0, 1, 2])
+    sub = batch.subset([1])
+    assert sub.response_ids == [[5, 6]] and sub.old_logprobs[0].tolist() == [1.0, 1.0]
+    assert sub.advantages.tolist() == pytest.approx([0.2]) and sub.group_ids == [1]

@@ -1,0 +1,92 @@
+"""Sampling maths, request types and the engine registry (pure torch, no Megatron)."""
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from masa_megatron.rollout.base import (GenerationRequest, RegistryError, RolloutEngine,  # noqa: E402
+                                        SamplingParams, get_engine_class, register_engine)
+from masa_megatron.rollout.sampling import RowSampling, sample_next_tokens, token_logprobs  # noqa: E402
+
+
+def _rows(params, seeds):
+    return RowSampling.from_params(params, [torch.Generator().manual_seed(s) for s in seeds])
+
+
+def _logits(rows=4, vocab=50, seed=0):
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_logprob_definition_ignores_truncation():
+    logits = _logits()
+    params = [SamplingParams(temperature=0.7, top_p=0.5), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=1.0, top_k=3), SamplingParams(temperature=1.5)]
+    tokens, logp = sample_next_tokens(logits, _rows(params, [1, 2, 3, 4]))
+    for i, p in enumerate(params):
+        expected = torch.log_softmax(logits[i] / (p.temperature or 1.0), -1)[tokens[i]]
+        assert torch.allclose(logp[i], expected)
+        assert torch.allclose(token_logprobs(logits[i], tokens[i], p.temperature), expected)
+    assert tokens[1] == logits[1].argmax()
+
+
+def test_truncation_keeps_to_the_head():
+    logits = _logits(rows=1, vocab=30).repeat(400, 1)
+    top3 = set(logits[0].topk(3).indices.tolist())
+    tokens, _ = sample_next_tokens(logits, _rows([SamplingParams(top_k=3)] * 400, range(400)))
+    assert set(tokens.tolist()) == top3
+    probs = torch.softmax(logits[0], -1)
+    order = probs.argsort(descending=True)
+    head = int((probs[order].cumsum(0) < 0.6).sum()) + 1    # smallest set with mass >= 0.6
+    tokens, _ = sample_next_tokens(logits, _rows([SamplingParams(top_p=0.6)] * 400, range(400)))
+    assert set(tokens.tolist()) <= set(order[:head].tolist())
+    tiny_p, _ = sample_next_tokens(logits[:5], _rows([SamplingParams(top_p=1e-6)] * 5, range(5)))
+    assert (tiny_p == logits[0].argmax()).all()
+
+
+def test_draws_follow_the_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(4000, 1)
+    tokens, _ = sample_next_tokens(logits, _rows([SamplingParams()] * 4000, range(4000)))
+    freq = torch.bincount(tokens, minlength=4).double() / 4000
+    assert torch.allclose(freq, torch.softmax(logits[0].double(), -1), atol=0.03)
+
+
+def test_rows_do_not_depend_on_their_neighbours():
+    logits = _logits(rows=3)
+    params = [SamplingParams(temperature=0.9, top_p=0.8), SamplingParams(), SamplingParams(top_k=4)]
+    together, _ = sample_next_tokens(logits, _rows(params, [7, 8, 9]))
+    for i in range(3):
+        alone, _ = sample_next_tokens(logits[i:i + 1], _rows([params[i]], [7 + i]))
+        assert alone[0] == together[i]
+    picked = _rows(params, [7, 8, 9]).select(torch.tensor([2, 0]))
+    assert picked.top_k.tolist() == [4, -1] and len(picked.generators) == 2
+
+
+def test_sampling_params_validation():
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5),
+                dict(n=0)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    assert SamplingParams(stop_token_ids=[3, 4]).stop_token_ids == (3, 4)
+    assert GenerationRequest([1, 2]).sampling.max_new_tokens == 128
+
+
+def test_engine_registry():
+    assert get_engine_class("embedded").__name__ == "EmbeddedEngine"
+    assert get_engine_class("masa_megatron.rollout.embedded.EmbeddedEngine").__name__ == \
+        "EmbeddedEngine"
+    assert get_engine_class("masa_megatron.rollout.embedded:EmbeddedEngine").__name__ == \
+        "EmbeddedEngine"
+
+    @register_engine("test-dummy")
+    class Dummy(RolloutEngine):
+        def generate(self, requests): return []
+        def update_weights(self, model=None, path=None, *, version=None): return 0
+        def pause(self): pass
+        def resume(self): pass
+        def health(self): return True
+        def shutdown(self): pass
+
+    assert get_engine_class("test-dummy") is Dummy
+    with pytest.raises(RegistryError, match="unknown rollout engine"):
+        get_engine_class("no-such-engine")
+    with pytest.raises(TypeError):
+        get_engine_class("masa_megatron.rollout.base.SamplingParams")

@@ -1,0 +1,251 @@
+"""The SGLang engine's HTTP side against the stand-in server's echo backend (no model, fast):
+request/response translation, retries with backoff, errors that name the server and never hang,
+bounded concurrency, strict schemas, memory release/resume, weight-update sessions."""
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("aiohttp")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # for tests.sglang_standin
+
+from masa_megatron.rollout.base import GenerationRequest, SamplingParams  # noqa: E402
+from masa_megatron.rollout.sglang import (SGLangEngine, _signed64, generate_payloads,  # noqa: E402
+                                          parse_completions)
+from masa_megatron.rollout.sglang_launch import EngineError  # noqa: E402
+from tests.sglang_standin import STANDIN_MODULE, standin_env, start_standin  # noqa: E402
+
+REQ = GenerationRequest([1, 2, 3], SamplingParams(max_new_tokens=4, n=2))
+
+
+@pytest.fixture(scope="module")
+def echo(tmp_path_factory):
+    proc = start_standin("/nonexistent-model", backend="echo",
+                         log_dir=str(tmp_path_factory.mktemp("echo_logs")))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def engine(echo):
+    eng = SGLangEngine(urls=[echo.url], request_timeout_s=1.0, max_retries=2,
+                       retry_backoff_s=0.01, health_timeout_s=30, concurrency=4, colocate=True)
+    yield eng
+    eng.http.call(echo.url, "/standin/faults", {"fail_next": 0, "delay_next": 0, "drop_next": 0,
+                                                "die_next": 0, "paths": ["/generate"]})
+    eng.resume()
+    eng.shutdown()
+
+
+def _faults(engine, **plan):
+    engine.http.call(engine.server_urls[0], "/standin/faults", plan).check()
+
+
+def _stats(engine):
+    return engine.http.call(engine.server_urls[0], "/standin/stats", method="GET").body
+
+
+# ---------------------------------------------------------------- pure translation
+
+def test_payloads_unseeded_seeded_and_greedy():
+    (one,) = generate_payloads(GenerationRequest([5, 6], SamplingParams(
+        max_new_tokens=9, temperature=0.8, top_p=0.9, top_k=0, stop_token_ids=[2], n=4)), "r")
+    assert one == {"input_ids": [5, 6], "return_logprob": True, "rid": "r",
+                   "sampling_params": {"max_new_tokens": 9, "temperature": 0.8, "top_p": 0.9,
+                                       "top_k": -1, "ignore_eos": False, "n": 4,
+                                       "stop_token_ids": [2]}}
+    seeded = generate_payloads(GenerationRequest([5], SamplingParams(seed=3, n=3)), "r")
+    assert [p["rid"] for p in seeded] == ["r-s0", "r-s1", "r-s2"]
+    seeds = [p["sampling_params"]["sampling_seed"] for p in seeded]
+    assert len(set(seeds)) == 3 and all(-2 ** 63 <= s < 2 ** 63 for s in seeds)
+    assert all(p["sampling_params"]["n"] == 1 for p in seeded)
+    greedy = generate_payloads(GenerationRequest([5], SamplingParams(temperature=0, seed=3, n=2)),
+                               "g")
+    assert len(greedy) == 1 and "sampling_seed" not in greedy[0]["sampling_params"]
+    assert _signed64(2 ** 64 - 1) == -1 and _signed64(5) == 5
+
+
+def test_parse_completions():
+    body = [{"output_ids": [4, 2], "meta_info": {"finish_reason": {"type": "stop", "matched": 2},
+                                                 "output_token_logprobs": [[-0.5, 4, None],
+                                                                           [-0.25, 2, None]],
+                                                 "weight_version": "3"}},
+            {"output_ids": [9], "meta_info": {"finish_reason": {"type": "length", "length": 1},
+                                              "output_token_logprobs": [[-1.0, 9, None]],
+                                              "weight_version": "3"}}]
+    completions, version = parse_completions(body, "srv")
+    assert [(c.token_ids, c.logprobs, c.finish_reason) for c in completions] == [
+        ([4, 2], [-0.5, -0.25], "stop"), ([9], [-1.0], "length")]
+    assert version == 3
+    with pytest.raises(EngineError, match="srv: malformed"):
+        parse_completions({"output_ids": [1], "meta_info": {"output_token_logprobs": [[0, 2]]}},
+                          "srv")
+
+
+# ---------------------------------------------------------------- against the echo server
+
+def test_generate_and_n_samples(engine):
+    seeded = GenerationRequest([7], SamplingParams(max_new_tokens=3, seed=5, n=3), "mine")
+    res = engine.generate([REQ, seeded])
+    assert [c.token_ids for c in res[0].completions] == [[4, 5, 6, 7]] * 2
+    assert len(res[1].completions) == 3 and res[1].request_id == "mine"
+    assert res[0].prompt_tokens == 3 and res[0].completions[0].finish_reason == "length"
+
+
+def test_retries_transient_500_then_succeeds(engine):
+    _faults(engine, fail_next=2)
+    engine.generate([REQ])
+    assert engine.http.stats["retries"] == 2
+
+
+def test_persistent_500_is_an_error_naming_the_server(engine, echo):
+    _faults(engine, fail_next=-1)
+    with pytest.raises(EngineError, match=rf"{echo.url}: POST /generate failed after 3 "
+                                          r"attempt\(s\): HTTP 500"):
+        engine.generate([REQ])
+
+
+def test_dropped_connection_is_retried(engine):
+    _faults(engine, drop_next=1)
+    assert len(engine.generate([REQ])[0].completions) == 2
+    assert engine.http.stats["retries"] >= 1
+
+
+def test_slow_server_times_out_instead_of_hanging(engine, echo):
+    _faults(engine, delay_next=-1, delay_s=30.0)
+    start = time.monotonic()
+    with pytest.raises(EngineError, match=rf"{echo.url}.*timeout"):
+        engine.generate([REQ])
+    assert time.monotonic() - start < 15      # 3 attempts x 1 s + backoff
+
+
+def test_concurrency_is_bounded(engine, echo):
+    _faults(engine, delay_next=-1, delay_s=0.1)
+    before = _stats(engine)["max_generate_inflight"]
+    requests = [GenerationRequest([i + 1], SamplingParams(max_new_tokens=2)) for i in range(12)]
+    engine.generate(requests)
+    assert before <= 4 and _stats(engine)["max_generate_inflight"] <= 4
+
+
+def test_unknown_fields_are_rejected_like_sglang(engine, echo):
+    bad_top = engine.http.call(echo.url, "/generate", {"input_ids": [1], "sampling": {}})
+    assert bad_top.status == 400 and "sampling" in bad_top.message()
+    bad_param = engine.http.call(echo.url, "/generate", {"input_ids": [1], "sampling_params":
+                                                         {"max_tokens": 3}})
+    assert bad_param.status == 400 and "max_tokens" in bad_param.message()
+
+
+def test_prompt_beyond_context_is_an_abort(engine):
+    long = GenerationRequest(list(range(1, 4000)), SamplingParams(max_new_tokens=200, n=2))
+    res = engine.generate([long, REQ])
+    assert [c.finish_reason for c in res[0].completions] == ["abort", "abort"]
+    assert res[1].completions[0].finish_reason == "length"
+
+
+def test_pause_resume_and_update_order(engine, tmp_path):
+    engine.pause()
+    assert _stats(engine)["released"] == ["kv_cache", "weights"]
+    with pytest.raises(EngineError, match="released"):
+        engine.generate([REQ])
+    engine.update_weights(path=str(tmp_path))          # resumes the weights first
+    assert _stats(engine)["released"] == ["kv_cache"]
+    engine.resume()
+    assert _stats(engine)["released"] == []
+    assert engine.weight_version == 1 and engine.generate([REQ])[0].weight_version == 1
+    assert {"memory/rollout_paused/rss_gb", "memory/rollout_resumed/rss_gb"} <= set(
+        engine.metrics) or any(k.endswith("allocated_gb") for k in engine.metrics)
+
+
+def test_abort_all_reaches_the_server(engine):
+    engine.abort()
+    assert _stats(engine)["aborted"][-1] == "*"
+
+
+def test_weight_session_probe_and_dead_server(tmp_path):
+    """An older server (no /begin_weight_update) is tolerated; a server that dies mid-request
+    gives an error naming it, quickly."""
+    eng = SGLangEngine("/nonexistent-model", server_module=STANDIN_MODULE,
+                       launch_env=standin_env(), extra_server_args=["--backend", "echo",
+                                                                    "--no-begin-end"],
+                       base_port=_free_port(), health_timeout_s=60, request_timeout_s=2.0,
+                       max_retries=2, retry_backoff_s=0.05, log_dir=str(tmp_path))
+    try:
+        eng.update_weights(path=str(tmp_path))
+        assert eng.weight_sync.target.begin_end_supported is False
+        _faults(eng, die_next=1)
+        start = time.monotonic()
+        with pytest.raises(EngineError, match=rf"{eng.server_urls[0]}: POST /generate failed"):
+            eng.generate([REQ])
+        assert time.monotonic() - start < 15
+        assert not eng.health()
+    finally:
+        eng.shutdown()
+    assert eng.processes == []
+
+
+def test_two_launched_servers_behind_a_router(tmp_path):
+    """launch: two servers on consecutive ports and GPU blocks, a router in front; generation
+    goes through the router, control calls go to every server; shutdown stops all three."""
+    from masa_megatron.rollout.sglang_launch import free_port
+
+    eng = SGLangEngine("/nonexistent-model", num_servers=2, tp=1, router=True,
+                       router_port=free_port(), base_port=_free_port_pair(),
+                       server_module=STANDIN_MODULE, router_module="tests.sglang_standin.router",
+                       launch_env=standin_env(), extra_server_args=["--backend", "echo"],
+                       health_timeout_s=60, log_dir=str(tmp_path))
+    try:
+        assert len(eng.server_urls) == 2 and eng.router_url not in eng.server_urls
+        assert [p.cmd[p.cmd.index("--base-gpu-id") + 1] for p in eng.processes[:2]] == ["0", "1"]
+        requests = [GenerationRequest([i + 1], SamplingParams(max_new_tokens=2)) for i in range(6)]
+        assert len(eng.generate(requests)) == 6
+        per_worker = eng.http.call(eng.router_url, "/standin/stats", method="GET").body
+        assert sorted(per_worker.values()) == [3, 3]
+        eng.update_weights(path=str(tmp_path))
+        for url in eng.server_urls:
+            assert "/update_weights_from_disk" in eng.http.call(
+                url, "/standin/stats", method="GET").body["updates"]
+        assert eng.health()
+        procs = list(eng.processes)
+    finally:
+        eng.shutdown()
+    assert all(p.popen.poll() is not None for p in procs)
+
+
+def _free_port_pair():
+    import socket
+
+    for _ in range(50):
+        port = _free_port()
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+def _free_port():
+    from masa_megatron.rollout.sglang_launch import free_port
+    return free_port()
+
+
+def test_from_config_attaches_to_configured_urls(echo, tmp_path):
+    from masa_megatron.config import ExperimentConfig
+
+    cfg = ExperimentConfig()
+    cfg.model.hf_path = "/nonexistent-model"
+    cfg.trainer.output_dir = str(tmp_path)
+    cfg.rollout.engine, cfg.rollout.sglang_urls = "sglang", [echo.url]
+    cfg.rollout.sglang_concurrency = 7
+    eng = SGLangEngine.from_config(None, cfg)
+    try:
+        assert eng.server_urls == [echo.url] and eng.concurrency == 7 and not eng.processes
+        assert eng.weight_sync.name == "disk"
+        assert eng.weight_sync.sync_dir == f"{tmp_path}/weight_sync"
+        assert len(eng.generate([REQ])[0].completions) == 2
+    finally:
+        eng.shutdown()
+    from masa_megatron.rollout.base import get_engine_class
+    assert get_engine_class("sglang") is SGLangEngine

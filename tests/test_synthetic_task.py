@@ -1,0 +1,165 @@
+"""The synthetic demo task and its warm-start data: determinism, exactness, format."""
+import json
+import random
+import re
+from collections import Counter, defaultdict
+
+import pytest
+
+from masa_megatron.data import synthetic
+from masa_megatron.data.prompts import META_SYSTEM, PromptConfig, meta_messages, solution_messages
+from masa_megatron.demo import warmstart_data as W
+
+REFERENCE_META_RE = re.compile(r"\{[\"']math_notion[\"']:[^\}]*\}", re.DOTALL)   # spec section 3
+
+
+def test_same_seed_same_problems_and_different_seed_differs():
+    assert synthetic.generate_problems(64, seed=3) == synthetic.generate_problems(64, seed=3)
+    assert synthetic.generate_problems(64, seed=3) != synthetic.generate_problems(64, seed=4)
+    assert W.warmstart_examples(32, seed=1) == W.warmstart_examples(32, seed=1)
+
+
+def test_train_and_eval_are_disjoint_for_any_seeds():
+    train = {p["problem"] for s in range(3) for p in synthetic.generate_problems(400, s, "train")}
+    evals = {p["problem"] for s in range(3) for p in synthetic.generate_problems(100, s, "eval")}
+    assert not train & evals
+    assert all(synthetic.split_of(p) == "eval" for p in evals)
+
+
+def test_eval_problems_are_unique_where_the_level_allows():
+    items = synthetic.generate_problems(80, seed=0, split="eval")
+    per_level = Counter(p["difficulty"] for p in items)
+    assert set(per_level) == set(synthetic.LEVELS) and len(set(per_level.values())) == 1
+    hard = [p["problem"] for p in items if p["difficulty"] >= 3]
+    assert len(set(hard)) == len(hard)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_answers_match_python_evaluation(seed):
+    for p in synthetic.generate_problems(200, seed, "train") + synthetic.generate_problems(
+            50, seed, "eval"):
+        expression = p["problem"].removeprefix("Compute ").removesuffix(".")
+        assert re.fullmatch(r"\d+( [+-] \d+)+", expression)
+        assert p["answer"] == str(eval(expression))                    # plain integer answer
+        assert p["solution"].endswith(f"\\boxed{{{p['answer']}}}")
+
+
+def test_each_solution_line_is_correct_and_names_its_concepts():
+    for p in synthetic.generate_problems(300, seed=7):
+        for line in p["solution"].splitlines()[:-1]:
+            m = re.fullmatch(r"(?:first |then )?(-?\d+) ([+-]) (\d+) = (-?\d+)((?: \w+)*)", line)
+            assert m, line
+            x, op, y, result = int(m[1]), m[2], int(m[3]), int(m[4])
+            assert result == (x + y if op == "+" else x - y)
+            names = m[5].split()
+            assert ("negative" in names) == (result < 0)
+            assert set(names) <= set(synthetic.CONCEPTS)
+
+
+def test_carry_and_borrow_rules():
+    assert synthetic.step_concepts(47, "+", 38) == (85, ["carry"])
+    assert synthetic.step_concepts(41, "+", 38) == (79, [])
+    assert synthetic.step_concepts(85, "-", 91) == (-6, ["borrow", "negative"])
+    assert synthetic.step_concepts(95, "-", 91) == (4, [])
+    assert synthetic.step_concepts(100, "-", 1) == (99, ["borrow"])
+    assert synthetic.step_concepts(-6, "-", 5) == (-11, ["carry", "negative"])
+    assert synthetic.step_concepts(-6, "+", 10) == (4, ["borrow"])
+    assert synthetic.step_concepts(-6, "+", 3) == (-3, ["negative"])
+
+
+def test_notions_are_in_solution_and_never_in_problem():
+    items = synthetic.generate_problems(400, seed=2)
+    seen = Counter()
+    for p in items:
+        prompt = solution_messages(p["problem"])[0]["content"]
+        for concept in synthetic.CONCEPTS:
+            assert concept not in prompt
+            assert (concept in p["solution"]) == (concept in p["notions"])
+        seen.update(p["notions"])
+    assert all(seen[c] > 20 for c in synthetic.CONCEPTS)
+
+
+def test_solution_length_grows_with_difficulty():
+    lengths = defaultdict(list)
+    for p in synthetic.generate_problems(800, seed=0):
+        lengths[p["difficulty"]].append(len(re.findall(r"\d|\S+", p["solution"])))
+    means = [sum(lengths[d]) / len(lengths[d]) for d in sorted(lengths)]
+    assert all(a < b for a, b in zip(means, means[1:])), means
+
+
+def test_correct_solutions_of_one_problem_vary_in_length():
+    """Optional wording gives a problem's correct solutions >= 3 lengths (r_len attainable)."""
+    lengths = defaultdict(set)
+    for s in range(2000):
+        item = synthetic.make_problem(random.Random(s), 1)
+        lengths[item["problem"]].add(len(item["solution"]))
+    assert max(len(v) for v in lengths.values()) >= 3
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_verl_rows_round_trip(tmp_path, suffix):
+    items = synthetic.generate_problems(24, seed=5, split="eval")
+    rows = synthetic.to_verl_rows(items, split="eval")
+    back = synthetic.read_rows(synthetic.write_rows(rows, tmp_path / f"eval{suffix}"))
+    assert back == rows
+    row = back[3]
+    assert row["prompt"] == [{"role": "user", "content": items[3]["problem"]}]
+    assert row["reward_model"]["ground_truth"]["target"] == items[3]["answer"]
+    assert row["extra_info"]["difficulty"] == items[3]["difficulty"]
+
+
+def test_write_task_files(tmp_path):
+    train, evals = synthetic.write_task_files(tmp_path, n_train=16, n_eval=8, seed=1)
+    assert len(synthetic.read_rows(train)) == 16 and len(synthetic.read_rows(evals)) == 8
+
+
+def test_meta_answers_are_compact_json_in_the_reference_format():
+    metas = [e for e in W.warmstart_examples(200, seed=0, max_len=96) if e["kind"] == "meta"]
+    assert 60 < len(metas) < 140
+    for e in metas:
+        assert e["messages"][0] == {"role": "system", "content": META_SYSTEM}
+        assert "solution_length (integer from 128 to 96)" in e["messages"][1]["content"]
+        assert re.fullmatch(r"<meta> [^<]* </meta>\n\{.*\}", e["response"])
+        obj = json.loads(REFERENCE_META_RE.findall(e["response"])[-1])
+        assert list(obj) == ["math_notion", "pass_rate", "solution_length"]
+        assert 0 <= obj["pass_rate"] <= 8 and 8 <= obj["solution_length"] <= 96
+        assert obj["math_notion"] and set(obj["math_notion"]) <= set(synthetic.CONCEPTS)
+
+
+def test_meta_predictions_carry_no_information_about_difficulty():
+    """The k-th meta answer's numbers come from a seed-only stream, whatever the problems."""
+    def numbers(levels):
+        out = []
+        for e in W.warmstart_examples(120, seed=9, levels=levels, meta_fraction=1.0):
+            if e["kind"] == "meta":
+                obj = json.loads(e["response"].split("\n", 1)[1])
+                out.append((obj["pass_rate"], obj["solution_length"]))
+        return out
+    easy, hard = numbers([1]), numbers([8])
+    assert easy == hard
+    assert len({k for k, _ in easy}) == 9                  # uniform on 0..8: all values seen
+
+
+def test_meta_prompt_follows_the_spec_wording():
+    text = meta_messages("Compute 1 + 2.", PromptConfig(max_response_length=256))[1]["content"]
+    assert text.startswith("Think step-by-step between <meta> and </meta>, ensuring")
+    assert "- pass_rate (integer from 0 to 8)\n- solution_length (integer from 128 to 256)" in text
+    assert text.endswith("\n\nProblem: Compute 1 + 2. Let's think step by step and output the "
+                         "final answer within \\boxed{}.")
+
+
+def test_tokenizer_corpus_covers_every_character():
+    corpus = W.tokenizer_corpus(seed=0, n=200)
+    chars = set("".join(corpus))
+    for ex in W.warmstart_examples(50, seed=11, max_len=64):
+        texts = [m["content"] for m in ex["messages"]] + [ex["response"]]
+        assert set("".join(texts)) <= chars
+    assert all(m in corpus for m in W.CHAT_MARKERS)
+
+
+def test_tiny_qwen3_config():
+    pytest.importorskip("transformers")
+    cfg = W.make_tiny_qwen3_config(300)
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers) == (300, 128, 4)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (4, 2, 32)
+    assert cfg.tie_word_embeddings is False
