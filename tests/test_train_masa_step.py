@@ -48,8 +48,10 @@ def make_cfg(folder, tmp_path, mode):
 def trainer(hf_folder, tmp_path):
     made = []
 
-    def build(mode):
+    def build(mode, **masa):
         cfg = make_cfg(hf_folder, tmp_path, mode)
+        for key, value in masa.items():
+            setattr(cfg.masa, key, value)
         init_parallel(cfg.parallel, seed=cfg.model.seed)
         parts, start = build_training(cfg, log=lambda m: None)
         parts.engine = parts.planner.engine = ScriptedEngine(parts.tokenizer, SCRIPT)
@@ -129,3 +131,14 @@ def test_loop_logs_every_section9_metric(trainer, tmp_path):
                 "gating/fraction", "cutoff/fraction", "tokens/meta", "tokens/solution",
                 "time/generate", "time/score", "time/logprob", "time/train", "time/weight_sync"):
         assert key in rows[-1], key
+
+
+def test_meta_head_is_trained_in_the_loop_and_saved_with_checkpoints(trainer, tmp_path):
+    parts, _ = trainer("masa", predictor="both")
+    first = run_step(parts, 0)
+    assert "head/loss" in first and "head/pass_rate_mae" in first
+    later = run_step(parts, 1)
+    assert later["head/loss"] < first["head/loss"]
+    parts.save_checkpoint(2)
+    ckpt = tmp_path / "masa" / "checkpoints" / "step_000002"
+    assert (ckpt / "meta_head.safetensors").is_file() and (ckpt / "COMPLETE").is_file()
