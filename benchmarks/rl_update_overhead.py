@@ -12,7 +12,8 @@ One optimizer step each. The old log-probs are computed once before timing: the 
 EXCLUDES the log-prob recompute, which is timed and reported separately (a forward-only pass).
 The two steps alternate, `--repeats` times after `--warmup` rounds; the headline is the ratio of
 the medians; the median of the per-round ratios and the ratio of the minima are reported too
-(on a shared machine they are less sensitive to load from other processes).
+and so is the process CPU time (on a shared machine these are less sensitive to the load of
+other processes; with --threads 1 the CPU time is free of thread spin-waiting).
 Throughput counts the model input tokens (sum of row lengths, no padding).
 
     python benchmarks/rl_update_overhead.py [--repeats 9] [--threads 2]
@@ -76,10 +77,11 @@ def plain_step(actor, micro) -> None:
     actor.optimizer.step()
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process: less sensitive to other processes' load)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
@@ -115,6 +117,7 @@ def main() -> None:
     input_tokens = sum(batch.row_lengths())
     micro = actor._micro_batches(batch, range(len(batch)))
     times = {"plain": [], "rl": [], "logprobs": []}
+    cpu_times = {"plain": [], "rl": [], "logprobs": []}
 
     def logprobs():
         batch.old_logprobs = actor.logprobs(batch)
@@ -125,19 +128,25 @@ def main() -> None:
                   "rl": timed(lambda: actor.update(batch)),
                   "logprobs": timed(logprobs)}
         if round_ >= args.warmup:
-            for key, value in sample.items():
-                times[key].append(value)
+            for key, (wall, cpu) in sample.items():
+                times[key].append(wall)
+                cpu_times[key].append(cpu)
     destroy_parallel()
 
     median = {k: statistics.median(v) for k, v in times.items()}
+    cpu_median = {k: statistics.median(v) for k, v in cpu_times.items()}
     paired = [rl / plain for rl, plain in zip(times["rl"], times["plain"])]
     result = {
         "overhead_rl_vs_plain": median["rl"] / median["plain"] - 1.0,
+        "overhead_cpu_time": cpu_median["rl"] / cpu_median["plain"] - 1.0,
         "overhead_paired_median": statistics.median(paired) - 1.0,
         "overhead_of_minima": min(times["rl"]) / min(times["plain"]) - 1.0,
         "median_s": median,
+        "cpu_median_s": cpu_median,
+        "load_average_1min": __import__("os").getloadavg()[0],
         "tokens_per_s": {k: input_tokens / v for k, v in median.items()},
         "times_s": times,
+        "cpu_times_s": cpu_times,
         "input_tokens": input_tokens,
         "response_tokens": batch.response_token_count(),
         "samples": args.samples,
@@ -158,11 +167,14 @@ def main() -> None:
     print(f"model {params / 1e6:.1f} M params, {args.samples} samples, {input_tokens} input "
           f"tokens, {len(micro)} micro-batches, {args.repeats} alternating repeats (medians)")
     for key in ("plain", "rl", "logprobs"):
-        print(f"  {key:9s} {median[key] * 1e3:8.1f} ms  {input_tokens / median[key]:9.0f} tokens/s")
+        print(f"  {key:9s} {median[key] * 1e3:8.1f} ms  {input_tokens / median[key]:9.0f} tokens/s"
+              f"   (CPU time {cpu_median[key] * 1e3:8.1f} ms)")
     print(f"  RL update overhead vs plain step: {result['overhead_rl_vs_plain'] * 100:+.1f}% "
           f"(ratio of medians; target <= 15%; log-prob recompute excluded)")
-    print(f"  median of per-round ratios {result['overhead_paired_median'] * 100:+.1f}%, "
-          f"ratio of minima {result['overhead_of_minima'] * 100:+.1f}% (less sensitive to load)")
+    print(f"  CPU time {result['overhead_cpu_time'] * 100:+.1f}%, median of per-round ratios "
+          f"{result['overhead_paired_median'] * 100:+.1f}%, ratio of minima "
+          f"{result['overhead_of_minima'] * 100:+.1f}% (less sensitive to load; 1-min load "
+          f"average {result['load_average_1min']:.1f})")
     print(f"  wrote {args.out}")
 
 

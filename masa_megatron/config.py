@@ -51,7 +51,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
     sequence_parallel: bool = False
-    use_distributed_optimizer: bool = True   # only takes effect when DP > 1
+    use_distributed_optimizer: bool = True   # Adam: at any DP, so checkpoints reshard across DP
     world_size: Optional[int] = None         # None: taken from the launcher (WORLD_SIZE)
 
 

@@ -167,3 +167,14 @@ def test_lr_schedule_warmup_then_cosine():
     for _ in range(7):
         constant.step(1)
         assert plain.param_groups[0]["lr"] == 2.0
+
+
+def test_an_empty_batch_takes_part_without_samples(fresh):
+    """A DP rank can end up without samples: every call still runs (collectives) and is empty."""
+    from masa_megatron.train.batching import TrainBatch
+
+    empty = TrainBatch([], [])
+    assert fresh.logprobs(empty) == [] and fresh.prompt_last_hidden([]).shape == (0, 64)
+    fresh.compute_old_logprobs(empty)
+    metrics = fresh.update(empty)
+    assert metrics["train/token_count"] == 0 and metrics["train/loss"] == 0.0

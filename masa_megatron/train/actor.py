@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -42,26 +41,14 @@ from masa_megatron.algo.losses import policy_loss, summarize_policy_metrics
 from masa_megatron.config import GRPOConfig
 from masa_megatron.train.batching import (MicroBatch, TrainBatch, pack_micro_batch,
                                           plan_micro_batches, split_mini_batches)
-from masa_megatron.train.optim import check_checkpoint_optimizer, prepare_optimizer_for_load
+from masa_megatron.train.optim import load_train_state, save_train_state, unwrap_model
 
-# The distributed optimizer's state in the canonical per-parameter layout (gathered on DP rank 0
-# when saving), loadable at any TP/PP/DP and with or without the distributed optimizer. 0.16.1's
-# default ("fully_sharded_model_space") fails ("ShardedTensor.flattened_range is not supported").
-OPTIMIZER_CHECKPOINT_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable",
-                               "chained_optim_avoid_prefix": True}
 LossFn = Callable[[MicroBatch, Tensor], tuple[Tensor, dict[str, Tensor]]]
 PerTokenFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class RatioInvariantError(RuntimeError):
     """The first mini-batch's probability ratio is not 1: old log-probs do not match the model."""
-
-
-def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 class _ScaleAndMaskLogits(torch.autograd.Function):
@@ -379,24 +366,27 @@ class Actor:
         loss_kwargs = dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                            dual_clip=cfg.dual_clip, agg=cfg.loss_agg, tis_cap=cfg.tis_cap,
                            kl_coef=cfg.kl_coef, kl_type=cfg.kl_type)
-        has = {name: getattr(batch, name) is not None for name in ("rollout_logprobs",
-                                                                   "ref_logprobs")}
+        # optional inputs are used iff every DP rank with samples has them (same metric keys)
+        optional = ("rollout_logprobs", "ref_logprobs")
+        missing = self._global_counts([[float(getattr(batch, name) is None and len(batch) > 0)
+                                        for name in optional]])[0]
+        used = [name for name, m in zip(optional, missing.tolist()) if m == 0]
         _, template = policy_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1),
                                   torch.ones(1, 1, dtype=torch.bool), **loss_kwargs,
-                                  **{k: torch.zeros(1, 1) for k, v in has.items() if v})
+                                  **{name: torch.zeros(1, 1) for name in used})
         steps = []
-        for epoch in range(cfg.ppo_epochs):
-            for k, idx in enumerate(minis):
-                tokens, seqs = counts[k].clamp_min(1).tolist()
+        for _epoch in range(cfg.ppo_epochs):
+            for index, samples in enumerate(minis):
+                tokens, seqs = counts[index].clamp_min(1).tolist()
 
                 def loss_of(mb: MicroBatch, logprobs: Tensor, tokens=tokens, seqs=seqs):
-                    return policy_loss(
-                        logprobs, mb.per_token["old_logprobs"],
-                        mb.advantages, mb.loss_mask, **loss_kwargs,
-                        **{k: mb.per_token[k] for k, v in has.items() if v},
-                        token_normalizer=tokens, seq_normalizer=seqs)
+                    extra = {name: mb.per_token.get(name, torch.zeros_like(logprobs))
+                             for name in used}  # absent only on a padding-only micro-batch
+                    return policy_loss(logprobs, mb.per_token["old_logprobs"], mb.advantages,
+                                       mb.loss_mask, **loss_kwargs, **extra,
+                                       token_normalizer=tokens, seq_normalizer=seqs)
 
-                steps.append(self._train_step(self._micro_batches(batch, idx), loss_of,
+                steps.append(self._train_step(self._micro_batches(batch, samples), loss_of,
                                               list(template), check_ratio and not steps))
         return _summarize_steps(steps, "train")
 
@@ -460,43 +450,13 @@ class Actor:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _model_sharded_state_dict(self) -> dict:
-        chunks = [unwrap_model(c) for c in self.model_chunks]
-        if len(chunks) == 1:
-            return {"model": chunks[0].sharded_state_dict()}
-        return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-
-    def sharded_state_dict(self, is_loading: bool = False) -> dict:
-        """Model + optimizer sharded state (for megatron.core.dist_checkpointing) and the LR
-        scheduler's plain state (saved as common state)."""
-        state = self._model_sharded_state_dict()
-        state["optimizer"] = self.optimizer.sharded_state_dict(
-            state, is_loading=is_loading, metadata=OPTIMIZER_CHECKPOINT_FORMAT)
-        state["scheduler"] = self.scheduler.state_dict()
-        return state
-
-    def load_state(self, loaded: dict) -> None:
-        """Apply what dist_checkpointing.load(self.sharded_state_dict(True), folder) returned."""
-        chunks = [unwrap_model(c) for c in self.model_chunks]
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
-        self.optimizer.load_state_dict(loaded["optimizer"])
-        self.scheduler.num_steps = 0  # Megatron's load adds the saved count to the current one
-        self.scheduler.load_state_dict(loaded["scheduler"])
-
     def save_checkpoint(self, folder: str) -> None:
-        """Collective. The calling script needs an `if __name__ == "__main__":` guard."""
-        from megatron.core import dist_checkpointing
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        dist_checkpointing.save(self.sharded_state_dict(), str(folder))
+        """Model, optimizer and LR schedule (see optim.save_train_state). Collective."""
+        save_train_state(folder, self.model_chunks, self.optimizer, self.scheduler)
 
     def load_checkpoint(self, folder: str) -> None:
         """Collective; the checkpoint may come from another TP/PP/DP layout."""
-        from megatron.core import dist_checkpointing
-        check_checkpoint_optimizer(self.optimizer, folder)
-        prepare_optimizer_for_load(self.optimizer)
-        self.load_state(dist_checkpointing.load(self.sharded_state_dict(is_loading=True),
-                                                str(folder)))
+        load_train_state(folder, self.model_chunks, self.optimizer, self.scheduler)
 
 
 def _summarize_steps(steps: list[dict[str, float]], prefix: str) -> dict[str, float]:

@@ -106,7 +106,7 @@ def run_step(parts: LoopParts, step: int) -> dict[str, float]:
         advantages = grpo_advantages(rewards, [s.group_id for s in samples], eps=cfg.grpo.adv_eps)
         train_batch = parts.actor.make_batch(samples, advantages)
         with timer("logprob"):
-            parts.actor.compute_old_logprobs(train_batch)
+            logprob_metrics = parts.actor.compute_old_logprobs(train_batch)
         with timer("train"):
             train_metrics = parts.actor.update(
                 train_batch, check_ratio=cfg.trainer.check_ratio_invariant)
@@ -120,6 +120,7 @@ def run_step(parts: LoopParts, step: int) -> dict[str, float]:
         with timer("weight_sync"):
             parts.engine.update_weights(parts.actor.model_chunks, version=step + 1)
     metrics = parts.dp.reduce_step_metrics(items, stats, meta_scores, cfg, parts.reference_parse)
+    metrics.update(logprob_metrics)  # entropy, trainer-vs-rollout log-prob gap
     metrics.update(train_metrics)
     metrics.update(head_metrics)
     metrics.update(bc_metrics)

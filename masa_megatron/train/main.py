@@ -48,7 +48,7 @@ def build_training(cfg: ExperimentConfig, *, log=print):
     model = build_gpt_model(cfg.model.hf_path, cfg.model, padded_vocab=padded)
     if resume_from is None and not cfg.model.random_init:
         load_hf_weights(model, cfg.model.hf_path, progress=is_logging_rank())
-    chunks = wrap_ddp([model], cfg.parallel)
+    chunks = wrap_ddp([model], cfg.parallel, cfg.optimizer.name)
     steps = cfg.trainer.steps * cfg.grpo.mini_batches_per_step * cfg.grpo.ppo_epochs
     optimizer, scheduler = build_optimizer(chunks, cfg.optimizer, cfg.parallel, cfg.model.dtype,
                                            total_steps=steps)

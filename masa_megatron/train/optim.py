@@ -11,6 +11,9 @@
   `parallel.use_distributed_optimizer` (at any DP, see `uses_distributed_optimizer`). Biases
   and 1-D parameters (norms) get no weight decay (Megatron's standard override). Megatron's
   distributed optimizer supports Adam only: SGD runs the regular optimizer.
+- `save_train_state` / `load_train_state`: model + optimizer (+ LR schedule) through Megatron's
+  dist_checkpointing, reshardable to any TP/PP/DP (see OPTIMIZER_CHECKPOINT_FORMAT), with the
+  work-arounds megatron-core 0.16.1 needs (see prepare_optimizer_for_load).
 - The learning rate at optimizer step k (k = 0, 1, ...) is that of scheduler position k + 1:
 
       warm-up (k + 1 <= W):  lr_k = lr * (k + 1) / W
@@ -23,6 +26,7 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -30,6 +34,11 @@ import torch
 from masa_megatron.config import OptimizerConfig, ParallelConfig
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The distributed optimizer's state in the canonical per-parameter layout (gathered on DP rank 0
+# when saving), loadable at any TP/PP/DP. 0.16.1's default ("fully_sharded_model_space") fails
+# with "ShardedTensor.flattened_range is not supported".
+OPTIMIZER_CHECKPOINT_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable",
+                               "chained_optim_avoid_prefix": True}
 
 
 def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -212,3 +221,54 @@ def prepare_optimizer_for_load(optimizer) -> None:
                 original(model_param, {**current, **tensors})
             sub._set_main_param_and_optimizer_states = set_states
             sub._keeps_unsaved_state_keys = True
+
+
+def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict:
+    """{"model": ...} (one chunk) or {"model0": ..., "model1": ...}, Megatron's naming."""
+    chunks = [unwrap_model(c) for c in model_chunks]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def train_sharded_state_dict(model_chunks, optimizer, scheduler, is_loading: bool = False) -> dict:
+    """Model + optimizer sharded state for dist_checkpointing, and the scheduler's plain state
+    (saved as common state)."""
+    state = model_sharded_state_dict(model_chunks)
+    state["optimizer"] = optimizer.sharded_state_dict(
+        state, is_loading=is_loading, metadata=OPTIMIZER_CHECKPOINT_FORMAT)
+    state["scheduler"] = scheduler.state_dict()
+    return state
+
+
+def save_train_state(folder: str | Path, model_chunks, optimizer, scheduler) -> None:
+    """Collective. The calling script needs an `if __name__ == "__main__":` guard (saving
+    starts a multiprocessing helper that re-imports __main__)."""
+    from megatron.core import dist_checkpointing
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(train_sharded_state_dict(model_chunks, optimizer, scheduler),
+                            str(folder))
+
+
+def load_train_state(folder: str | Path, model_chunks, optimizer, scheduler) -> None:
+    """Collective; `folder` may come from another TP/PP/DP layout (same optimizer kind)."""
+    from megatron.core import dist_checkpointing
+
+    check_checkpoint_optimizer(optimizer, str(folder))
+    prepare_optimizer_for_load(optimizer)
+    loaded = dist_checkpointing.load(
+        train_sharded_state_dict(model_chunks, optimizer, scheduler, is_loading=True), str(folder))
+    chunks = [unwrap_model(c) for c in model_chunks]
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.num_steps = 0  # Megatron's load adds the saved count to the current one
+    scheduler.load_state_dict(loaded["scheduler"])

@@ -80,14 +80,15 @@ def max_abs_diff(a: dict, b: dict) -> float:
 
 def save_model(actor, folder: Path) -> None:
     from megatron.core import dist_checkpointing
+    from masa_megatron.train.optim import model_sharded_state_dict
     folder.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(actor._model_sharded_state_dict(), str(folder))
+    dist_checkpointing.save(model_sharded_state_dict(actor.model_chunks), str(folder))
 
 
 def load_model(actor, folder: Path) -> None:
     from megatron.core import dist_checkpointing
-    from masa_megatron.train.actor import unwrap_model
-    loaded = dist_checkpointing.load(actor._model_sharded_state_dict(), str(folder))
+    from masa_megatron.train.optim import model_sharded_state_dict, unwrap_model
+    loaded = dist_checkpointing.load(model_sharded_state_dict(actor.model_chunks), str(folder))
     unwrap_model(actor.model_chunks[0]).load_state_dict(loaded["model"])
 
 
