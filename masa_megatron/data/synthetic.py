@@ -20,8 +20,11 @@ solution computes one operation per line, names the concepts it used, and ends i
   seeds. Generation is deterministic given (seed, split, n, levels).
 - Answers are plain integers (``str(int)``), graded on the last ``\\boxed{}``.
 
-Measured pass rates after a short warm start (see `masa_megatron.demo.warmstart_data`):
-MEASURED_TABLE_PLACEHOLDER
+Measured (2026-11-26, 2-core CPU under heavy load): after 400 SFT steps (batch 16, ~60 CPU-s)
+of a 0.83M-parameter Qwen3 (hidden 128, 4 layers, char-level vocabulary of 150), 8 samples at
+T=1 on 40 held-out problems (5 per level) gave mean pass rates 0.03 / 0.00 / 0.07 / 0 ... 0 for
+levels 1-8: only 3 problems had any correct sample, none was always solved. That warm start is
+too weak for the demo's claims; a longer or better-suited warm start is still to be found.
 """
 from __future__ import annotations
 
