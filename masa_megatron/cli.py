@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from masa_megatron.errors import UserError
+from masa_megatron.errors import TrainingStopped, UserError
 
 EXIT_BAD_INPUT = 2
 
@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"masa: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TrainingStopped as err:
+        print(f"masa: training stopped: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("masa: interrupted", file=sys.stderr)
         return 130

@@ -7,3 +7,8 @@ Raise `UserError` (or a subclass) with a message that names the field, value, fi
 
 class UserError(ValueError):
     """Bad input the user can fix; the message names what is wrong and where."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many consecutive non-finite steps); the last complete
+    checkpoint is intact. The `masa` command prints it as one line and exits with code 1."""

@@ -41,3 +41,4 @@ def test_progress_disabled_prints_nothing():
     stream = io.StringIO()
     Progress(total=2, stream=stream, enabled=False).update(1, {"x": 1.0})
     assert stream.getvalue() == ""
+

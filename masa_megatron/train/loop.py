@@ -26,13 +26,9 @@ import torch
 
 from masa_megatron.algo.advantages import grpo_advantages
 from masa_megatron.data.prompts import render_solution_prompt
+from masa_megatron.errors import TrainingStopped
 from masa_megatron.masa.scoring import (build_samples, drop_zero_variance_groups,
                                         grade_solutions, relabel_for_cloning, score_metas)
-
-
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (e.g. too many consecutive non-finite steps); the last good
-    checkpoint is intact."""
 
 
 class PhaseTimer:
