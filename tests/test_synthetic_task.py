@@ -163,3 +163,34 @@ def test_tiny_qwen3_config():
     assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers) == (300, 128, 4)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (4, 2, 32)
     assert cfg.tie_word_embeddings is False
+
+
+def test_small_levels_fill_large_eval_sets():
+    # level 1 has 36 problems, 8 of them in the eval split: a large request repeats them, never fails
+    for seed in range(5):
+        problems = synthetic.generate_problems(300, seed, "eval", [1])
+        assert len({p["problem"] for p in problems}) == 8
+        assert all(synthetic.split_of(p["problem"]) == "eval" for p in problems)
+
+
+def test_tiny_tokenizer_spells_numbers_with_the_same_digit_tokens_everywhere():
+    pytest.importorskip("tokenizers")
+    from masa_megatron.data.tiny_tokenizer import make_tiny_tokenizer
+    tokenizer = make_tiny_tokenizer(W.tokenizer_corpus(seed=0, n=200), vocab_size=320)
+    problem_ids = tokenizer("Compute 74 + 2.", add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer("\\boxed{742}", add_special_tokens=False)["input_ids"]
+    digits = [tokenizer.convert_tokens_to_ids(d) for d in "742"]
+    assert problem_ids[problem_ids.index(digits[0]):][:2] == digits[:2]
+    assert answer_ids[-4:-1] == digits
+    assert tokenizer.decode(problem_ids) == "Compute 74 + 2."
+
+
+def test_warm_start_batches_hold_similar_lengths_and_cover_the_steps():
+    from masa_megatron.demo.warmstart import length_sorted_batches
+    rng = random.Random(0)
+    examples = [([0] * rng.randint(5, 200), [1] * rng.randint(1, 50)) for _ in range(300)]
+    batches = list(length_sorted_batches(examples, batch_size=8, steps=100, seed=3))
+    assert len(batches) == 100 and all(len(b) == 8 for b in batches)
+    spread = [max(map(len, (p + r for p, r in b))) - min(map(len, (p + r for p, r in b)))
+              for b in batches]
+    assert sum(spread) / len(spread) < 40      # random batches of this data: about 170

@@ -7,8 +7,8 @@ solution computes one operation per line, names the concepts it used, and ends i
     then 85 - 91 = -6 borrow negative
     so the answer is \\boxed{-6}
 
-- Difficulty: `LEVELS[d] = (n_ops, first_digits, digits, subtraction)`: level 1 is one single-digit
-  addition, level 8 is five operations on 4-digit numbers, beyond what the tiny demo model can do.
+- Difficulty: `LEVELS[d]` (a `Level`): level 1 is one single-digit addition without carry, level 8
+  is five operations on 4-digit numbers, far beyond what the tiny demo model can do.
 - Concepts (the notion reward's vocabulary, `CONCEPTS`): a step writes ``carry`` when the column
   addition of the magnitudes carries, ``borrow`` when the column subtraction borrows, ``negative``
   when its result is below 0. None of these words ever occurs in a problem text.
@@ -32,21 +32,33 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 CONCEPTS: tuple[str, ...] = ("carry", "borrow", "negative")
 DATA_SOURCE = "synthetic_arith"
 
-# level -> (operations, digits of the first number, digits of the others, subtraction allowed)
-LEVELS: dict[int, tuple[int, int, int, bool]] = {
-    1: (1, 1, 1, False),
-    2: (1, 2, 1, True),
-    3: (2, 1, 1, True),
-    4: (2, 2, 2, True),
-    5: (3, 2, 2, True),
-    6: (3, 3, 3, True),
-    7: (4, 3, 3, True),
-    8: (5, 4, 4, True),
+
+
+class Level(NamedTuple):
+    """Shape of a problem: operations, digits of the first / other numbers, which ops, carries."""
+    ops: int
+    first_digits: int
+    digits: int
+    subtraction: bool = True
+    carry: bool = True          # False: only additions without any carry (level 1)
+
+
+# Ordered so that mean solution length strictly grows with the level; the tiny demo model's
+# pass rate falls with it (see the table above).
+LEVELS: dict[int, Level] = {
+    1: Level(1, 1, 1, subtraction=False, carry=False),   # 3 + 4
+    2: Level(1, 1, 1),                                   # 9 - 7, 8 + 6
+    3: Level(1, 2, 1),                                   # 47 - 8
+    4: Level(2, 1, 1),                                   # 7 - 9 + 4
+    5: Level(2, 2, 2),                                   # 47 + 38 - 91
+    6: Level(3, 2, 2),
+    7: Level(3, 3, 3),
+    8: Level(5, 4, 4),
 }
 EVAL_FRACTION = 0.2     # share of the problem space (by text hash) reserved for the eval split
 
@@ -106,9 +118,14 @@ def _operand(rng: random.Random, digits: int) -> int:
 
 def make_problem(rng: random.Random, level: int) -> dict:
     """One problem of the given level: problem, answer, difficulty, notions, solution."""
-    n_ops, first_digits, digits, subtraction = LEVELS[level]
-    numbers = [_operand(rng, first_digits)] + [_operand(rng, digits) for _ in range(n_ops)]
-    ops = [rng.choice("+-") if subtraction else "+" for _ in range(n_ops)]
+    shape = LEVELS[level]
+    if shape.carry:
+        numbers = [_operand(rng, shape.first_digits)] + [
+            _operand(rng, shape.digits) for _ in range(shape.ops)]
+    else:       # single-digit additions whose sum stays below 10
+        numbers = [rng.randint(1, 8)]
+        numbers.append(rng.randint(1, 9 - numbers[0]))
+    ops = [rng.choice("+-") if shape.subtraction else "+" for _ in range(shape.ops)]
     expression = str(numbers[0]) + "".join(f" {o} {n}" for o, n in zip(ops, numbers[1:]))
     value, lines, notions = numbers[0], [], []
     for i, (op, y) in enumerate(zip(ops, numbers[1:])):
@@ -124,7 +141,7 @@ def make_problem(rng: random.Random, level: int) -> dict:
 
 
 def generate_problems(n: int, seed: int, split: str = "train",
-                      levels: Optional[Sequence[int]] = None, max_tries: int = 50) -> list[dict]:
+                      levels: Optional[Sequence[int]] = None, max_tries: int = 200) -> list[dict]:
     """`n` problems of `split` ('train' | 'eval'), levels cycled in order (balanced).
 
     Problems are unique within the list while the level's space allows (`max_tries` draws),

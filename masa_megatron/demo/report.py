@@ -175,6 +175,8 @@ def summary_rows(grouped: dict, k_step: int) -> list[dict]:
 
 
 def _fmt(v) -> str:
+    if isinstance(v, int):
+        return str(v)
     return f"{v:.3f}" if _finite(v) and abs(v) < 100 else (f"{v:.0f}" if _finite(v) else "–")
 
 

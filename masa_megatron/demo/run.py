@@ -25,7 +25,7 @@ MODES = ("grpo", "masa", "masa_efficient")
 
 @dataclass
 class DemoBudget:
-    steps: int = 40
+    steps: int = 30
     problems_per_step: int = 8
     group_size: int = 8
     meta_group_size: int = 4
@@ -128,7 +128,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.time()
     ws = WarmStartConfig(max_len=budget.max_response_length)
     if args.quick:
-        ws = replace(ws, steps=30, n_problems=200, hidden=64, layers=2, heads=2, kv_heads=1,
+        ws = replace(ws, steps=500, n_problems=600, meta_fraction=0.5, hidden=64, layers=2,
+                     heads=2, kv_heads=1, head_dim=32,
                      intermediate=128)
     hf_dir = warm_start(ws, Path(args.cache_dir) if args.cache_dir else None)
     train_file = write_rows(to_verl_rows(generate_problems(budget.n_train, 0, "train"), "train"),

@@ -33,8 +33,8 @@ CHAT_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "system", "user",
 
 def meta_answer(item: dict, rng: random.Random, length_range: tuple[int, int]) -> str:
     """A format-only meta answer: reasoning restating the problem's shape + uninformative JSON."""
-    n_ops, first_digits, digits, _ = synthetic.LEVELS[item["difficulty"]]
-    digits = max(first_digits, digits)
+    shape = synthetic.LEVELS[item["difficulty"]]
+    n_ops, digits = shape.ops, max(shape.first_digits, shape.digits)
     k = rng.randint(0, 8)
     length = rng.randint(*length_range)
     notions = [c for c in synthetic.CONCEPTS if rng.random() < 0.5] or [rng.choice(
