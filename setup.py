@@ -23,6 +23,7 @@ EXTRAS = {
     "launch": ["nemo-run>=0.5", "leptonai<0.47"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.5"],
     "wandb": ["wandb>=0.17"],
+    "bench": ["trl==1.16.0"],
 }
 
 setup(
