@@ -118,11 +118,12 @@ class MASAConfig:
     gate_min_parsed_fraction: float = 0.5  # gate only if >= ceil(M * this) predictions parsed
     cutoff_margin: float = 2.0
     predictor: str = "text"                # text | head | both (both: text decides, head logged)
+                                           # | dotted path to a masa.predictors.Predictor
     gating: str = "auto"                   # auto (from predictor) | registered name | dotted path
     cutoff: str = "auto"                   # auto (from predictor) | registered name | dotted path
     audit_fraction: float = 0.05
     head_gate_threshold: float = 0.9
-    head_loss_weight: float = 0.0          # 0: head detached from the backbone
+    head_loss_weight: float = 0.0          # 0: head detached; > 0: its loss also trains the backbone
     head_lr: float = 1e-3
     notion_hints: bool = False
     behaviour_cloning: bool = False
@@ -280,7 +281,6 @@ _CHOICES = {
     "masa.mode": ("grpo", "masa", "masa_efficient"),
     "masa.parser": ("robust", "reference"),
     "masa.max_source": ("response", "prompt"),
-    "masa.predictor": ("text", "head", "both"),
     "optimizer.name": ("adam", "sgd"),
     "optimizer.schedule": ("constant", "cosine"),
 }
@@ -345,6 +345,18 @@ def _fail(name: str, value: Any, why: str) -> None:
     raise ConfigError(f"field '{name}' = {value!r}: {why}")
 
 
+def _check_predictor(masa: MASAConfig) -> None:
+    """`masa.predictor` is a registered name (did-you-mean otherwise) or imports a Predictor."""
+    from masa_megatron.masa.predictors import resolve_predictor
+    from masa_megatron.registry import RegistryError
+    try:
+        resolve_predictor(masa)
+        return
+    except (RegistryError, TypeError) as err:
+        why = str(err)
+    _fail("masa.predictor", masa.predictor, why)
+
+
 def validate_static(cfg: ExperimentConfig) -> None:
     """Checks that need nothing but the config. Raises ConfigError on the first failure."""
     for name, choices in _CHOICES.items():
@@ -359,6 +371,7 @@ def validate_static(cfg: ExperimentConfig) -> None:
             _fail(name, value, f"must be >= {low}")
         if high is not None and value > high:
             _fail(name, value, f"must be <= {high}")
+    _check_predictor(cfg.masa)
     p = cfg.parallel
     if cfg.grpo.group_size < 2:
         _fail("grpo.group_size", cfg.grpo.group_size, "GRPO needs at least 2 rollouts per group")

@@ -14,6 +14,7 @@ implementation without editing this package::
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 from typing import Any, Iterator
 
@@ -107,10 +108,15 @@ class Registry:
                 return import_object(name_or_path)
             except RegistryError as exc:
                 raise RegistryError(f"{exc}. {self._known()}") from None
-        raise RegistryError(f"unknown {self.kind} {name_or_path!r}. {self._known()}")
+        raise RegistryError(f"unknown {self.kind} {name_or_path!r}{self._did_you_mean(name_or_path)}"
+                            f". {self._known()}")
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def _did_you_mean(self, name: object) -> str:
+        close = difflib.get_close_matches(str(name), self.names(), n=1)
+        return f" (did you mean '{close[0]}'?)" if close else ""
 
     def _known(self) -> str:
         names = ", ".join(self.names()) or "(none)"

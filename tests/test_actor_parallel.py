@@ -58,6 +58,7 @@ def test_layout_matches_single_process(results, layout):
         assert got.get("hidden_vs_ref", 0.0) <= 1e-5
         assert got["loss_vs_ref"] <= 1e-6
         assert got["weights_vs_ref"] <= 1e-6         # SGD, 2 optimizer steps
+        assert got["joint_weights_vs_ref"] <= 1e-6   # with the joint meta-head term
         assert got["nan_skipped_steps"] == 2
     if layout == "tp1_pp1_dp2":  # uneven token counts on the two DP ranks
         tokens = {results[f"{layout}_rank{r}"]["local_response_tokens"] for r in (0, 1)}

@@ -96,3 +96,15 @@ def test_subset_keeps_per_token_fields_aligned():
     sub = batch.subset([1])
     assert sub.response_ids == [[5, 6]] and sub.old_logprobs[0].tolist() == [1.0, 1.0]
     assert sub.advantages.tolist() == pytest.approx([0.2]) and sub.group_ids == [1]
+
+
+def test_prompt_targets_follow_their_rows():
+    nan = float("nan")
+    batch = TrainBatch([[1], [2, 3], [4]], [[5], [6], [7, 8]],
+                       prompt_targets=[[0.5, 1.0], [nan, nan], [1.0, nan]])
+    assert batch.subset([2, 0]).prompt_targets.tolist()[1] == [0.5, 1.0]
+    mb = pack_micro_batch(batch, [2, 0])
+    assert mb.prompt_targets[0, 0] == 1.0 and mb.prompt_targets[1].tolist() == [0.5, 1.0]
+    assert torch.isnan(pack_micro_batch(batch, []).prompt_targets).all()
+    with pytest.raises(ValueError, match="prompt_targets"):
+        TrainBatch([[1]], [[2]], prompt_targets=[0.5])

@@ -47,6 +47,8 @@ BAD_CONFIGS = [
     (["grpo.group_size=four"], ["grpo.group_size", "four"]),
     (["grpo.group_size=1"], ["grpo.group_size", "1", "at least 2"]),
     (["masa.mode=masa_eficient"], ["masa.mode", "masa_eficient", "did you mean 'masa_efficient'"]),
+    (["masa.predictor=hed"], ["masa.predictor", "hed", "did you mean 'head'", "import path"]),
+    (["masa.predictor=no_such_pkg.PREDICTOR"], ["masa.predictor", "cannot import"]),
     (["parallel.tensor_model_parallel_size=3", "parallel.world_size=8"],
      ["parallel.world_size", "8", "TP x PP x CP"]),
     (["parallel.tensor_model_parallel_size=0"], ["parallel.tensor_model_parallel_size", "0"]),

@@ -45,6 +45,8 @@ def test_unknown_name_lists_the_registered_ones():
         get_reward("no_such_reward")
     message = str(info.value)
     assert "'no_such_reward'" in message and "math" in message and "meta" in message
+    with pytest.raises(RegistryError, match="did you mean 'math'"):
+        get_reward("maths")
     with pytest.raises(LookupError, match="math, meta"):
         get_reward("no_such_module_xyz.reward")
     with pytest.raises(RegistryError, match="has no attribute"):

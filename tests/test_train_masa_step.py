@@ -1,12 +1,15 @@
 """The real trainer (Megatron actor, one process) driven by a scripted engine: MASA steps end to
 end, rewards and advantages by hand, meta tokens trained in `masa` and absent in `grpo`."""
+import copy
 import json
+import math
 import statistics
 
 import pytest
 import torch
 
 from masa_megatron.config import ExperimentConfig, validate_static
+from masa_megatron.data.prompts import render_solution_prompt
 from masa_megatron.data.tiny_tokenizer import make_tiny_tokenizer
 from masa_megatron.model.tiny import make_tiny_hf_model
 from masa_megatron.parallel import destroy_parallel, init_parallel
@@ -142,3 +145,49 @@ def test_meta_head_is_trained_in_the_loop_and_saved_with_checkpoints(trainer, tm
     parts.save_checkpoint(2)
     ckpt = tmp_path / "masa" / "checkpoints" / "step_000002"
     assert (ckpt / "meta_head.safetensors").is_file() and (ckpt / "COMPLETE").is_file()
+
+
+def backbone_grads(parts):
+    """The last update's gradients of every policy parameter (Megatron DDP's main_grad)."""
+    return [p.main_grad.detach().clone() for p in parts.actor.model_chunks[0].module.parameters()]
+
+
+def test_detached_head_leaves_the_backbone_gradients_as_without_a_head(trainer):
+    parts, _ = trainer("masa", predictor="text")
+    run_step(parts, 0)
+    without_head = backbone_grads(parts)
+    destroy_parallel()
+    parts, updates = trainer("masa", predictor="both", head_loss_weight=0.0)
+    metrics = run_step(parts, 0)
+    assert "head/loss" in metrics and "train/prompt_state_loss" not in metrics
+    assert updates[0].prompt_targets is None
+    assert all(torch.equal(a, b) for a, b in zip(without_head, backbone_grads(parts)))
+
+
+def test_joint_head_loss_trains_the_backbone_and_the_head_still_learns(trainer):
+    # step 0 fits the zero-initialised head, whose input gradient is zero until then: use step 1
+    parts, _ = trainer("masa", predictor="text")
+    for step in (0, 1):
+        run_step(parts, step)
+    without_head = backbone_grads(parts)
+    destroy_parallel()
+    weight = 0.5
+    parts, updates = trainer("masa", predictor="both", head_loss_weight=weight)
+    first = run_step(parts, 0)
+    prompts = [render_solution_prompt(parts.tokenizer, p, parts.planner.prompts)
+               for _, p, _ in PROBLEMS]
+    hidden = parts.actor.prompt_last_hidden(prompts)  # the states step 1's update sees
+    head = copy.deepcopy(parts.head.head)              # before step 1's head fit
+    later = run_step(parts, 1)
+    diff = max((a - b).abs().max().item() for a, b in zip(without_head, backbone_grads(parts)))
+    assert diff > 1e-6
+    assert later["head/loss"] < first["head/loss"]
+    # the term is w x MetaHead.loss on the solution rows' prompt states (metas have no target);
+    # each group has its G rows, so this mean over rows is the mean over problems
+    batch = updates[1]
+    rows = [i for i, t in enumerate(batch.prompt_targets[:, 0].tolist()) if not math.isnan(t)]
+    assert len(rows) == 12
+    states = torch.stack([hidden[prompts.index(batch.prompt_ids[i])] for i in rows])
+    targets = batch.prompt_targets[rows]
+    expected, _ = head.loss(states, targets[:, 0], targets[:, 1].exp())
+    assert later["train/prompt_state_loss"] == pytest.approx(weight * expected.item(), rel=1e-4)

@@ -12,14 +12,17 @@ mean length of the correct ones, L_obs):
          + mean_{q: some correct} Huber_delta(u - log L_obs)                 (masked when none)
 
 Gating rule with the head: the chance that all G rollouts agree is p^G + (1-p)^G; cutoff is
-margin * exp(u) (see policies.py). The head is detached from the backbone (h.detach()) and has its
-own Adam optimiser. It is saved in checkpoints and exported next to the HF weights as
+margin * exp(u) (see policies.py). The head has its own Adam optimiser and is fitted on detached
+hidden states. With `masa.head_loss_weight` w > 0 its loss also trains the backbone: the PPO
+update minimises policy loss + w * loss(h), the head's parameters held constant there
+(`JointHeadLoss`). It is saved in checkpoints and exported next to the HF weights as
 `meta_head.safetensors` with tensors `pass_rate.weight [1, H]`, `pass_rate.bias [1]`,
 `log_length.weight [1, H]`, `log_length.bias [1]` (fp32) and metadata {"hidden_size": H,
 "format": "masa-meta-head-v1"}.
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -48,21 +51,65 @@ class MetaHead(nn.Module):
         hidden = hidden.float()
         return torch.sigmoid(self.pass_rate(hidden)).squeeze(-1), self.log_length(hidden).squeeze(-1)
 
+    def row_losses(self, hidden: torch.Tensor, pass_rates: torch.Tensor, log_lengths: torch.Tensor,
+                   huber_delta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row [N]: -p_obs log p - (1 - p_obs) log(1 - p), Huber_delta(u - log L_obs) (0 where
+        log_lengths is not finite: no correct solution), and the pass-rate logit."""
+        logit = self.pass_rate(hidden.float()).squeeze(-1)
+        ce = F.binary_cross_entropy_with_logits(logit, pass_rates.float(), reduction="none")
+        u = self.log_length(hidden.float()).squeeze(-1)
+        has_len = torch.isfinite(log_lengths)
+        target = torch.where(has_len, log_lengths.float(), u.detach())  # no NaN in the graph
+        huber = F.huber_loss(u, target, delta=huber_delta, reduction="none")
+        return ce, torch.where(has_len, huber, 0.0), logit
+
     def loss(self, hidden: torch.Tensor, pass_rates: torch.Tensor,
              mean_correct_lengths: torch.Tensor, huber_delta: float = 1.0) -> tuple[torch.Tensor, dict]:
         """pass_rates [N] in [0,1]; mean_correct_lengths [N] (NaN where no solution was correct)."""
-        logit = self.pass_rate(hidden.float()).squeeze(-1)
-        ce = F.binary_cross_entropy_with_logits(logit, pass_rates.float())
-        log_len = self.log_length(hidden.float()).squeeze(-1)
-        has_len = torch.isfinite(mean_correct_lengths) & (mean_correct_lengths > 0)
-        if has_len.any():
-            target = torch.log(mean_correct_lengths[has_len].float())
-            huber = F.huber_loss(log_len[has_len], target, delta=huber_delta)
-        else:
-            huber = log_len.sum() * 0.0
+        log_lengths = torch.log(mean_correct_lengths.float())  # NaN / -inf where none
+        ce, huber, logit = self.row_losses(hidden, pass_rates, log_lengths, huber_delta)
+        ce = ce.mean()
+        huber = huber.sum() / torch.isfinite(log_lengths).sum().clamp_min(1)
         p = torch.sigmoid(logit.detach())
         return ce + huber, {"head/loss_ce": ce.item(), "head/loss_len": huber.item(),
                             "head/train_mae": (p - pass_rates).abs().mean().item()}
+
+
+class JointHeadLoss:
+    """The actor's `prompt_state_loss` for joint training (masa.head_loss_weight = w > 0).
+
+    Rows i of a micro-batch: h_i the final hidden state at the last prompt token (with grad),
+    targets (p_obs_i, log L_obs_i) of its problem, NaN where none (meta samples; no correct
+    solution). With N_p, N_L the mini-batch's counts of each target (over DP):
+
+        term = w * [ sum_i CE(p_obs_i, p(h_i)) / N_p + sum_i Huber(u(h_i) - log L_obs_i) / N_L ]
+
+    Every solution group keeps its G samples, which share the prompt and so h, hence the term is w
+    times `MetaHead.loss` over the mini-batch's problems. The head's parameters are constants here:
+    the term trains the backbone, the head is fitted by its own optimiser.
+    """
+
+    def __init__(self, head: MetaHead, weight: float):
+        self.head, self.weight = head, float(weight)
+
+    def __call__(self, hidden: torch.Tensor, targets: torch.Tensor,
+                 normalisers: torch.Tensor) -> torch.Tensor:
+        head = copy.deepcopy(self.head).to(hidden.device).requires_grad_(False)
+        pass_rates, log_lengths = targets[:, 0], targets[:, 1]
+        has_rate = torch.isfinite(pass_rates)
+        ce, huber, _ = head.row_losses(hidden, torch.where(has_rate, pass_rates, 0.0), log_lengths)
+        ce = torch.where(has_rate, ce, 0.0)
+        counts = normalisers.clamp_min(1)
+        return self.weight * (ce.sum() / counts[0] + huber.sum() / counts[1])
+
+
+def joint_targets(pass_rates, mean_correct_lengths) -> torch.Tensor:
+    """[N, 2] (p_obs, log L_obs) rows for `JointHeadLoss`; None entries become NaN."""
+    nan = float("nan")
+    return torch.tensor([[nan if p is None else float(p),
+                          nan if not n else math.log(n)]
+                         for p, n in zip(pass_rates, mean_correct_lengths)],
+                        dtype=torch.float32).reshape(-1, 2)
 
 
 class MetaHeadTrainer:

@@ -7,8 +7,9 @@ Modes:
   1. the M meta rollouts of every problem, parsed into a `MetaPrediction`;
   2. gating (skip predicted zero-variance problems, except an audited fraction that is rolled out
      anyway and not trained) and early cutoff (per-request max_new_tokens) for the solutions.
-  With `masa.predictor=head` the meta-head's predictions (computed by the actor before
-  generation) drive gating and cutoff instead, so gated problems skip their meta rollouts too.
+  With a predictor whose head decides (`masa.predictor=head`, predictors.py) the meta-head's
+  predictions (computed by the actor before generation) drive gating and cutoff instead, so
+  gated problems skip their meta rollouts too.
 - notion hints (any MASA mode): metas first, then each solution prompt gets the notions of one
   parsed prediction appended.
 
@@ -24,6 +25,7 @@ from typing import Optional, Sequence
 from masa_megatron.data.prompts import (PromptConfig, encode_messages, render_meta_prompt,
                                         render_solution_prompt, solution_content)
 from masa_megatron.masa.policies import MetaPrediction
+from masa_megatron.masa.predictors import resolve_predictor
 from masa_megatron.rewards.meta import parse_meta_prediction
 from masa_megatron.rollout.base import Completion, GenerationRequest, SamplingParams
 
@@ -83,6 +85,7 @@ class RolloutPlanner:
     def __init__(self, cfg, tokenizer, engine, gate, cutoff):
         self.cfg, self.tokenizer, self.engine = cfg, tokenizer, engine
         self.gate, self.cutoff = gate, cutoff
+        self.head_decides = resolve_predictor(cfg.masa).head_decides
         self.max_len = cfg.rollout.max_response_length
         self.prompts = prompt_config_from(cfg)
 
@@ -121,7 +124,7 @@ class RolloutPlanner:
         cfg = self.cfg
         mode, masa_cfg, G, M = cfg.masa.mode, cfg.masa, cfg.grpo.group_size, cfg.masa.meta_group_size
         efficient = mode == "masa_efficient" and step >= masa_cfg.efficient_start_step
-        use_head = masa_cfg.predictor == "head"
+        use_head = self.head_decides
         metas_first = mode != "grpo" and (masa_cfg.notion_hints or (efficient and not use_head))
         rng = random.Random(self._seed(step, "audit", 3, round_))
         items = []

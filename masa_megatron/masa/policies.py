@@ -16,7 +16,7 @@ Built-ins:
 - `head_margin` cutoff: min(max_len, ceil(margin * exp(head_log_length))).
 
 Register your own with `@GATING.register("name")` / `@CUTOFF.register("name")`, or name a dotted
-import path in `masa.gating` / `masa.cutoff`.
+import path in `masa.gating` / `masa.cutoff` ("auto": those of the predictor, predictors.py).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from masa_megatron.masa.predictors import resolve_predictor
 from masa_megatron.registry import Registry
 
 GATING = Registry("gating policy")
@@ -82,13 +83,9 @@ def head_margin_cutoff(pred: MetaPrediction, cfg, max_len: int) -> int:
     return max(1, min(max_len, math.ceil(cfg.cutoff_margin * predicted)))
 
 
-_AUTO = {"text": ("text_consensus", "margin_mean"), "both": ("text_consensus", "margin_mean"),
-         "head": ("head_agreement", "head_margin")}
-
-
 def resolve_policies(cfg) -> tuple[Callable, Callable]:
-    """The (gate, cutoff) callables `cfg` (a MASAConfig) selects."""
-    auto_gate, auto_cut = _AUTO[cfg.predictor]
-    gate = GATING.get(auto_gate if cfg.gating == "auto" else cfg.gating)
-    cut = CUTOFF.get(auto_cut if cfg.cutoff == "auto" else cfg.cutoff)
+    """The (gate, cutoff) callables `cfg` (a MASAConfig) selects; "auto": the predictor's."""
+    predictor = resolve_predictor(cfg)
+    gate = GATING.get(predictor.gating if cfg.gating == "auto" else cfg.gating)
+    cut = CUTOFF.get(predictor.cutoff if cfg.cutoff == "auto" else cfg.cutoff)
     return gate, cut

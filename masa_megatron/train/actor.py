@@ -22,6 +22,13 @@ the number of micro-batches n_mb, and DDP averages gradients over DP (scales by 
 sum); the loss handed to Megatron is therefore multiplied by n_mb * DP, which makes the final
 gradient exactly the single-process, single-micro-batch gradient.
 
+Prompt-state loss. When the batch carries `prompt_targets` [N, k], the update adds
+`prompt_state_loss(h, targets, normalisers)` to each micro-batch's policy loss, where h [b, H] is
+the final hidden state (after the final norm, with grad) at each row's last prompt token, i.e.
+the state `prompt_last_hidden` returns, and normalisers [k] are the mini-batch's counts of finite
+targets per column over DP: a loss that sums its rows and divides by them is the mini-batch mean.
+Its gradient reaches the backbone in the same optimizer step (joint meta-head training).
+
 Invariants. With `check_ratio=True`, before the first optimizer step max |exp(logp - old_logp) - 1|
 over the first mini-batch must stay within `ratio_tolerance` (old log-probs recomputed by the same
 model), else `RatioInvariantError`. A non-finite loss or gradient skips the optimizer step
@@ -30,6 +37,7 @@ model), else `RatioInvariantError`. A non-finite loss or gradient skips the opti
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
@@ -45,6 +53,7 @@ from masa_megatron.train.optim import load_train_state, save_train_state, unwrap
 
 LossFn = Callable[[MicroBatch, Tensor], tuple[Tensor, dict[str, Tensor]]]
 PerTokenFn = Callable[[Tensor, Tensor], Tensor]
+PromptStateLoss = Callable[[Tensor, Tensor, Tensor], Tensor]  # (h [b, H], targets, normalisers)
 
 
 class RatioInvariantError(RuntimeError):
@@ -144,6 +153,8 @@ class Actor:
         self.is_last_stage = ps.is_pipeline_last_stage()
         # DDP scales gradients by 1/DP unless the config asks for per-token loss scaling
         self._dp_grad_factor = 1 if config.calculate_per_token_loss else self._dp_size
+        # set on the last stage to train on batches with prompt_targets (see the module docstring)
+        self.prompt_state_loss: Optional[PromptStateLoss] = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -192,6 +203,28 @@ class Actor:
                 entropies.append(vocab_parallel_entropy(z).t())
             return vocab_parallel_logprobs(z, labels.t().contiguous()).t()
         return per_token
+
+    @contextmanager
+    def _final_hidden_states(self, enabled: bool = True):
+        """Yields a list that collects the decoder output [T, b, H] (after the final norm) of
+        every forward of the last model chunk, on the last stage only; pop it in loss_func."""
+        captured: list[Tensor] = []
+        if not (enabled and self.is_last_stage):
+            yield captured
+            return
+        decoder = unwrap_model(self.model_chunks[-1]).decoder
+        hook = decoder.register_forward_hook(
+            lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            yield captured
+        finally:
+            hook.remove()
+
+    @staticmethod
+    def _last_prompt_states(mb: MicroBatch, hidden: Tensor) -> Tensor:
+        """[b, H]: the hidden state [T, b, H] at each row's last prompt token."""
+        rows = torch.arange(mb.num_rows, device=hidden.device)
+        return hidden[torch.as_tensor(mb.response_start, device=hidden.device), rows]
 
     def broadcast_from_last_stage(self, obj: Any) -> Any:
         """A picklable object held on the last pipeline stage, returned on every stage."""
@@ -361,8 +394,13 @@ class Actor:
             raise ValueError("batch.old_logprobs is None: call compute_old_logprobs(batch) first")
         cfg = self.cfg
         minis = split_mini_batches(len(batch), cfg.mini_batches_per_step)
+        targets = batch.prompt_targets
+        if targets is not None and self.is_last_stage and self.prompt_state_loss is None:
+            raise ValueError("the batch has prompt_targets but the actor has no prompt_state_loss")
         counts = self._global_counts(
-            [[sum(len(batch.response_ids[i]) for i in idx), len(idx)] for idx in minis])
+            [[sum(len(batch.response_ids[i]) for i in idx), len(idx)]
+             + ([] if targets is None else torch.isfinite(targets[idx]).sum(0).tolist())
+             for idx in minis])
         loss_kwargs = dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                            dual_clip=cfg.dual_clip, agg=cfg.loss_agg, tis_cap=cfg.tis_cap,
                            kl_coef=cfg.kl_coef, kl_type=cfg.kl_type)
@@ -374,20 +412,30 @@ class Actor:
         _, template = policy_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1),
                                   torch.ones(1, 1, dtype=torch.bool), **loss_kwargs,
                                   **{name: torch.zeros(1, 1) for name in used})
+        keys = list(template) + ([] if targets is None else ["prompt_state_loss"])
         steps = []
-        for _epoch in range(cfg.ppo_epochs):
-            for index, samples in enumerate(minis):
-                tokens, seqs = counts[index].clamp_min(1).tolist()
+        with self._final_hidden_states(enabled=targets is not None) as hidden_states:
+            for _epoch in range(cfg.ppo_epochs):
+                for index, samples in enumerate(minis):
+                    tokens, seqs = counts[index, :2].clamp_min(1).tolist()
+                    norms = counts[index, 2:].to(self.device, torch.float32)
 
-                def loss_of(mb: MicroBatch, logprobs: Tensor, tokens=tokens, seqs=seqs):
-                    extra = {name: mb.per_token.get(name, torch.zeros_like(logprobs))
-                             for name in used}  # absent only on a padding-only micro-batch
-                    return policy_loss(logprobs, mb.per_token["old_logprobs"], mb.advantages,
-                                       mb.loss_mask, **loss_kwargs, **extra,
-                                       token_normalizer=tokens, seq_normalizer=seqs)
+                    def loss_of(mb: MicroBatch, logprobs: Tensor, tokens=tokens, seqs=seqs,
+                                norms=norms):
+                        extra = {name: mb.per_token.get(name, torch.zeros_like(logprobs))
+                                 for name in used}  # absent only on a padding-only micro-batch
+                        loss, metrics = policy_loss(
+                            logprobs, mb.per_token["old_logprobs"], mb.advantages, mb.loss_mask,
+                            **loss_kwargs, **extra, token_normalizer=tokens, seq_normalizer=seqs)
+                        if targets is not None:
+                            hidden = self._last_prompt_states(mb, hidden_states.pop())
+                            term = self.prompt_state_loss(hidden, mb.prompt_targets, norms)
+                            metrics["prompt_state_loss"] = term.detach().to(torch.float64)
+                            loss = loss + term
+                        return loss, metrics
 
-                steps.append(self._train_step(self._micro_batches(batch, samples), loss_of,
-                                              list(template), check_ratio and not steps))
+                    steps.append(self._train_step(self._micro_batches(batch, samples), loss_of,
+                                                  keys, check_ratio and not steps))
         return _summarize_steps(steps, "train")
 
     def sft_step(self, prompt_ids_list: Sequence[Sequence[int]],
@@ -421,24 +469,17 @@ class Actor:
         other stages; use broadcast_from_last_stage for what is computed from it)."""
         batch = TrainBatch([list(p) for p in prompt_ids_list], [[0] for _ in prompt_ids_list])
         micro = self._micro_batches(batch, range(len(batch)))
-        captured: list[Tensor] = []
-        decoder = unwrap_model(self.model_chunks[-1]).decoder
-        hook = decoder.register_forward_hook(
-            lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
-
-        def collect(mb: MicroBatch, unused: Tensor, non_loss_data: bool = True):
-            hidden = captured.pop()  # [T, b, h]
-            rows = torch.arange(mb.num_rows, device=hidden.device)
-            starts = torch.as_tensor(mb.response_start, device=hidden.device)
-            return hidden[starts, rows].float()
-
         for chunk in self.model_chunks:
             chunk.eval()
         try:
-            store = self._run(micro, lambda labels, logits: labels, collect,
-                              forward_only=True, collect=True)
+            with self._final_hidden_states() as captured:
+
+                def collect(mb: MicroBatch, unused: Tensor, non_loss_data: bool = True):
+                    return self._last_prompt_states(mb, captured.pop()).float()
+
+                store = self._run(micro, lambda labels, logits: labels, collect,
+                                  forward_only=True, collect=True)
         finally:
-            hook.remove()
             for chunk in self.model_chunks:
                 chunk.train()
         if not self.is_last_stage:
@@ -477,6 +518,8 @@ def _summarize_steps(steps: list[dict[str, float]], prefix: str) -> dict[str, fl
         f"{prefix}/skipped_step": sum(s["skipped_step"] for s in steps),
         f"{prefix}/optimizer_steps": float(len(applied)),
     })
+    if "prompt_state_loss" in steps[0]:
+        out[f"{prefix}/prompt_state_loss"] = sum(s["prompt_state_loss"] for s in steps) / len(steps)
     if "step0_ratio_dev_max" in steps[0]:
         out[f"{prefix}/step0_ratio_dev_max"] = steps[0]["step0_ratio_dev_max"]
     return out

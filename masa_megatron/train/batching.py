@@ -19,6 +19,7 @@ num_rows x (longest row) <= token_budget. A row longer than the budget gets a mi
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Sequence
 
@@ -37,6 +38,8 @@ class TrainBatch:
     per sample (old_logprobs is what `Actor.logprobs` returns; rollout_logprobs come from the
     engine and drive truncated importance sampling; ref_logprobs drive a KL penalty).
     group_ids: optional GRPO group of each sample (for `split_for_data_parallel`).
+    prompt_targets: optional [N, k] float32 targets of a loss on the final hidden state at each
+    sample's last prompt token (`Actor.prompt_state_loss`); NaN where a sample has no target.
     """
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
@@ -45,6 +48,7 @@ class TrainBatch:
     rollout_logprobs: Optional[list[Tensor]] = None
     ref_logprobs: Optional[list[Tensor]] = None
     group_ids: Optional[list[int]] = None
+    prompt_targets: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         n = len(self.prompt_ids)
@@ -69,6 +73,11 @@ class TrainBatch:
                     raise ValueError(f"{name}[{i}] has {len(v)} values for {len(r)} tokens")
         if self.group_ids is not None and len(self.group_ids) != n:
             raise ValueError(f"group_ids: {len(self.group_ids)} entries for {n} samples")
+        if self.prompt_targets is not None:
+            self.prompt_targets = torch.as_tensor(self.prompt_targets, dtype=torch.float32)
+            if self.prompt_targets.dim() != 2 or self.prompt_targets.shape[0] != n:
+                raise ValueError(f"prompt_targets: shape {tuple(self.prompt_targets.shape)} "
+                                 f"for {n} samples (want [{n}, k])")
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -88,7 +97,9 @@ class TrainBatch:
             prompt_ids=pick(self.prompt_ids), response_ids=pick(self.response_ids),
             advantages=self.advantages[list(indices)] if len(indices) else torch.zeros(0),
             old_logprobs=pick(self.old_logprobs), rollout_logprobs=pick(self.rollout_logprobs),
-            ref_logprobs=pick(self.ref_logprobs), group_ids=pick(self.group_ids))
+            ref_logprobs=pick(self.ref_logprobs), group_ids=pick(self.group_ids),
+            prompt_targets=None if self.prompt_targets is None
+            else self.prompt_targets[list(indices)])
 
 
 @dataclass
@@ -103,6 +114,7 @@ class MicroBatch:
     response_start: list[int]        # column of each row's first response log-prob (P - 1)
     response_len: list[int]          # R per row
     per_token: dict[str, Tensor] = field(default_factory=dict)  # [b, T] float32 each
+    prompt_targets: Optional[Tensor] = None  # [b, k] float32 (NaN: no target), see TrainBatch
 
     @property
     def num_rows(self) -> int:
@@ -134,12 +146,14 @@ def pack_micro_batch(batch: TrainBatch, indices: Sequence[int],
     without samples still takes part in the collective forward/backward with it.
     """
     indices = list(indices)
+    targets = batch.prompt_targets
     if not indices:
         zeros = torch.zeros(1, 1, dtype=torch.long)
         return MicroBatch([], zeros, zeros.clone(), zeros.clone(),
                           torch.zeros(1, 1, dtype=torch.bool), torch.zeros(1), [0], [0],
                           {name: torch.zeros(1, 1) for name in PER_TOKEN_FIELDS
-                           if getattr(batch, name) is not None})
+                           if getattr(batch, name) is not None},
+                          None if targets is None else torch.full((1, targets.shape[1]), math.nan))
     lengths = [max(len(batch.prompt_ids[i]) + len(batch.response_ids[i]) - 1, 1) for i in indices]
     width = max(lengths) if pad_to is None else pad_to
     if width < max(lengths):
@@ -166,7 +180,8 @@ def pack_micro_batch(batch: TrainBatch, indices: Sequence[int],
         counts.append(count)
     position_ids = torch.arange(width, dtype=torch.long).unsqueeze(0).expand(b, -1).contiguous()
     return MicroBatch(indices, tokens, position_ids, labels, loss_mask,
-                      batch.advantages[indices].clone(), starts, counts, per_token)
+                      batch.advantages[indices].clone(), starts, counts, per_token,
+                      None if targets is None else targets[indices].clone())
 
 
 def plan_micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:

@@ -8,6 +8,7 @@
     advantages= GRPO within each group (solution and meta groups apart)   (algo/advantages.py)
     old logp  = actor forward (separate from the update)                   (train/actor.py)
     update    = PPO loss, one optimizer step per mini-batch                (train/actor.py)
+                (+ masa.head_loss_weight x meta-head loss through the backbone, when > 0)
     head fit  = meta-head on this step's statistics (incl. audited problems)
     sync      = engine.update_weights
     log, checkpoint
@@ -27,7 +28,9 @@ import torch
 from masa_megatron.algo.advantages import grpo_advantages
 from masa_megatron.data.prompts import render_solution_prompt
 from masa_megatron.errors import TrainingStopped
-from masa_megatron.masa.scoring import (build_samples, drop_zero_variance_groups,
+from masa_megatron.masa.meta_head import joint_targets
+from masa_megatron.masa.predictors import head_in_use
+from masa_megatron.masa.scoring import (SOLUTION, build_samples, drop_zero_variance_groups,
                                         grade_solutions, relabel_for_cloning, score_metas)
 
 
@@ -101,6 +104,7 @@ def run_step(parts: LoopParts, step: int) -> dict[str, float]:
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
         advantages = grpo_advantages(rewards, [s.group_id for s in samples], eps=cfg.grpo.adv_eps)
         train_batch = parts.actor.make_batch(samples, advantages)
+        train_batch.prompt_targets = joint_head_targets(parts, samples, stats)
         with timer("logprob"):
             logprob_metrics = parts.actor.compute_old_logprobs(train_batch)
         with timer("train"):
@@ -132,7 +136,7 @@ def _informative_problems(items, stats) -> int:
 
 
 def predict_heads(parts: LoopParts, problems: list[str]) -> Optional[list[tuple[float, float]]]:
-    if parts.cfg.masa.predictor == "text" or parts.cfg.masa.mode == "grpo":
+    if not head_in_use(parts.cfg.masa):
         return None
     prompts = [render_solution_prompt(parts.tokenizer, p, parts.planner.prompts) for p in problems]
     hidden = parts.actor.prompt_last_hidden(prompts)
@@ -140,9 +144,22 @@ def predict_heads(parts: LoopParts, problems: list[str]) -> Optional[list[tuple[
     return parts.actor.broadcast_from_last_stage(preds)
 
 
+def joint_head_targets(parts: LoopParts, samples, stats) -> Optional[torch.Tensor]:
+    """Joint head training (masa.head_loss_weight > 0): per sample, its problem's observed
+    (pass rate, log mean correct length) for solution samples, NaN for meta samples. Sample
+    group 2j holds the solutions of problem j (scoring.build_samples)."""
+    if parts.cfg.masa.head_loss_weight <= 0 or not head_in_use(parts.cfg.masa):
+        return None
+    rows = [stats[s.group_id // 2] if s.kind == SOLUTION else None for s in samples]
+    return joint_targets(
+        [None if st is None else st.pass_rate for st in rows],
+        [sum(st.correct_lengths) / len(st.correct_lengths) if st and st.correct_lengths else None
+         for st in rows])
+
+
 def train_head(parts: LoopParts, items, stats) -> dict:
     """Fit the meta-head on every problem with solution statistics (trained or audited)."""
-    if parts.cfg.masa.predictor == "text" or parts.cfg.masa.mode == "grpo":
+    if not head_in_use(parts.cfg.masa):
         return {}
     labelled = [(it, st) for it, st in zip(items, stats) if st is not None]
     if not labelled:

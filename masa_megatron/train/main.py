@@ -21,9 +21,10 @@ def build_training(cfg: ExperimentConfig, *, log=print):
     from masa_megatron.data.prompts import filter_by_prompt_length
     from masa_megatron.data.sampler import ResumableSampler
     from masa_megatron.eval.benchmarks import read_problems
-    from masa_megatron.masa.meta_head import MetaHeadTrainer
+    from masa_megatron.masa.meta_head import JointHeadLoss, MetaHeadTrainer
     from masa_megatron.masa.planner import RolloutPlanner, prompt_config_from
     from masa_megatron.masa.policies import resolve_policies
+    from masa_megatron.masa.predictors import head_in_use
     from masa_megatron.metrics import Progress, is_logging_rank, open_sinks
     from masa_megatron.model import build_gpt_model, load_hf_weights
     from masa_megatron.model.checkpoint_io import read_checkpoint_meta
@@ -75,8 +76,10 @@ def build_training(cfg: ExperimentConfig, *, log=print):
                                cfg.data.shuffle)
     planner = RolloutPlanner(cfg, tokenizer, engine, *resolve_policies(cfg.masa))
     head = None
-    if cfg.masa.predictor != "text" and cfg.masa.mode != "grpo" and actor.is_last_stage:
+    if head_in_use(cfg.masa) and actor.is_last_stage:
         head = MetaHeadTrainer(model.config.hidden_size, lr=cfg.masa.head_lr)
+        if cfg.masa.head_loss_weight > 0:  # joint: the head's loss also trains the backbone
+            actor.prompt_state_loss = JointHeadLoss(head.head, cfg.masa.head_loss_weight)
 
     logging_rank = is_logging_rank()
     parts = LoopParts(
@@ -112,6 +115,7 @@ def build_evaluator(cfg: ExperimentConfig, engine, tokenizer, actor, head):
 
     from masa_megatron.eval.benchmarks import read_problems
     from masa_megatron.eval.run import Evaluator, head_predictor
+    from masa_megatron.masa.predictors import head_in_use
     eval_cfg = copy.deepcopy(cfg)
     eval_cfg.masa.mode = "masa" if cfg.trainer.eval_meta_n > 0 else "grpo"
     eval_cfg.masa.notion_hints = False
@@ -120,8 +124,8 @@ def build_evaluator(cfg: ExperimentConfig, engine, tokenizer, actor, head):
     eval_cfg.rollout.temperature = cfg.trainer.eval_temperature
     problems = [(bench.name, p) for path in cfg.data.eval_files
                 for bench in [read_problems(path)] for p in bench.problems]
-    uses_head = cfg.masa.predictor != "text" and cfg.masa.mode != "grpo"
-    predict = head_predictor(actor, head.head if head is not None else None) if uses_head else None
+    predict = (head_predictor(actor, head.head if head is not None else None)
+               if head_in_use(cfg.masa) else None)
     return Evaluator(engine, tokenizer, eval_cfg, predict), problems
 
 

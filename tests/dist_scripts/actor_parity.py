@@ -8,8 +8,10 @@
             Each loads the initial weights, takes this DP rank's groups (uneven tokens), uses a
             small micro-batch budget (several micro-batches of different shapes), and compares
             log-probs, hidden states, loss and updated weights (SGD and Adam) with the reference;
-            checks the NaN skip; TP=2 and DP=2 save checkpoints, which PP=2 resumes from (Adam
-            moments included), and each resumes from its own.
+            checks the NaN skip; repeats the update with a prompt-state loss (the joint meta-head
+            term, some rows without targets) against the reference; TP=2 and DP=2 save
+            checkpoints, which PP=2 resumes from (Adam moments included), and each resumes from
+            its own.
 Writes <out>/<name>_rank<r>.json with the measured differences; raises on a failed check.
 """
 from __future__ import annotations
@@ -79,6 +81,46 @@ def plain_last_hidden(actor, prompts):
     return torch.stack([h[-1, 0] for h in seen])
 
 
+def joint_head_update(out: Path, tp: int, pp: int, budget: int, mine: list[int],
+                      reference: bool) -> dict:
+    """SGD update from the initial weights with the joint meta-head term (a fixed head,
+    w = 0.5, NaN targets on some rows): loss and weights must equal the single process's."""
+    import math
+
+    from masa_megatron.masa.meta_head import JointHeadLoss, MetaHead
+
+    actor, _ = setup_actor(tp, pp, mini_batches=MINI_BATCHES, micro_batch_tokens=budget)
+    load_model(actor, out / "init")
+    head = MetaHead(actor.model_config.hidden_size)
+    gen = torch.Generator().manual_seed(0)
+    for linear in (head.pass_rate, head.log_length):
+        linear.weight.data = 0.3 * torch.randn(linear.weight.shape, generator=gen)
+    actor.prompt_state_loss = JointHeadLoss(head, 0.5)
+    batch = global_order()[0]
+    nan = float("nan")
+    batch.prompt_targets = torch.tensor([[nan if i % 4 == 3 else (i % 5) / 4,
+                                          nan if i % 3 == 0 else math.log(5 + i)]
+                                         for i in range(len(batch))])
+    batch = batch.subset(mine)
+    batch.old_logprobs = actor.logprobs(batch)
+    metrics = actor.update(batch)
+    result = {"joint_loss": metrics["train/loss"],
+              "joint_term": metrics["train/prompt_state_loss"]}
+    check(result["joint_term"] > 0, f"no prompt-state loss: {metrics}")
+    if reference:
+        save_model(actor, out / "final_joint")
+        return result
+    ref = json.loads((out / "ref_rank0.json").read_text())
+    updated = model_state(actor)
+    load_model(actor, out / "final_joint")
+    result = {"joint_loss_vs_ref": max(abs(result[k] - ref[k]) / max(1.0, abs(ref[k]))
+                                       for k in result),  # relative: the term is O(1)
+              "joint_weights_vs_ref": max_abs_diff(updated, model_state(actor))}
+    check(result["joint_loss_vs_ref"] <= TOL_LOSS and result["joint_weights_vs_ref"] <= TOL_WEIGHTS,
+          f"joint meta-head update differs from the reference: {result}")
+    return result
+
+
 def nan_step_is_skipped(actor, batch) -> dict:
     bad = batch.subset(range(len(batch)))
     bad.advantages[0] = bad.advantages[-1] = float("nan")  # first and last mini-batch
@@ -136,6 +178,7 @@ def run_reference(out: Path) -> dict:
     batch.old_logprobs = adam.logprobs(batch)
     result["adam_loss"] = adam.update(batch)["train/loss"]
     save_model(adam, out / "final_adam")
+    result.update(joint_head_update(out, 1, 1, 1 << 20, list(range(len(batch))), reference=True))
     return result
 
 
@@ -179,6 +222,7 @@ def run_layout(out: Path, tp: int, pp: int, budget: int, save: bool,
     result["weights_vs_ref"] = max_abs_diff(updated, model_state(actor))
     check(result["weights_vs_ref"] <= TOL_WEIGHTS, f"updated weights differ: {result}")
     result.update(nan_step_is_skipped(actor, batch))
+    result.update(joint_head_update(out, tp, pp, budget, mine, reference=False))
     for other in load_from:
         actor.load_checkpoint(out / f"ckpt_{other}_sgd")
         restored = model_state(actor)
