@@ -31,8 +31,10 @@ class WarmStartConfig:
     layers: int = 4
     heads: int = 4
     kv_heads: int = 2
-    head_dim: int = 64             # 32 learned to copy operands far slower (Qwen3's q/k norm caps
-    intermediate: int = 384        # attention logits at sqrt(head_dim))
+    # 32 learned to copy operands far slower: Qwen3's q/k norm caps attention logits at
+    # sqrt(head_dim)
+    head_dim: int = 64
+    intermediate: int = 384
     max_position: int = 1024
     max_len: int = 96              # {MAX} of the meta prompt = the demo's max response length
     n_problems: int = 8000         # SFT problems (each gives a solution example, some a meta one)
