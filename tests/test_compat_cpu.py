@@ -40,6 +40,26 @@ def test_patched_functions_are_distinct_objects():
     assert len({id(o) for o in objects}) == len(objects)
 
 
+@pytest.mark.parametrize("sq,skv,window", [(5, 5, (2, 0)), (3, 7, (1, 2)), (6, 6, (0, 0))])
+def test_hot_path_lifts_the_mode_and_mask_helpers_match_megatron(sq, skv, window):
+    """Inside hot_path() a literal device="cuda" fails again (the mode is lifted), and the CPU
+    mask helpers the softmax uses there equal Megatron's own, which run under the mode."""
+    apply_cpu_compat()
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    from masa_megatron.compat.cpu import hot_path
+
+    with hot_path():
+        with pytest.raises((AssertionError, RuntimeError)):
+            torch.zeros(1, device="cuda")
+        causal = fused_softmax.get_default_causal_mask(sq)
+        window_mask = fused_softmax.get_sliding_window_causal_mask(sq, skv, window)
+    assert torch.equal(causal, utils.get_default_causal_mask(sq))
+    assert torch.equal(window_mask, utils.get_sliding_window_causal_mask(sq, skv, window))
+    assert torch.zeros(1, device="cuda").device.type == "cpu"   # mode back on after the block
+
+
 def test_rng_tracker_forks_on_the_cpu_generator():
     apply_cpu_compat()
     from megatron.core.tensor_parallel.random import CudaRNGStatesTracker

@@ -197,6 +197,27 @@ def _patch_rng_tracker() -> None:
         tracker_cls.fork = fork
 
 
+def _patch_mask_helpers() -> None:
+    """Megatron's causal-mask helpers name device="cuda"; the softmax calls them on every forward,
+    inside `hot_path()` where the mode is lifted, so they get CPU versions (same masks)."""
+    try:
+        from megatron.core.fusions import fused_softmax
+    except ImportError:
+        return
+
+    def causal_mask(sq):
+        return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+    def sliding_window_mask(sq, skv, window_size):
+        upper = torch.triu(torch.ones(sq, skv, dtype=torch.bool), diagonal=skv - sq - window_size[0])
+        return ~torch.tril(upper, diagonal=skv - sq + window_size[1])
+
+    for name, value in (("get_default_causal_mask", causal_mask),
+                        ("get_sliding_window_causal_mask", sliding_window_mask)):
+        if hasattr(fused_softmax, name):
+            setattr(fused_softmax, name, value)
+
+
 def _import_megatron_without_compile() -> None:
     """Import megatron.core with its `jit_fuser` (= torch.compile) as the identity.
 
@@ -226,6 +247,16 @@ def _enter_mode() -> None:
     global _MODE
     _MODE = CudaToCpuMode()
     _MODE.__enter__()
+
+
+def hot_path():
+    """Context that lifts the torch function mode (not the other patches) around model compute.
+
+    The mode costs a Python call per torch op (~20 % of a demo step's CPU time). A GPTModel
+    forward and the embedded engine's decode loop place nothing on "cuda" by name (devices come
+    from the patched `torch.cuda.current_device()`), so they run without it; Megatron's schedules
+    and setup code, which do name "cuda", keep it. A null context when the patches are off."""
+    return torch._C.DisableTorchFunction() if _APPLIED else contextlib.nullcontext()
 
 
 def ensure_mode_on_this_thread() -> None:
@@ -275,6 +306,7 @@ def apply_cpu_compat(force: bool = False) -> bool:
             return False
         _import_megatron_without_compile()
         _patch_rng_tracker()
+        _patch_mask_helpers()
         _patch_torch_cuda()
         _enter_mode()
         _APPLIED = True

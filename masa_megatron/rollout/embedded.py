@@ -38,6 +38,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from masa_megatron.compat.cpu import hot_path
 from masa_megatron.rollout.base import (FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Completion,
                                         GenerationRequest, GenerationResult, RolloutEngine,
                                         SamplingParams)
@@ -306,7 +307,7 @@ class EmbeddedEngine(RolloutEngine):
         training = [m.training for m in modules]
         self.model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), hot_path():
                 yield
         finally:
             for module, flag in zip(modules, training):

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from masa_megatron.algo.losses import policy_loss, summarize_policy_metrics
+from masa_megatron.compat.cpu import hot_path
 from masa_megatron.config import GRPOConfig
 from masa_megatron.train.batching import (MicroBatch, TrainBatch, pack_micro_batch,
                                           plan_micro_batches, split_mini_batches)
@@ -175,8 +176,9 @@ class Actor:
         activation). loss_func(mb, output) is the schedule's loss function."""
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            output = model(mb.tokens, mb.position_ids, None, labels=mb.labels,
-                           runtime_gather_output=False)
+            with hot_path():
+                output = model(mb.tokens, mb.position_ids, None, labels=mb.labels,
+                               runtime_gather_output=False)
             return output, partial(loss_func, mb)
 
         heads = [m for m in map(unwrap_model, self.model_chunks) if m.post_process]
