@@ -43,5 +43,11 @@ def test_quick_demo_writes_a_report_with_finite_metrics_for_all_modes(tmp_path):
         meta_tokens = sum(m.get("tokens/meta", 0) for m in steps)
         assert (meta_tokens > 0) == (mode != "grpo"), (mode, meta_tokens)
 
+    # runs were trained in parallel worker processes, each with its own log
+    timing = json.loads((out / "timing.json").read_text())
+    assert timing["jobs"] >= 1 and timing["peak_rss_total_gib"] > 0
+    for mode in MODES:
+        assert f"{mode}-s0 step 3/3" in (out / "runs" / f"{mode}-s0" / "log.txt").read_text()
+
     # the warm start was cached: a second demo reuses it
     assert len(list(cache.glob("warmstart-*"))) == 1

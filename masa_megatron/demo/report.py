@@ -180,8 +180,21 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if _finite(v) and abs(v) < 100 else (f"{v:.0f}" if _finite(v) else "–")
 
 
-def write_demo_report(out: Path, runs: dict, budget) -> Path:
-    """runs: {(mode, seed): (run_dir, wall seconds)} -> plots + summary.md; returns its path."""
+def _timing_lines(timing: dict | None) -> list[str]:
+    if not timing:
+        return []
+    warm = ("the warm start was cached" if timing["warm_start_s"] is None
+            else f"{timing['warm_start_s']:.0f} s of it the warm start")
+    return [f"Wall time {timing['total_s']:.0f} s in all ({warm}), {timing['jobs']} run(s) at "
+            f"a time with "
+            f"{timing['threads_per_job']} thread(s) each; peak resident memory of the runs "
+            f"together {timing['peak_rss_total_gib']:.2f} GiB.", ""]
+
+
+def write_demo_report(out: Path, runs: dict, budget, timing: dict | None = None) -> Path:
+    """runs: {(mode, seed): (run_dir, wall seconds)} -> plots + summary.md; returns its path.
+
+    timing (optional): total_s, warm_start_s, jobs, threads_per_job, peak_rss_total_gib."""
     out = Path(out)
     series = {key: run_series(run_dir) for key, (run_dir, _) in runs.items()}
     grouped = _by_mode(series)
@@ -198,6 +211,7 @@ def write_demo_report(out: Path, runs: dict, budget) -> Path:
              f"max {budget.max_response_length} new tokens; masa_efficient starts at step "
              f"{k_step}. Held-out: {budget.eval_problems} problems x {budget.eval_n} solutions "
              f"(+{budget.eval_meta_n} meta rollouts). 'start' is step 0, 'end' the last step.", "",
+             *_timing_lines(timing),
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) if isinstance(r[c], str) else _fmt(r[c])
                                 for c in cols) + " |" for r in rows]
@@ -205,4 +219,6 @@ def write_demo_report(out: Path, runs: dict, budget) -> Path:
     summary = out / "summary.md"
     summary.write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(rows, indent=1, default=str))
+    if timing:
+        (out / "timing.json").write_text(json.dumps(timing, indent=1))
     return summary

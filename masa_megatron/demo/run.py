@@ -13,14 +13,18 @@ records, the plots and `summary.md` (see demo/report.py).
 from __future__ import annotations
 
 import argparse
+import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 from masa_megatron.errors import UserError
 
 MODES = ("grpo", "masa", "masa_efficient")
+# Rough work per step relative to grpo (tokens per step in benchmarks/results/masa_modes.json);
+# only used to start the longest runs first.
+RELATIVE_COST = {"grpo": 1.0, "masa": 1.7, "masa_efficient": 1.3}
 
 
 @dataclass
@@ -37,6 +41,7 @@ class DemoBudget:
     efficient_start: float = 0.4   # masa_efficient's start step k, as a fraction of the steps
     lr: float = 2e-4
     n_train: int = 2000
+    train_levels: Optional[tuple] = None   # levels of the RL problems (None: all, balanced)
 
 
 QUICK = DemoBudget(steps=3, problems_per_step=2, group_size=4, meta_group_size=2,
@@ -95,6 +100,8 @@ def _parse(argv: Optional[Sequence[str]]):
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " +
                    ", ".join(MODES))
     p.add_argument("--out", default="runs/demo", help="report folder")
+    p.add_argument("--jobs", type=int, default=None, help="runs trained at once, each a "
+                   "process (default: one per CPU core, at most the number of runs)")
     p.add_argument("--cache-dir", default=None, help="where the warm start is cached "
                    "(default $MASA_CACHE_DIR or ~/.cache/masa_megatron)")
     args = p.parse_args(argv)
@@ -106,24 +113,24 @@ def _parse(argv: Optional[Sequence[str]]):
         raise UserError(f"--modes: unknown mode {bad[0]!r}; choose from {', '.join(MODES)}")
     if not seeds:
         raise UserError("--seeds: at least one seed")
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs = {args.jobs}: must be >= 1")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps = {args.steps}: must be >= 1")
     return args, seeds, modes
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import torch
-
     from masa_megatron.data.synthetic import to_verl_rows, generate_problems, write_rows
+    from masa_megatron.demo.jobs import RunSpec, run_specs
     from masa_megatron.demo.report import write_demo_report
-    from masa_megatron.demo.warmstart import WarmStartConfig, warm_start
+    from masa_megatron.demo.warmstart import WarmStartConfig, cached_warm_start, warm_start
 
     args, seeds, modes = _parse(argv)
     budget = QUICK if args.quick else DemoBudget()
     if args.steps is not None:
         budget = replace(budget, steps=args.steps,
                          eval_every=max(1, min(budget.eval_every, args.steps)))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     started = time.time()
     ws = WarmStartConfig(max_len=budget.max_response_length)
@@ -131,18 +138,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ws = replace(ws, steps=500, n_problems=600, meta_fraction=0.5, hidden=64, layers=2,
                      heads=2, kv_heads=1, head_dim=32,
                      intermediate=128)
-    hf_dir = warm_start(ws, Path(args.cache_dir) if args.cache_dir else None)
-    train_file = write_rows(to_verl_rows(generate_problems(budget.n_train, 0, "train"), "train"),
+    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    cached = cached_warm_start(ws, cache_dir) is not None
+    hf_dir = warm_start(ws, cache_dir)
+    warm_s = None if cached else time.time() - started
+    train_file = write_rows(to_verl_rows(generate_problems(budget.n_train, 0, "train",
+                                                           budget.train_levels), "train"),
                             out / "data" / "train.parquet")
     eval_file = write_rows(to_verl_rows(generate_problems(budget.eval_problems, 0, "eval"),
                                         "eval"), out / "data" / "eval.parquet")
-    runs = {}
-    for seed in seeds:
-        for mode in modes:
-            run_dir = out / "runs" / f"{mode}-s{seed}"
-            cfg = run_config(budget, mode, seed, hf_dir, train_file, eval_file, run_dir)
-            print(f"demo: run {mode} seed {seed} ({budget.steps} steps) -> {run_dir}", flush=True)
-            runs[(mode, seed)] = (run_dir, run_one(cfg))
-    summary = write_demo_report(out, runs, budget)
-    print(f"demo: finished in {time.time() - started:.0f} s; report: {summary}")
+    order = sorted(modes, key=lambda m: -RELATIVE_COST[m])   # longest first: better packing
+    jobs = args.jobs or min(len(seeds) * len(modes), os.cpu_count() or 1)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    specs = [RunSpec(mode, seed, asdict(budget), str(hf_dir), str(train_file), str(eval_file),
+                     str(out / "runs" / f"{mode}-s{seed}"), threads)
+             for seed in seeds for mode in order]
+    print(f"demo: {len(specs)} runs of {budget.steps} steps, {jobs} at a time", flush=True)
+    results = run_specs(specs, jobs)
+    runs = {(s.mode, s.seed): (Path(s.run_dir), results[s.name]["wall_s"]) for s in specs}
+    timing = {"total_s": time.time() - started, "warm_start_s": warm_s, "jobs": jobs,
+              "threads_per_job": threads,
+              "peak_rss_total_gib": max(r["peak_rss_total_bytes"] for r in results.values())
+              / 2**30}
+    summary = write_demo_report(out, runs, budget, timing)
+    print(f"demo: finished in {timing['total_s']:.0f} s; report: {summary}")
     return 0

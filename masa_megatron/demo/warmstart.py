@@ -132,11 +132,17 @@ def train_warm_start(cfg: WarmStartConfig, out_dir: Path, log=print) -> None:
         {**asdict(cfg), "final_loss": loss.item()}, default=list, indent=1))
 
 
+def cached_warm_start(cfg: WarmStartConfig, cache_dir: Path | None = None) -> Path | None:
+    """The complete cached folder for `cfg`, or None."""
+    final = Path(cache_dir or default_cache_dir()) / f"warmstart-{cfg.key()}"
+    return final if (final / "warmstart.json").is_file() else None
+
+
 def warm_start(cfg: WarmStartConfig, cache_dir: Path | None = None, log=print) -> Path:
     """The cached warm-start folder for `cfg`, training it first if missing."""
     cache_dir = Path(cache_dir or default_cache_dir())
     final = cache_dir / f"warmstart-{cfg.key()}"
-    if (final / "warmstart.json").is_file():
+    if cached_warm_start(cfg, cache_dir):
         log(f"warm start: reusing {final}")
         return final
     tmp = cache_dir / f".tmp-warmstart-{cfg.key()}-{os.getpid()}"

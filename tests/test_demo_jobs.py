@@ -1,0 +1,30 @@
+"""The demo's worker pool: status lines, and a failed run reported by name with its log."""
+from pathlib import Path
+
+import pytest
+
+from masa_megatron.demo.jobs import RunSpec, _last_progress, run_specs
+from masa_megatron.demo.run import QUICK
+from masa_megatron.errors import UserError
+
+
+def test_last_progress_picks_the_newest_line_of_that_run(tmp_path):
+    log = tmp_path / "log.txt"
+    assert _last_progress(log, "grpo-s0") == ""           # no log yet
+    log.write_text("noise\ngrpo-s0 step 1/5 | 2.0 s/it | ETA 0:00:08 | solution/accuracy=0.1 | "
+                   "gating/fraction=0\nwarning\ngrpo-s0 step 2/5 | 2.0 s/it | ETA 0:00:06 | "
+                   "solution/accuracy=0.25 | x=1\n")
+    assert _last_progress(log, "grpo-s0") == "grpo-s0 step 2/5 ETA 0:00:06 solution/accuracy=0.25"
+    assert _last_progress(log, "masa-s0") == ""
+
+
+def test_failed_runs_are_named_with_their_log_tail_after_the_others_finish(tmp_path):
+    from dataclasses import asdict
+    specs = [RunSpec(mode, 0, asdict(QUICK), str(tmp_path / "no-such-model"),
+                     str(tmp_path / "train.parquet"), str(tmp_path / "eval.parquet"),
+                     str(tmp_path / "runs" / mode)) for mode in ("grpo", "masa")]
+    with pytest.raises(UserError) as err:
+        run_specs(specs, jobs=2, log=lambda message: None, poll_s=0.2)
+    text = str(err.value)
+    assert "2 run(s) failed: grpo-s0, masa-s0" in text
+    assert str(Path(specs[0].run_dir) / "log.txt") in text and "no-such-model" in text
