@@ -191,3 +191,29 @@ def test_joint_head_loss_trains_the_backbone_and_the_head_still_learns(trainer):
     targets = batch.prompt_targets[rows]
     expected, _ = head.loss(states, targets[:, 0], targets[:, 1].exp())
     assert later["train/prompt_state_loss"] == pytest.approx(weight * expected.item(), rel=1e-4)
+
+
+def test_trainer_hands_every_engine_the_whole_config(hf_folder, tmp_path):
+    """SGLang needs model.hf_path and trainer.output_dir besides the rollout section, so the
+    trainer builds any registered engine from the ExperimentConfig."""
+    from masa_megatron.rollout.base import ENGINES
+    from masa_megatron.rollout.embedded import EmbeddedEngine
+
+    seen = []
+
+    class Recording(EmbeddedEngine):
+        @classmethod
+        def from_config(cls, model, cfg, **kwargs):
+            seen.append(cfg)
+            return super().from_config(model, cfg, **kwargs)
+
+    ENGINES.register("test-recording", Recording, override=True)
+    cfg = make_cfg(hf_folder, tmp_path, "grpo")
+    cfg.rollout.engine = "test-recording"
+    init_parallel(cfg.parallel, seed=cfg.model.seed)
+    try:
+        parts, _ = build_training(cfg, log=lambda m: None)
+        assert isinstance(parts.engine, Recording)
+        assert seen and seen[0] is cfg and seen[0].model.hf_path == str(hf_folder)
+    finally:
+        destroy_parallel()

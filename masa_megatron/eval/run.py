@@ -172,7 +172,7 @@ def evaluate(policy, args: argparse.Namespace, *, log=print) -> dict:
 
     model, tokenizer, hf_dir, head = policy
     cfg = eval_config(args, hf_dir)
-    engine = EmbeddedEngine.from_config(model, cfg.rollout, vocab_size=len(tokenizer),
+    engine = EmbeddedEngine.from_config(model, cfg, vocab_size=len(tokenizer),
                                         eos_token_ids=[tokenizer.eos_token_id])
     predict = None
     if head is not None:

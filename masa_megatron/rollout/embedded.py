@@ -128,9 +128,11 @@ class EmbeddedEngine(RolloutEngine):
         self._device = next(self.gpt.parameters()).device
 
     @classmethod
-    def from_config(cls, model: Any, rollout_cfg: Any, *, vocab_size: Optional[int] = None,
+    def from_config(cls, model: Any, cfg: Any, *, vocab_size: Optional[int] = None,
                     eos_token_ids: Sequence[int] = (), **kwargs: Any) -> "EmbeddedEngine":
-        """From a `RolloutConfig` (seed; context = max prompt + max response length)."""
+        """From an `ExperimentConfig` or its `RolloutConfig` (seed; context = max prompt + max
+        response length). Every engine's from_config takes the ExperimentConfig (train/main.py)."""
+        rollout_cfg = getattr(cfg, "rollout", cfg)
         context = rollout_cfg.max_prompt_length + rollout_cfg.max_response_length
         return cls(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids,
                    seed=rollout_cfg.seed, max_context_length=context, **kwargs)

@@ -56,8 +56,8 @@ def build_training(cfg: ExperimentConfig, *, log=print):
     vocab = len(tokenizer)
     actor = Actor(chunks, optimizer, scheduler, cfg.grpo, temperature=cfg.rollout.temperature,
                   vocab_size=vocab, ratio_tolerance=cfg.trainer.ratio_tolerance)
-    engine = get_engine_class(cfg.rollout.engine).from_config(
-        model, cfg.rollout, vocab_size=vocab, eos_token_ids=[tokenizer.eos_token_id])
+    engine = get_engine_class(cfg.rollout.engine).from_config(   # the whole config: SGLang
+        model, cfg, vocab_size=vocab, eos_token_ids=[tokenizer.eos_token_id])
 
     problems, skipped = [], 0
     for path in cfg.data.train_files:
