@@ -100,6 +100,10 @@ class GRPOConfig:
     adv_eps: float = 1e-6
     ppo_epochs: int = 1
     mini_batches_per_step: int = 1
+    # recompute: a no-grad forward before the update gives old_logp (also logs entropy and the
+    # trainer-vs-engine gap). policy: old_logp = the update's own logp, detached (ratio exactly
+    # 1; the same gradient, one forward less); only with one optimizer step per RL step.
+    old_logprobs: str = "recompute"
     micro_batch_tokens: int = 16384        # token budget per micro-batch
     dynamic_sampling: bool = False         # DAPO: drop zero-variance groups after generation
     dynamic_sampling_max_rounds: int = 1   # >1: over-sample to refill the batch
@@ -278,6 +282,7 @@ _CHOICES = {
     "rollout.weight_sync": ("disk", "broadcast", "tensor"),
     "grpo.loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
     "grpo.kl_type": ("k1", "k3"),
+    "grpo.old_logprobs": ("recompute", "policy"),
     "masa.mode": ("grpo", "masa", "masa_efficient"),
     "masa.parser": ("robust", "reference"),
     "masa.max_source": ("response", "prompt"),
@@ -378,6 +383,10 @@ def validate_static(cfg: ExperimentConfig) -> None:
     if cfg.masa.mode != "grpo" and cfg.masa.meta_group_size < 2:
         _fail("masa.meta_group_size", cfg.masa.meta_group_size,
               "MASA meta rollouts are GRPO groups too and need at least 2")
+    if cfg.grpo.old_logprobs == "policy" and (cfg.grpo.ppo_epochs, cfg.grpo.mini_batches_per_step) \
+            != (1, 1):
+        _fail("grpo.old_logprobs", "policy", "needs grpo.ppo_epochs = 1 and "
+              "grpo.mini_batches_per_step = 1 (later optimizer steps need the pre-update log-probs)")
     if cfg.grpo.dual_clip is not None and cfg.grpo.dual_clip <= 1.0:
         _fail("grpo.dual_clip", cfg.grpo.dual_clip, "dual clip constant must be > 1")
     if cfg.grpo.tis_cap is not None and cfg.grpo.tis_cap <= 0:

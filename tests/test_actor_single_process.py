@@ -84,6 +84,31 @@ def test_micro_batch_budget_does_not_change_the_update(fresh):
     assert one["train/step0_ratio_dev_max"] <= 1e-5 and one["train/optimizer_steps"] == 2
 
 
+def test_policy_old_logprobs_give_the_same_update_as_the_recompute(fresh):
+    """On-policy (one optimizer step), old_logp = the update's own logp detached: same loss and
+    weights as recomputing them in a separate forward first."""
+    cfg = fresh.cfg
+    saved = cfg.mini_batches_per_step, cfg.ppo_epochs, cfg.old_logprobs
+    cfg.mini_batches_per_step, cfg.ppo_epochs, cfg.old_logprobs = 1, 1, "recompute"
+    try:
+        batch = make_batch()
+        batch.old_logprobs = fresh.logprobs(batch)
+        start = model_state(fresh)
+        recomputed = fresh.update(batch)
+        after_recompute = model_state(fresh)
+        _restore(fresh, start)
+        cfg.old_logprobs, batch.old_logprobs = "policy", None
+        policy = fresh.update(batch)
+        assert abs(recomputed["train/loss"] - policy["train/loss"]) <= 1e-6
+        assert max_abs_diff(after_recompute, model_state(fresh)) <= 1e-6
+        assert max_abs_diff(start, after_recompute) > 1e-3   # the update did something
+        cfg.mini_batches_per_step = 2
+        with pytest.raises(ValueError, match="one optimizer step"):
+            fresh.update(batch)
+    finally:
+        cfg.mini_batches_per_step, cfg.ppo_epochs, cfg.old_logprobs = saved
+
+
 def test_ratio_invariant_fires_on_stale_old_logprobs(fresh):
     from masa_megatron.train.actor import RatioInvariantError
 

@@ -391,10 +391,16 @@ class Actor:
         return out
 
     def update(self, batch: TrainBatch, check_ratio: bool = False) -> dict[str, float]:
-        """PPO update: one optimizer step per mini-batch (x ppo_epochs). Metrics on all ranks."""
-        if batch.old_logprobs is None:
-            raise ValueError("batch.old_logprobs is None: call compute_old_logprobs(batch) first")
+        """PPO update: one optimizer step per mini-batch (x ppo_epochs). Metrics on all ranks.
+
+        With grpo.old_logprobs = "policy" and no batch.old_logprobs, old_logp is the update's
+        own logp detached (validated to be one optimizer step)."""
         cfg = self.cfg
+        from_policy = batch.old_logprobs is None and cfg.old_logprobs == "policy"
+        if batch.old_logprobs is None and not from_policy:
+            raise ValueError("batch.old_logprobs is None: call compute_old_logprobs(batch) first")
+        if from_policy and (cfg.ppo_epochs, cfg.mini_batches_per_step) != (1, 1):
+            raise ValueError("old_logprobs='policy' needs one optimizer step per update")
         minis = split_mini_batches(len(batch), cfg.mini_batches_per_step)
         targets = batch.prompt_targets
         if targets is not None and self.is_last_stage and self.prompt_state_loss is None:
@@ -426,8 +432,9 @@ class Actor:
                                 norms=norms):
                         extra = {name: mb.per_token.get(name, torch.zeros_like(logprobs))
                                  for name in used}  # absent only on a padding-only micro-batch
+                        old = logprobs.detach() if from_policy else mb.per_token["old_logprobs"]
                         loss, metrics = policy_loss(
-                            logprobs, mb.per_token["old_logprobs"], mb.advantages, mb.loss_mask,
+                            logprobs, old, mb.advantages, mb.loss_mask,
                             **loss_kwargs, **extra, token_normalizer=tokens, seq_normalizer=seqs)
                         if targets is not None:
                             hidden = self._last_prompt_states(mb, hidden_states.pop())

@@ -105,8 +105,10 @@ def run_step(parts: LoopParts, step: int) -> dict[str, float]:
         advantages = grpo_advantages(rewards, [s.group_id for s in samples], eps=cfg.grpo.adv_eps)
         train_batch = parts.actor.make_batch(samples, advantages)
         train_batch.prompt_targets = joint_head_targets(parts, samples, stats)
-        with timer("logprob"):
-            logprob_metrics = parts.actor.compute_old_logprobs(train_batch)
+        logprob_metrics = {}
+        if cfg.grpo.old_logprobs == "recompute":
+            with timer("logprob"):
+                logprob_metrics = parts.actor.compute_old_logprobs(train_batch)
         with timer("train"):
             train_metrics = parts.actor.update(
                 train_batch, check_ratio=cfg.trainer.check_ratio_invariant)
