@@ -1,8 +1,10 @@
 """Time-to-accuracy on the demo task: grpo vs masa vs masa_efficient (text and head predictors).
 
-Each configuration is a real training run through `masa demo`'s machinery (demo.run.run_config /
-run_one: Megatron actor, embedded engine, train/loop.py) from the demo's cached warm start, with
-the demo's default budget, evaluated on the demo's held-out problems every `--eval-every` steps.
+Each configuration is a real training run through `masa demo`'s machinery (demo.run.run_config,
+trained in `demo.jobs` worker processes, `--jobs` at a time with one torch thread each: Megatron
+actor, embedded engine, train/loop.py) from the demo's cached warm start, with the demo's default
+budget, evaluated on the demo's held-out problems every `--eval-every` steps. Runs that share the
+machine share it the same way (one core each), so their wall times compare.
 
 For a run, T(target) is the first evaluated step whose held-out accuracy (pass@1 at T=1) is at
 least TARGET_ACCURACY; its cost is the training wall time and the generated tokens summed over
@@ -14,7 +16,7 @@ TARGET_ACCURACY is fixed here, before any run: the demo's warm start scores 0.12
 held-out problems (4 samples each); the target asks for +0.025 (~1 standard error of that
 estimate), a gain the 30-step budget can plausibly show.
 
-    python benchmarks/masa_efficiency.py [--seeds 3] [--steps 30] [--eval-every 5]
+    python benchmarks/masa_efficiency.py [--seeds 3] [--steps 30] [--eval-every 5] [--jobs N]
 
 Prints a table and writes benchmarks/results/masa_efficiency.json.
 """
@@ -68,10 +70,11 @@ def speedups(per_seed: dict, name: str) -> dict:
 
 
 def main() -> None:
-    import torch
+    from dataclasses import asdict
 
     from masa_megatron.data.synthetic import generate_problems, to_verl_rows, write_rows
-    from masa_megatron.demo.run import DemoBudget, run_config, run_one
+    from masa_megatron.demo.jobs import RunSpec, run_specs
+    from masa_megatron.demo.run import DemoBudget
     from masa_megatron.demo.warmstart import WarmStartConfig, warm_start
     from masa_megatron.metrics import read_jsonl
 
@@ -80,9 +83,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=DemoBudget.steps)
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--configs", default=",".join(CONFIGS))
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="runs at once, one process and one torch thread each")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     budget = replace(DemoBudget(), steps=args.steps, eval_every=args.eval_every)
     hf_dir = warm_start(WarmStartConfig(max_len=budget.max_response_length))
     work = Path(tempfile.mkdtemp(prefix="masa_efficiency-"))
@@ -93,19 +96,18 @@ def main() -> None:
     names = [n for n in args.configs.split(",") if n]
     per_seed: dict = {}
     for seed in range(args.seeds):
-        per_seed[seed] = {}
+        specs = {name: RunSpec(CONFIGS[name][0], seed, asdict(budget), str(hf_dir),
+                               str(train_file), str(eval_file),
+                               str(work / f"{name.replace('/', '-')}-s{seed}"),
+                               label=name.replace("/", "-"),
+                               overrides={"masa.predictor": CONFIGS[name][1]})
+                 for name in names}
+        run_specs(list(specs.values()), args.jobs)
+        per_seed[seed] = {name: time_to_target(read_jsonl(Path(spec.run_dir) / "metrics.jsonl"),
+                                               TARGET_ACCURACY) for name, spec in specs.items()}
         for name in names:
-            mode, predictor = CONFIGS[name]
-            run_dir = work / f"{name.replace('/', '-')}-s{seed}"
-            cfg = run_config(budget, mode, seed, hf_dir, train_file, eval_file, run_dir)
-            cfg.masa.predictor = predictor
-            cfg.logging.progress = False
-            print(f"run {name} seed {seed}", flush=True)
-            run_one(cfg, log=lambda *a, **k: None)
-            per_seed[seed][name] = time_to_target(read_jsonl(run_dir / "metrics.jsonl"),
-                                                  TARGET_ACCURACY)
-            print(f"  {json.dumps(per_seed[seed][name])}", flush=True)
-            write_results(args, budget, hf_dir, {}, per_seed)   # partial, in case of a stop
+            print(f"{name} seed {seed}: {json.dumps(per_seed[seed][name])}", flush=True)
+        write_results(args, budget, hf_dir, {}, per_seed)   # partial, in case of a stop
     summary = {name: {**speedups(per_seed, name),
                       "reached": sum(bool(per_seed[s][name]["reached"]) for s in per_seed),
                       "median_final_accuracy": statistics.median(

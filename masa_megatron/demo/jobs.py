@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -33,10 +33,12 @@ class RunSpec:
     eval_file: str
     run_dir: str
     threads: int = 1
+    label: str = ""                  # run name prefix (default: the mode)
+    overrides: dict = field(default_factory=dict)   # {"section.field": value} on the config
 
     @property
     def name(self) -> str:
-        return f"{self.mode}-s{self.seed}"
+        return f"{self.label or self.mode}-s{self.seed}"
 
 
 def _rss_bytes(pid: int) -> int:
@@ -160,11 +162,17 @@ def worker(spec_path: str) -> int:
     """Worker entry point: train the run described by the spec file."""
     import torch
 
+    from masa_megatron.config import validate_static
     from masa_megatron.demo.run import DemoBudget, run_config, run_one
     spec = RunSpec(**json.loads(Path(spec_path).read_text()))
     torch.set_num_threads(spec.threads)
     cfg = run_config(DemoBudget(**spec.budget), spec.mode, spec.seed, Path(spec.hf_dir),
                      Path(spec.train_file), Path(spec.eval_file), Path(spec.run_dir))
+    cfg.name = spec.name
+    for key, value in spec.overrides.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    validate_static(cfg)
     run_one(cfg)
     return 0
 

@@ -59,6 +59,7 @@ def run_config(budget: DemoBudget, mode: str, seed: int, hf_dir: Path, train_fil
     cfg.masa.audit_fraction = 0.25
     cfg.grpo.group_size, cfg.masa.meta_group_size = budget.group_size, budget.meta_group_size
     cfg.grpo.micro_batch_tokens = 8192
+    cfg.grpo.old_logprobs = "policy"   # on-policy, one optimizer step: skip the recompute
     r = cfg.rollout
     r.max_response_length, r.max_prompt_length, r.seed = budget.max_response_length, 1024, seed
     cfg.data.train_files, cfg.data.eval_files = [str(train_file)], [str(eval_file)]
