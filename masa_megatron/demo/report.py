@@ -99,6 +99,9 @@ def plot_accuracy(out: Path, grouped: dict) -> Path:
         ax.set_ylabel("held-out accuracy (pass@1)")
         ax.grid(alpha=0.3)
     axes[0].legend()
+    from matplotlib.ticker import FuncFormatter
+    axes[2].set_xlabel("generated tokens (training), thousands")
+    axes[2].xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}"))
     return save_figure(fig, out / "accuracy.png")
 
 
