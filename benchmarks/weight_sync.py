@@ -1,6 +1,7 @@
 """Weight-sync cost against training-step cost, measured in one run (CPU, stand-in server).
 
     python benchmarks/weight_sync.py [--sizes demo,100m] [--repeats 3] [--out benchmarks/results]
+                                     [--sync-dir /dev/shm --name weight_sync_shm]
 
 For each model size: a random HF checkpoint (Llama layout) is loaded into a Megatron GPTModel in
 this process (the trainer, TP=PP=1, fp32) and into the stand-in SGLang server (another process,
@@ -121,6 +122,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--bucket-mb", type=int, default=512)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--sync-dir", default=None, help="parent folder of the checkpoints and "
+                        "disk-sync files (default: the system temp folder; /dev/shm: RAM)")
+    parser.add_argument("--name", default="weight_sync", help="result file <out>/<name>.json")
     args = parser.parse_args()
 
     import torch
@@ -134,7 +138,7 @@ def main() -> None:
                            "torch": torch.__version__,
                            "load_average_1m": os.getloadavg()[0]},
                "settings": vars(args), "sizes": {}}
-    with tempfile.TemporaryDirectory(prefix="masa-wsync-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="masa-wsync-bench-", dir=args.sync_dir) as tmp:
         for size in args.sizes.split(","):
             results["sizes"][size] = run_size(size, args, Path(tmp))
             r = results["sizes"][size]
@@ -144,8 +148,8 @@ def main() -> None:
                             for n in ("disk", "broadcast")), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "weight_sync.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {out / 'weight_sync.json'}")
+    (out / f"{args.name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out / f'{args.name}.json'}")
 
 
 if __name__ == "__main__":
