@@ -133,6 +133,7 @@ def run_specs(specs: list[RunSpec], jobs: int, log: Callable[[str], None] = prin
     for r in results.values():
         r["peak_rss_total_bytes"] = peak_rss
     if failed:
+        failed.sort(key=specs.index)   # in the order given, not the order they ended
         tails = "\n".join(f"--- {s.name}: {Path(s.run_dir) / 'log.txt'} (last lines)\n"
                           + _tail(Path(s.run_dir) / "log.txt") for s in failed)
         raise UserError(f"demo: {len(failed)} run(s) failed: {', '.join(s.name for s in failed)}"
