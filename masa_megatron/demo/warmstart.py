@@ -140,11 +140,12 @@ def cached_warm_start(cfg: WarmStartConfig, cache_dir: Path | None = None) -> Pa
 
 def warm_start(cfg: WarmStartConfig, cache_dir: Path | None = None, log=print) -> Path:
     """The cached warm-start folder for `cfg`, training it first if missing."""
+    cached = cached_warm_start(cfg, cache_dir)
+    if cached:
+        log(f"warm start: reusing {cached}")
+        return cached
     cache_dir = Path(cache_dir or default_cache_dir())
     final = cache_dir / f"warmstart-{cfg.key()}"
-    if cached_warm_start(cfg, cache_dir):
-        log(f"warm start: reusing {final}")
-        return final
     tmp = cache_dir / f".tmp-warmstart-{cfg.key()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
