@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run, for a single H100/H200 machine that has torch with
-# CUDA but no package registry. Bring megatron-core (and its small pure-Python deps) as wheels:
+# CUDA but no package registry. Bring megatron-core and omegaconf (pure Python but for one small
+# extension) as wheels; the rest (transformers, tokenizers, matplotlib, pandas) is on such images:
 #
-#   here:   pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#             --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.19.2
+#   here:   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#             --platform manylinux_2_28_x86_64 -d .whl \
+#             megatron-core==0.16.1 omegaconf==2.4.0 antlr4-python3-runtime==4.13.2
 #   there:  bash benchmarks/gpu_check.sh        (installs .whl/*.whl into /tmp/site first)
 #
 # Results go to $OUT (default benchmarks/results) as JSON; each check prints its own figures.
@@ -20,16 +22,28 @@ else
 fi
 export OUT PY
 status=0
-check() {  # name, command...
-  local name=$1; shift
+check() {  # name, timeout in seconds, command...
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
   echo "=== $name"
-  if "$@"; then echo "=== $name: ok"; else echo "=== $name: FAILED"; status=1; fi
+  if timeout "$limit" "$@"; then echo "=== $name: ok ($((SECONDS - start)) s)"
+  else echo "=== $name: FAILED (exit $?, $((SECONDS - start)) s; limit $limit s)"; status=1; fi
 }
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
-check "tiny model, one RL step (bf16, local spec)" \
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" -c "import megatron.core, omegaconf, transformers; print('megatron-core', megatron.core.__version__, '| transformers', transformers.__version__)" || exit 1
+# Limits are ~3x the expected time on an H100, so a hang costs minutes, not the whole lease.
+check "tiny model, three RL steps (bf16, local spec)" 90 \
   "$PY" benchmarks/gpu_rl_step.py --size tiny --device cuda --out "$OUT/gpu_rl_step_tiny.json"
-check "~1B model, one RL step (bf16, local spec)" \
-  "$PY" benchmarks/gpu_rl_step.py --size 1b --device cuda --out "$OUT/gpu_rl_step_1b.json"
-check "SGLang colocation paths (CUDA IPC tensor sync, offload)" \
+check "SGLang colocation paths (CUDA IPC tensor sync, offload)" 120 \
   bash benchmarks/gpu_checks/sglang_ipc.sh
+check "~1B model, three RL steps (bf16, local spec)" 180 \
+  "$PY" benchmarks/gpu_rl_step.py --size 1b --device cuda --out "$OUT/gpu_rl_step_1b.json"
+# The whole trainer on CUDA: warm start, then grpo / masa / masa_efficient in parallel processes
+# sharing the GPU (NCCL, one rank each). Only the report's two small files are kept.
+DEMO_DIR="${DEMO_DIR:-/tmp/masa_demo_gpu}"
+rm -rf "$DEMO_DIR"
+check "masa demo --quick on CUDA" 150 "$PY" -m masa_megatron.cli demo --quick --out "$DEMO_DIR"
+cp "$DEMO_DIR/summary.md" "$OUT/gpu_demo_summary.md" 2>/dev/null || true
+cp "$DEMO_DIR/timing.json" "$OUT/gpu_demo_timing.json" 2>/dev/null || true
 exit $status

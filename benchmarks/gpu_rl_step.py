@@ -14,6 +14,7 @@ reported separately (decode is memory-bound; MFU is not meaningful there).
 """
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ def main() -> None:
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3,
+                   help="RL steps; the first is a warm-up, the others' medians are reported")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -48,10 +51,9 @@ def main() -> None:
     from masa_megatron.model import build_gpt_model, load_hf_weights
     from masa_megatron.model.tiny import make_tiny_hf_model
     from masa_megatron.parallel import destroy_parallel, init_parallel
-    from masa_megatron.rollout.base import GenerationRequest, SamplingParams
+    from masa_megatron.rollout.base import SamplingParams
     from masa_megatron.rollout.embedded import EmbeddedEngine
     from masa_megatron.train.actor import Actor
-    from masa_megatron.train.batching import TrainBatch
     from masa_megatron.train.optim import build_optimizer, wrap_ddp
 
     shape = dict(SIZES[args.size], max_position_embeddings=args.prompt_len + args.new_tokens + 8)
@@ -68,7 +70,8 @@ def main() -> None:
             n_params = sum(p.numel() for p in model.parameters())
             chunks = wrap_ddp([model], ParallelConfig())
             optimizer, scheduler = build_optimizer(chunks, OptimizerConfig(lr=1e-6, warmup_steps=0),
-                                                   ParallelConfig(), dtype, total_steps=1)
+                                                   ParallelConfig(), dtype,
+                                                   total_steps=args.steps)
             actor = Actor(chunks, optimizer, scheduler, GRPOConfig(micro_batch_tokens=16384),
                           vocab_size=shape["vocab_size"])
             engine = EmbeddedEngine(model, vocab_size=shape["vocab_size"], seed=0,
@@ -79,41 +82,57 @@ def main() -> None:
             sampling = SamplingParams(max_new_tokens=args.new_tokens, n=args.group, seed=1,
                                       ignore_eos=True)
             sync = torch.cuda.synchronize if cuda else (lambda: None)
-            timings = {}
-            sync()
-            t0 = time.perf_counter()
-            results = engine.generate([GenerationRequest(ids, sampling) for ids in prompts])
-            sync()
-            timings["generate_s"] = time.perf_counter() - t0
-            samples = [(pr, c.token_ids) for pr, r in zip(prompts, results) for c in r.completions]
-            gen_tokens = sum(len(t) for _, t in samples)
-            advantages = torch.randn(len(samples), generator=gen)
-            batch = TrainBatch([s[0] for s in samples], [s[1] for s in samples], advantages)
-            t0 = time.perf_counter()
-            actor.compute_old_logprobs(batch)
-            sync()
-            timings["logprob_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            metrics = actor.update(batch, check_ratio=not cuda)
-            sync()
-            timings["update_s"] = time.perf_counter() - t0
-            train_tokens = sum(len(a) + len(b) for a, b in samples)
+            steps = [_one_step(engine, actor, prompts, sampling, gen, sync, cuda)
+                     for _ in range(args.steps)]
+            timed = steps[1:] or steps          # the first step pays for kernel set-up
+            phases = ("generate_s", "logprob_s", "update_s")
+            med = {k: statistics.median(s[k] for s in timed) for k in phases}
+            gen_tokens, train_tokens = steps[-1]["generated_tokens"], steps[-1]["train_tokens"]
             result = {
                 "size": args.size, "device": torch.cuda.get_device_name() if cuda else "cpu",
-                "dtype": dtype, "parameters": n_params, **timings,
-                "step_s": sum(timings.values()),
-                "generated_tokens": gen_tokens,
-                "generate_tokens_per_s": gen_tokens / timings["generate_s"],
-                "update_tokens_per_s": train_tokens / timings["update_s"],
-                "update_mfu": 6 * n_params * train_tokens / timings["update_s"]
+                "dtype": dtype, "parameters": n_params, "steps": args.steps,
+                "timed_steps": len(timed), **med, "step_s": sum(med.values()),
+                "first_step_s": sum(steps[0][k] for k in phases),
+                "generated_tokens": gen_tokens, "train_tokens": train_tokens,
+                "generate_tokens_per_s": gen_tokens / med["generate_s"],
+                "update_tokens_per_s": train_tokens / med["update_s"],
+                "update_mfu": 6 * n_params * train_tokens / med["update_s"]
                 / (args.peak_tflops * 1e12),
-                "ratio_dev_max": metrics.get("train/step0_ratio_dev_max"),
+                "ratio_dev_max": steps[0]["ratio_dev_max"],
                 "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
         finally:
             destroy_parallel()
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+def _one_step(engine, actor, prompts, sampling, gen, sync, cuda: bool) -> dict:
+    """Generate G samples per prompt, recompute old log-probs, one PPO update; phase times."""
+    from masa_megatron.rollout.base import GenerationRequest
+    from masa_megatron.train.batching import TrainBatch
+
+    out = {}
+    sync()
+    t0 = time.perf_counter()
+    results = engine.generate([GenerationRequest(ids, sampling) for ids in prompts])
+    sync()
+    out["generate_s"] = time.perf_counter() - t0
+    samples = [(pr, c.token_ids) for pr, r in zip(prompts, results) for c in r.completions]
+    batch = TrainBatch([s[0] for s in samples], [s[1] for s in samples],
+                       torch.randn(len(samples), generator=gen))
+    t0 = time.perf_counter()
+    actor.compute_old_logprobs(batch)
+    sync()
+    out["logprob_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics = actor.update(batch, check_ratio=not cuda)
+    sync()
+    out["update_s"] = time.perf_counter() - t0
+    out["generated_tokens"] = sum(len(t) for _, t in samples)
+    out["train_tokens"] = sum(len(a) + len(b) for a, b in samples)
+    out["ratio_dev_max"] = metrics.get("train/step0_ratio_dev_max")
+    return out
 
 
 if __name__ == "__main__":
