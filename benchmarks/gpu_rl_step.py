@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                   help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--steps", type=int, default=3,
                    help="RL steps; the first is a warm-up, the others' medians are reported")
     p.add_argument("--peak-tflops", type=float, default=989.0)
@@ -57,7 +59,7 @@ def main() -> None:
     from masa_megatron.train.optim import build_optimizer, wrap_ddp
 
     shape = dict(SIZES[args.size], max_position_embeddings=args.prompt_len + args.new_tokens + 8)
-    dtype = "bf16" if cuda else "fp32"
+    dtype = args.dtype or ("bf16" if cuda else "fp32")
     with tempfile.TemporaryDirectory() as folder:
         make_tiny_hf_model(folder, "llama", eos_token_id=2, bos_token_id=1, **shape)
         init_parallel(ParallelConfig(), seed=0)

@@ -46,6 +46,14 @@ class ParallelLayout:
         return self.pp_rank == self.pp_size - 1
 
 
+def collective_device() -> torch.device:
+    """Where a tensor for a torch.distributed collective must live: this rank's GPU under NCCL
+    (the backend with CUDA), the CPU under gloo."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -88,3 +88,23 @@ def test_fp8_tensors_are_dequantised_on_export():
 
     fake = torch.zeros(2, 2).as_subclass(FakeQuantized)
     assert torch.equal(to_export_tensor(fake, torch.float32), torch.full((2, 2), 2.0))
+
+
+def test_reads_into_a_non_cpu_tensor_go_through_host_memory(tmp_path):
+    """A CUDA parameter has no numpy view to read into, so the reader stages its slice on the
+    host and copies it over (the meta device stands in for CUDA here; the GPU check loads real
+    CUDA parameters)."""
+    from safetensors.torch import save_file
+
+    from masa_megatron.model.safetensors_io import SafetensorsFile
+
+    save_file({"w": torch.arange(12.0).reshape(3, 4)}, str(tmp_path / "m.safetensors"))
+    file = SafetensorsFile(tmp_path / "m.safetensors")
+    try:
+        out = torch.empty(2, 4, device="meta")
+        assert file.read("w", rows=slice(1, 3), out=out) is out
+        host = torch.empty(2, 2)
+        assert torch.equal(file.read("w", rows=slice(1, 3), cols=slice(2, 4), out=host),
+                           torch.tensor([[6.0, 7.0], [10.0, 11.0]]))
+    finally:
+        file.close()

@@ -198,3 +198,28 @@ def test_unsupported_layouts_are_refused(qwen):
 
     with pytest.raises(NotImplementedError, match="virtual pipeline"):
         EmbeddedEngine([model, model])
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_bf16_model_generates_like_its_plain_forward(family, parallel, tmp_path_factory):
+    """A bf16 model (what GPU runs use): every parameter is bf16, and the KV-cached rollout's
+    log-probs are the plain forward's up to bf16 rounding (RoPE in the parameters' dtype, as
+    Megatron applies it)."""
+    from masa_megatron.config import ModelConfig
+    from masa_megatron.model import build_gpt_model, load_hf_weights
+    from masa_megatron.model.tiny import make_tiny_hf_model
+
+    folder = tmp_path_factory.mktemp(f"{family}_bf16")
+    make_tiny_hf_model(folder, family, seed=3)
+    model = build_gpt_model(str(folder), ModelConfig(hf_path=str(folder), dtype="bf16"))
+    load_hf_weights(model, folder)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    reqs = [GenerationRequest(p, _sampled(seed=i, max_new_tokens=6)) for i, p in enumerate(PROMPTS)]
+    results = _engine(model).generate(reqs)
+    sequences = [(list(r.prompt_token_ids), c.token_ids, 1.0)
+                 for r, res in zip(reqs, results) for c in res.completions]
+    logprobs = [c.logprobs for res in results for c in res.completions]
+    for seq, got, ref in zip(sequences, logprobs, _plain_forward_logprobs(model, sequences)):
+        assert len(got) == 6
+        diff = (torch.tensor(got) - ref.float()).abs().max().item()
+        assert diff <= 0.05, (seq, diff)

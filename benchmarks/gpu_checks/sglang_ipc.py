@@ -134,6 +134,7 @@ def main() -> None:
 
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "ipc": check_ipc()}
+    print("ipc:", json.dumps(result["ipc"], indent=1), flush=True)   # kept if offload fails
     with tempfile.TemporaryDirectory() as tmp:
         result["offload"] = check_offload(Path(tmp))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

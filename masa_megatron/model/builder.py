@@ -199,6 +199,12 @@ def build_gpt_model(hf_config: HFConfigLike, model_cfg: ModelConfig, *,
         rotary_base=shape.rope.theta,
         vp_stage=vp_stage,
     )
+    if spec_name == "local":
+        # Megatron's local-spec norms ignore params_dtype (its Float16Module casts them in
+        # training scripts); cast here so a bf16 model is bf16 throughout, as with the TE spec.
+        for param in model.parameters():
+            if param.dtype != config.params_dtype:
+                param.data = param.data.to(config.params_dtype)
     if shape.rope.kind == "llama3":
         model.rotary_pos_emb.inv_freq = llama3_inv_freq(shape.head_dim, shape.rope).to(
             model.rotary_pos_emb.inv_freq.device)

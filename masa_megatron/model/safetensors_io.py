@@ -80,8 +80,9 @@ class SafetensorsFile:
              out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tensor[rows] (or tensor[rows, cols] of a 2-D tensor), read from disk.
 
-        With `out` the result goes there (and is returned): straight from disk when `out` is
-        contiguous and of the file's dtype, else through a temporary (a cast)."""
+        With `out` the result goes there (and is returned): straight from disk when `out` is a
+        contiguous CPU tensor of the file's dtype, else through a host temporary (a cast, or a
+        copy to the GPU)."""
         entry = self._entry(name)
         dtype = _DTYPES.get(entry["dtype"])
         if dtype is None:
@@ -96,7 +97,8 @@ class SafetensorsFile:
                 raise ValueError(f"column slices need a 2-D tensor; '{name}' has {shape}")
             c0, c1, _ = cols.indices(shape[1])
         result_shape = [r1 - r0] + shape[1:] if cols is None else [r1 - r0, c1 - c0]
-        if out is not None and (out.dtype != dtype or not out.is_contiguous()):
+        if out is not None and (out.dtype != dtype or not out.is_contiguous()
+                                or out.device.type != "cpu"):
             out.copy_(self.read(name, rows, cols).reshape(out.shape))
             return out
         if out is None:

@@ -223,7 +223,8 @@ class EmbeddedEngine(RolloutEngine):
         sampling = None
         if self._mp.is_sampler:
             sampling = RowSampling.from_params(
-                [r.params for r in rows], [torch.Generator().manual_seed(r.seed) for r in rows])
+                [r.params for r in rows], [torch.Generator().manual_seed(r.seed) for r in rows],
+                device=dev)
         return _LiveRows(
             index=torch.arange(len(rows), device=dev), width=width, positions=positions,
             real=(slots.unsqueeze(0) >= pads.unsqueeze(1)) if has_pads else None,

@@ -261,8 +261,10 @@ class MegatronStep:
         return out + module.bias, None
 
     def _rotate(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """RoPE as Megatron's unfused bshd path: t * cos + rotate_half(t) * sin."""
+        """RoPE as Megatron's unfused bshd path: t * cos + rotate_half(t) * sin, with cos and sin
+        cast to t's dtype first (as Megatron does; a bf16 model keeps bf16 queries and keys)."""
         dim = cos.size(-1)
+        cos, sin = cos.to(t.dtype), sin.to(t.dtype)
         t, rest = t[..., :dim], t[..., dim:]
         if self.interleaved:
             half = torch.stack((-t[..., 1::2], t[..., ::2]), dim=-1).flatten(-2)

@@ -43,14 +43,17 @@ class RowSampling:
 
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams],
-                    generators: Sequence[Optional[torch.Generator]]) -> "RowSampling":
+                    generators: Sequence[Optional[torch.Generator]],
+                    device: torch.device | str = "cpu") -> "RowSampling":
+        """Settings on `device` (the logits'); the generators stay on the CPU, so a seed draws
+        the same uniforms on any device."""
         greedy = [p.greedy for p in params]
         return cls(
             temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)],
-                                     dtype=torch.float32),
-            greedy=torch.tensor(greedy, dtype=torch.bool),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
+                                     dtype=torch.float32, device=device),
+            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
             generators=list(generators))
 
     def select(self, rows: torch.Tensor) -> "RowSampling":
@@ -84,7 +87,7 @@ def _draw_truncated(logp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     else:
         head_logp, head_ids = logp.sort(dim=-1, descending=True)
     probs = head_logp.exp()
-    rank = torch.arange(probs.size(-1)).unsqueeze(0)
+    rank = torch.arange(probs.size(-1), device=probs.device).unsqueeze(0)
     keep = torch.ones_like(probs, dtype=torch.bool)
     keep &= (top_k.unsqueeze(-1) <= 0) | (rank < top_k.unsqueeze(-1))
     keep &= (probs.cumsum(-1) - probs) <= top_p.unsqueeze(-1)
@@ -100,7 +103,7 @@ def sample_next_tokens(logits: torch.Tensor, rows: RowSampling) -> tuple[torch.T
     tokens = logits.argmax(dim=-1)
     sampled = (~rows.greedy).nonzero().squeeze(-1)
     if sampled.numel():
-        u = _uniforms([rows.generators[i] for i in sampled.tolist()])
+        u = _uniforms([rows.generators[i] for i in sampled.tolist()]).to(logits.device)
         truncated = (rows.top_k[sampled] > 0) | (rows.top_p[sampled] < 1.0)
         plain_rows, trunc_rows = sampled[~truncated], sampled[truncated]
         if plain_rows.numel():

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from masa_megatron.masa.scoring import StepTotals, step_totals
+from masa_megatron.parallel import collective_device
 
 
 @dataclass
@@ -36,7 +37,7 @@ class DataParallelInfo:
     def any_rank(self, flag: bool) -> bool:
         if self.size == 1:
             return flag
-        value = torch.tensor([1.0 if flag else 0.0])
+        value = torch.tensor([1.0 if flag else 0.0], device=collective_device())
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
         return bool(value.item())
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from masa_megatron.parallel import collective_device
 from masa_megatron.rollout.sglang_launch import EngineError
 from masa_megatron.rollout.weight_sync.buckets import MiB
 
@@ -167,7 +168,9 @@ class WeightSync(abc.ABC):
             self.target.urls, "/flush_cache", retries=1)])
         self._session("/end_weight_update")
         if world()[1] > 1:
+            sent = sent.to(collective_device())
             torch.distributed.all_reduce(sent)
+            sent = sent.cpu()
         seconds = time.perf_counter() - start
         if verify:
             self.check(version)
