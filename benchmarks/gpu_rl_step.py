@@ -47,7 +47,10 @@ def main() -> None:
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
-    cuda = torch.cuda.is_available() and args.device != "cpu"
+    if args.device == "cpu" and torch.cuda.is_available():
+        raise SystemExit("--device cpu: the model builder uses CUDA when it is there; "
+                         "run with CUDA_VISIBLE_DEVICES= instead")
+    cuda = torch.cuda.is_available()
 
     from masa_megatron.config import GRPOConfig, ModelConfig, OptimizerConfig, ParallelConfig
     from masa_megatron.model import build_gpt_model, load_hf_weights
@@ -67,8 +70,6 @@ def main() -> None:
             model_cfg = ModelConfig(hf_path=folder, dtype=dtype, layer_spec="local")
             model = build_gpt_model(folder, model_cfg)
             load_hf_weights(model, folder)
-            if cuda:
-                model.cuda()
             n_params = sum(p.numel() for p in model.parameters())
             chunks = wrap_ddp([model], ParallelConfig())
             optimizer, scheduler = build_optimizer(chunks, OptimizerConfig(lr=1e-6, warmup_steps=0),

@@ -205,6 +205,11 @@ def build_gpt_model(hf_config: HFConfigLike, model_cfg: ModelConfig, *,
         for param in model.parameters():
             if param.dtype != config.params_dtype:
                 param.data = param.data.to(config.params_dtype)
+    if torch.cuda.is_available():
+        # as Megatron's get_model: modules built outside Megatron's own layers (the local spec's
+        # torch norms) start on the CPU; without this only DDP's buffers would move them, and
+        # only when it allocates a parameter buffer (the distributed optimizer).
+        model.cuda(torch.cuda.current_device())
     if shape.rope.kind == "llama3":
         model.rotary_pos_emb.inv_freq = llama3_inv_freq(shape.head_dim, shape.rope).to(
             model.rotary_pos_emb.inv_freq.device)
