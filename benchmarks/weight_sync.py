@@ -8,6 +8,10 @@ this process (the trainer, TP=PP=1, fp32) and into the stand-in SGLang server (a
 tests/sglang_standin, the same HTTP API and weight-update paths as SGLang 0.5.x). Measured:
 - step: one training step on the trainer (forward + backward + AdamW) over `--batch` x `--seq`
   tokens, median of `--repeats`, after one warm-up step;
+- generate: the embedded engine's rollout of the demo's batch shape (`--prompts` prompts of
+  `--prompt-len` random tokens x `--group` samples x `--new-tokens` tokens, ignore_eos), median
+  of `--repeats`; an RL step is at least generate + step, and a sync happens once per RL step,
+  so each sync is also reported as a share of that sum (`ratio_to_rl_step`);
 - disk sync: export HF safetensors + POST /update_weights_from_disk (server reloads) + flush;
 - broadcast sync: POST /update_weights_from_distributed per bucket while the trainer broadcasts
   over gloo (the group is opened once, before timing).
@@ -66,6 +70,26 @@ def step_seconds(model, batch: int, seq: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def generate_seconds(model, args) -> float:
+    import torch
+
+    from masa_megatron.rollout.base import GenerationRequest, SamplingParams
+    from masa_megatron.rollout.embedded import EmbeddedEngine
+
+    vocab = model.masa_hf_config["vocab_size"]
+    engine = EmbeddedEngine(model, vocab_size=vocab, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    sampling = SamplingParams(max_new_tokens=args.new_tokens, n=args.group, ignore_eos=True, seed=2)
+    requests = [GenerationRequest(torch.randint(3, vocab, (args.prompt_len,), generator=gen)
+                                  .tolist(), sampling) for _ in range(args.prompts)]
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        engine.generate(requests)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def time_sync(engine, model, repeats: int, name: str) -> dict:
     engine.weight_sync.verify = False
     engine.update_weights(model)                      # warm-up (opens the broadcast group)
@@ -98,7 +122,9 @@ def run_size(size: str, args, workdir: Path) -> dict:
         load_hf_weights(model, folder)
         params = sum(p.numel() for p in model.parameters())
         step = step_seconds(model, args.batch, args.seq, args.repeats)
-        result = {"params": params, "step_seconds": step, "batch": args.batch, "seq": args.seq}
+        generate = generate_seconds(model, args)
+        result = {"params": params, "step_seconds": step, "batch": args.batch, "seq": args.seq,
+                  "generate_seconds": generate, "rl_step_seconds": step + generate}
         for name in ("disk", "broadcast"):
             engine = SGLangEngine(str(folder), urls=[server.url], weight_sync=name,
                                   bucket_mb=args.bucket_mb, sync_dir=str(workdir / f"sync-{size}"),
@@ -108,6 +134,7 @@ def run_size(size: str, args, workdir: Path) -> dict:
             finally:
                 engine.shutdown()
             sync["ratio_to_step"] = sync["seconds"] / step
+            sync["ratio_to_rl_step"] = sync["seconds"] / (step + generate)
             result[name] = sync
         return result
     finally:
@@ -120,6 +147,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--prompts", type=int, default=8, help="generate: prompts (the demo's P)")
+    parser.add_argument("--group", type=int, default=8, help="generate: samples per prompt (G)")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=96, help="the demo's max response")
     parser.add_argument("--bucket-mb", type=int, default=512)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--sync-dir", default=None, help="parent folder of the checkpoints and "
@@ -142,9 +173,11 @@ def main() -> None:
         for size in args.sizes.split(","):
             results["sizes"][size] = run_size(size, args, Path(tmp))
             r = results["sizes"][size]
-            print(f"{size:>5}: {r['params'] / 1e6:6.1f} M params, step {r['step_seconds']:7.2f} s"
-                  + "".join(f" | {n} {r[n]['seconds']:6.2f} s ({100 * r[n]['ratio_to_step']:5.1f}"
-                            f"% of step, {r[n]['bytes_per_s'] / 1e6:7.1f} MB/s)"
+            print(f"{size:>5}: {r['params'] / 1e6:6.1f} M params, step {r['step_seconds']:7.2f} s,"
+                  f" generate {r['generate_seconds']:7.2f} s"
+                  + "".join(f" | {n} {r[n]['seconds']:6.3f} s ({100 * r[n]['ratio_to_step']:4.1f}"
+                            f"% of step, {100 * r[n]['ratio_to_rl_step']:4.1f}% of step + generate,"
+                            f" {r[n]['bytes_per_s'] / 1e6:6.1f} MB/s)"
                             for n in ("disk", "broadcast")), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -82,6 +82,9 @@ class RolloutConfig:
     weight_sync: str = "disk"              # disk | broadcast | tensor
     weight_sync_bucket_mb: int = 512
     weight_sync_verify: bool = False       # compare sampled weights after every sync
+    # broadcast sync: one collective per bucket (load_format "flattened_bucket"); needs an SGLang
+    # whose /update_weights_from_distributed takes load_format (see weight_sync/broadcast.py)
+    weight_sync_flattened_broadcast: bool = False
     colocate: bool = False
     offload_train_state: bool = False
 

@@ -249,3 +249,21 @@ def test_from_config_attaches_to_configured_urls(echo, tmp_path):
         eng.shutdown()
     from masa_megatron.rollout.base import get_engine_class
     assert get_engine_class("sglang") is SGLangEngine
+
+
+def test_flattened_broadcast_is_a_config_choice(echo, tmp_path):
+    from masa_megatron.config import ExperimentConfig
+
+    cfg = ExperimentConfig()
+    cfg.trainer.output_dir = str(tmp_path)
+    cfg.rollout.engine, cfg.rollout.sglang_urls = "sglang", [echo.url]
+    cfg.rollout.weight_sync, cfg.rollout.weight_sync_flattened_broadcast = "broadcast", True
+    eng = SGLangEngine.from_config(None, cfg)
+    try:
+        assert eng.weight_sync.name == "broadcast"
+        assert eng.weight_sync.load_format == "flattened_bucket"
+    finally:
+        eng.shutdown()
+    with pytest.raises(ValueError, match="load_format='zip'"):
+        SGLangEngine(None, urls=[echo.url], weight_sync="broadcast",
+                     sync_options={"load_format": "zip"})

@@ -225,12 +225,11 @@ class SafetensorsWriter:
         if raw is None:
             return
         base = self.data_start + offset
-        if axis == 0:
-            row_bytes = item * _numel(shape[1:])
-            self._pwrite(raw, base + start * row_bytes)
+        row_bytes = item * _numel(shape[1:])
+        if axis == 0 or data.shape[1] == shape[1]:   # whole rows: one contiguous range
+            self._pwrite(raw, base + (start if axis == 0 else 0) * row_bytes)
             return
         rows, width = data.shape[0], data.shape[1] * item
-        row_bytes = shape[1] * item
         for i in range(rows):
             self._pwrite(raw[i * width:(i + 1) * width], base + i * row_bytes + start * item)
 

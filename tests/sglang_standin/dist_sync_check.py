@@ -3,7 +3,8 @@
     python -m torch.distributed.run --nproc_per_node=2 tests/sglang_standin/dist_sync_check.py \
         --hf-dir DIR --url http://127.0.0.1:PORT --out DIR
 
-For each layout (TP=2, then PP=2; gloo on CPU, one launch) and each sync (disk, broadcast): the
+For each layout (TP=2, then PP=2; gloo on CPU, one launch) and each sync (disk, broadcast per
+tensor, broadcast of flattened buckets): the
 trainer perturbs its shards, syncs, and generates through the SGLang engine (the model-parallel
 group's first rank sends, dp_flow broadcasts the results) and with the embedded engine on the
 sharded model. Rank 0 writes <out>/results.json: per layout and sync, whether tokens match,
@@ -52,8 +53,11 @@ def run_layout(args, tp: int, pp: int) -> dict:
     embedded = EmbeddedEngine(model, vocab_size=model.masa_hf_config["vocab_size"],
                               eos_token_ids=[model.masa_hf_config["eos_token_id"]])
     out = {}
-    for k, sync in enumerate(("disk", "broadcast")):
+    variants = {"disk": ("disk", None), "broadcast": ("broadcast", None),
+                "broadcast_flat": ("broadcast", {"load_format": "flattened_bucket"})}
+    for k, (variant, (sync, options)) in enumerate(variants.items()):
         engine = SGLangEngine(args.hf_dir, urls=[args.url], weight_sync=sync, bucket_mb=1,
+                              sync_options=options,
                               sync_dir=str(Path(args.out) / f"sync-tp{tp}pp{pp}"),
                               verify_sync=True, health_timeout_s=60, request_timeout_s=120)
         _perturb(model, seed=10 * tp + pp + k)
@@ -64,7 +68,7 @@ def run_layout(args, tp: int, pp: int) -> dict:
         want = _flatten(embedded.generate(REQUESTS))
         everyone = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(everyone, got)
-        out[sync] = {
+        out[variant] = {
             "tokens_match": [g[0] for g in got] == [w[0] for w in want],
             "reasons_match": [g[2] for g in got] == [w[2] for w in want],
             "max_logprob_diff": max(abs(a - b) for g, w in zip(got, want)

@@ -16,7 +16,8 @@ generation unless ignore_eos, temperature < 1e-6 is greedy, a prompt with prompt
 >= the context length is a 400 naming the context length, weight updates are serialised with
 generation, and the weight-update group is joined with `init_custom_process_group` as SGLang does
 (rank = rank_offset + TP rank, here TP = 1), then tensors arrive by broadcast(src=0) in the
-announced order. Generation requests arriving together are run as one batch in a worker thread.
+announced order (or, with load_format "flattened_bucket", as one flattened tensor). Generation
+requests arriving together are run as one batch in a worker thread.
 """
 from __future__ import annotations
 
@@ -240,8 +241,23 @@ class StandIn:
         if not (len(req.names) == len(req.dtypes) == len(req.shapes)):
             raise ValueError("names, dtypes and shapes differ in length")
         tensors = [torch.empty(s, dtype=getattr(torch, d)) for s, d in zip(req.shapes, req.dtypes)]
-        for tensor in tensors:
-            torch.distributed.broadcast(tensor, src=0, group=group)
+        if req.load_format == "flattened_bucket":
+            # as SGLang's FlattenedTensorBucket of the empty tensors: one 1-D tensor, the listed
+            # tensors back to back in order, received by one broadcast, then viewed apart
+            if len({t.dtype for t in tensors}) > 1:
+                raise ValueError("a flattened bucket holds one dtype")
+            flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype)
+            torch.distributed.broadcast(flat, src=0, group=group)
+            views, start = [], 0
+            for tensor in tensors:
+                views.append(flat[start:start + tensor.numel()].view(tensor.shape))
+                start += tensor.numel()
+            tensors = views
+        elif req.load_format is None:
+            for tensor in tensors:
+                torch.distributed.broadcast(tensor, src=0, group=group)
+        else:
+            raise ValueError(f"unsupported load_format {req.load_format!r}")
         self.backend.load_tensors(list(zip(req.names, tensors)))
         return f"Succeeded to update {len(tensors)} parameters online from distributed."
 

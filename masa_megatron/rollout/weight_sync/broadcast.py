@@ -16,12 +16,19 @@ The group is made the way SGLang makes its side (sglang 0.5.x, python/sglang/srt
 init_custom_process_group: rendezvous over tcp://, PrefixStore(group_name), a new process group
 outside the default one), backend NCCL on GPUs and gloo on CPU.
 
-Per bucket (at most `bucket_bytes` of HF tensors): the sender POSTs
+Per bucket (at most `bucket_bytes` of HF tensors, one dtype): the sender POSTs
 /update_weights_from_distributed {"names", "dtypes" (e.g. "bfloat16"), "shapes", "group_name",
 "flush_cache": false, "weight_version"} to every server and, while the servers wait in their
-matching receives, broadcasts each tensor in that order from rank 0 (SGLang receives with
-torch.distributed.broadcast(src=0) into empty tensors and calls model.load_weights). Stages send
-concurrently, each in its own group; the server serialises the updates.
+matching receives, broadcasts from rank 0 either
+- each tensor in that order (default; SGLang receives with torch.distributed.broadcast(src=0)
+  into empty tensors and calls model.load_weights), or
+- with `load_format="flattened_bucket"` (added to the body), the bucket's tensors back to back
+  as one 1-D tensor: SGLang builds a FlattenedTensorBucket of empty tensors in the listed order,
+  receives it with one broadcast and loads the views (ModelRunner
+  _update_bucketed_weights_from_distributed). One collective per bucket instead of one per
+  tensor; it needs an SGLang whose UpdateWeightsFromDistributedReqInput has `load_format`
+  (later 0.5.x releases; older ones ignore the field and would wait for per-tensor broadcasts).
+Stages send concurrently, each in its own group; the server serialises the updates.
 
 Close: POST /destroy_weights_update_group and destroy the local group. Errors on any rank (HTTP
 failures, a rejected bucket) are raised on every rank after the stage has been drained, so no
@@ -39,8 +46,8 @@ import torch
 
 from masa_megatron.rollout.sglang_launch import EngineError, free_port
 from masa_megatron.rollout.weight_sync import SyncTarget, WeightSync, raise_if_any
-from masa_megatron.rollout.weight_sync.buckets import (bucketize, dtype_name, nbytes,
-                                                       stage_hf_tensors)
+from masa_megatron.rollout.weight_sync.buckets import (bucketize, dtype_name, flatten_bucket,
+                                                       nbytes, stage_hf_tensors)
 
 log = logging.getLogger(__name__)
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -95,8 +102,13 @@ class BroadcastSync(WeightSync):
     name = "broadcast"
 
     def __init__(self, target: SyncTarget, *, master_address: Optional[str] = None,
-                 backend: Optional[str] = None, group_timeout_s: float = 600.0, **common: Any):
+                 backend: Optional[str] = None, group_timeout_s: float = 600.0,
+                 load_format: Optional[str] = None, **common: Any):
         super().__init__(target, **common)
+        if load_format not in (None, "flattened_bucket"):
+            raise ValueError(f"broadcast weight sync: load_format={load_format!r} must be None "
+                             f"(one broadcast per tensor) or 'flattened_bucket'")
+        self.load_format = load_format
         self.master_address = master_address or default_master_address(target.urls)
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.group_timeout = timedelta(seconds=group_timeout_s)
@@ -162,11 +174,14 @@ class BroadcastSync(WeightSync):
         body = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
                 "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
                 "flush_cache": False, "weight_version": str(version)}
+        if self.load_format is not None:
+            body["load_format"] = self.load_format
+        tensors = [flatten_bucket(bucket)[0]] if self.load_format else [t for _, t in bucket]
         pending = self.target.http.submit_all(self.target.urls, "/update_weights_from_distributed",
                                               body, retries=0,
                                               timeout_s=self.group_timeout.total_seconds())
         try:
-            for _, tensor in bucket:
+            for tensor in tensors:
                 torch.distributed.broadcast(tensor, src=0, group=self.group)
         finally:
             replies = pending.result()
