@@ -1,4 +1,6 @@
-"""The SGLang engine against the stand-in server backed by a real tiny Megatron model (CPU).
+"""The SGLang engine against the stand-in server backed by a real tiny Megatron model (CPU; on a
+CUDA machine both sides run on the GPU and tensor sync passes CUDA IPC handles, which is how
+benchmarks/gpu_check.sh runs this file).
 
 One stand-in server for the module; the trainer's model lives in this process (TP=PP=1). Checks:
 generation through HTTP equals the embedded engine (greedy and seeded sampling, n > 1), and each
@@ -95,7 +97,7 @@ def _perturb(model, seed):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+            p.add_(0.02 * torch.randn(p.shape, generator=gen).to(p.device))
 
 
 def test_generate_matches_embedded_engine(server, tiny, trainer, tmp_path):
@@ -137,6 +139,7 @@ def test_stage_hf_tensors_equal_the_hf_checkpoint(tiny, trainer):
     ("tensor", {"load_format": "flattened_bucket"}),
     ("tensor", {"load_format": None}),
     ("broadcast", {}),
+    ("broadcast", {"load_format": "flattened_bucket"}),
 ])
 def test_weight_sync_makes_server_follow_trainer(server, tiny, trainer, tmp_path, sync, options):
     model, embedded = trainer

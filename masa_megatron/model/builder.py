@@ -130,8 +130,12 @@ def _layer_spec(family: FamilySpec, spec_name: str):
     if spec_name == "te":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             qk_layernorm=family.qk_norm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(
+    from masa_megatron.model.sdpa_attention import SDPADotProductAttention
+
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
         qk_layernorm=family.qk_norm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+    return spec
 
 
 def llama3_inv_freq(head_dim: int, rope: RopeSpec) -> torch.Tensor:
