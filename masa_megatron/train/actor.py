@@ -48,6 +48,7 @@ from torch import Tensor
 from masa_megatron.algo.losses import policy_loss, summarize_policy_metrics
 from masa_megatron.compat.cpu import hot_path
 from masa_megatron.config import GRPOConfig
+from masa_megatron.parallel import collective_device
 from masa_megatron.train.batching import (MicroBatch, TrainBatch, pack_micro_batch,
                                           plan_micro_batches, split_mini_batches)
 from masa_megatron.train.optim import load_train_state, save_train_state, unwrap_model
@@ -136,8 +137,7 @@ class Actor:
         self.temperature, self.ratio_tolerance = float(temperature), float(ratio_tolerance)
         hf = getattr(unwrap_model(self.model_chunks[0]), "masa_hf_config", None)
         self.vocab_size = vocab_size or (hf.get("vocab_size") if isinstance(hf, dict) else None)
-        self.device = torch.device("cuda", torch.cuda.current_device()) \
-            if torch.cuda.is_available() else torch.device("cpu")
+        self.device = collective_device()      # micro-batches and collectives live here
         config = get_model_config(self.model_chunks[0])
         if ps.get_pipeline_model_parallel_world_size() > 1:
             config.variable_seq_lengths = True

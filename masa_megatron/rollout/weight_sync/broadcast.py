@@ -26,8 +26,9 @@ matching receives, broadcasts from rank 0 either
   as one 1-D tensor: SGLang builds a FlattenedTensorBucket of empty tensors in the listed order,
   receives it with one broadcast and loads the views (ModelRunner
   _update_bucketed_weights_from_distributed). One collective per bucket instead of one per
-  tensor; it needs an SGLang whose UpdateWeightsFromDistributedReqInput has `load_format`
-  (later 0.5.x releases; older ones ignore the field and would wait for per-tensor broadcasts).
+  tensor, for one bucket-sized copy on the sender; it needs an SGLang whose
+  UpdateWeightsFromDistributedReqInput has `load_format` (later 0.5.x releases; older ones
+  ignore the field and would wait for per-tensor broadcasts).
 Stages send concurrently, each in its own group; the server serialises the updates.
 
 Close: POST /destroy_weights_update_group and destroy the local group. Errors on any rank (HTTP
