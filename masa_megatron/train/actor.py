@@ -1,11 +1,7 @@
 """The actor: log-probs, the PPO update and a supervised step on Megatron model chunks (TP/PP/DP).
 
-Log-probs. For logits z (this TP rank's slice of the vocabulary) and temperature T,
-    logp(y) = log_softmax(z / T)[y] = -vocab_parallel_cross_entropy(z / T, y)
-computed without gathering the full vocabulary (max and sum-exp are all-reduced over TP).
-Megatron's padding columns (ids >= the tokenizer's vocab_size) are set to -inf first, so the
-softmax runs over the true vocabulary, as in the rollout engines. Entropy per token, also
-vocab-parallel: with m = max z, e = exp(z - m), S = sum e:  H = log S - sum(e (z - m)) / S.
+Log-probs and entropies per token come from this TP rank's vocabulary slice without gathering
+the vocabulary (vocab_parallel.py states the maths).
 
 Every forward/backward goes through Megatron's `get_forward_backward_func()`, so pipeline
 parallelism works; micro-batches have different shapes (see batching.py), which the PP p2p
@@ -52,6 +48,8 @@ from masa_megatron.parallel import collective_device
 from masa_megatron.train.batching import (MicroBatch, TrainBatch, pack_micro_batch,
                                           plan_micro_batches, split_mini_batches)
 from masa_megatron.train.optim import load_train_state, save_train_state, unwrap_model
+from masa_megatron.train.vocab_parallel import (scaled_vocab_logits, vocab_parallel_entropy,
+                                                vocab_parallel_logprobs)
 
 LossFn = Callable[[MicroBatch, Tensor], tuple[Tensor, dict[str, Tensor]]]
 PerTokenFn = Callable[[Tensor, Tensor], Tensor]
@@ -60,63 +58,6 @@ PromptStateLoss = Callable[[Tensor, Tensor, Tensor], Tensor]  # (h [b, H], targe
 
 class RatioInvariantError(RuntimeError):
     """The first mini-batch's probability ratio is not 1: old log-probs do not match the model."""
-
-
-class _ScaleAndMaskLogits(torch.autograd.Function):
-    """z -> z / T with columns >= `pad_from` at -inf, in place (forward and backward): no copy
-    of the largest activation, which is consumed only by the cross entropy after it."""
-
-    @staticmethod
-    def forward(ctx, z: Tensor, temperature: float, pad_from: int) -> Tensor:
-        ctx.temperature, ctx.pad_from = temperature, pad_from
-        if temperature != 1.0:
-            z.div_(temperature)
-        z[..., pad_from:] = float("-inf")
-        ctx.mark_dirty(z)
-        return z
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        grad[..., ctx.pad_from:] = 0.0
-        if ctx.temperature != 1.0:
-            grad.div_(ctx.temperature)
-        return grad, None, None
-
-
-def scaled_vocab_logits(logits: Tensor, temperature: float = 1.0,
-                        vocab_size: Optional[int] = None) -> Tensor:
-    """fp32 z / T on this TP rank's vocab slice, with columns of ids >= vocab_size at -inf.
-    Overwrites fp32 logits (the model output is not used again)."""
-    from megatron.core import parallel_state as ps
-
-    z = logits.float()
-    part = z.shape[-1]
-    start = ps.get_tensor_model_parallel_rank() * part
-    pad_from = part if vocab_size is None else min(max(vocab_size - start, 0), part)
-    if temperature == 1.0 and pad_from == part:
-        return z
-    return _ScaleAndMaskLogits.apply(z, float(temperature), pad_from)
-
-
-def vocab_parallel_logprobs(z: Tensor, labels: Tensor) -> Tensor:
-    """log_softmax(z)[label] for vocab-sharded z [..., V/TP]. Overwrites z (Megatron's CE)."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-    return -vocab_parallel_cross_entropy(z, labels)
-
-
-@torch.no_grad()
-def vocab_parallel_entropy(z: Tensor) -> Tensor:
-    """Entropy of softmax(z) per position for vocab-sharded z (see the module docstring)."""
-    from megatron.core import parallel_state as ps
-
-    group = ps.get_tensor_model_parallel_group()
-    m = z.max(dim=-1).values
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    shifted = z - m.unsqueeze(-1)
-    e = shifted.exp()
-    sums = torch.stack([e.sum(-1), torch.where(e > 0, e * shifted, 0.0).sum(-1)])
-    dist.all_reduce(sums, group=group)
-    return sums[0].log() - sums[1] / sums[0]
 
 
 class Actor:
