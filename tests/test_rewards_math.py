@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from masa_megatron.rewards.math import get_pool, grade, grade_batch, last_boxed_content
+from masa_megatron.rewards.grading_pool import get_pool
+from masa_megatron.rewards.math import grade, grade_batch, last_boxed_content
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
