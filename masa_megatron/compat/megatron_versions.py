@@ -5,6 +5,7 @@ rather than comparing version numbers, so a release in between works too.
 from __future__ import annotations
 
 import multiprocessing
+import os
 
 
 def megatron_version() -> tuple[int, int, int]:
@@ -19,14 +20,21 @@ def use_fork_for_checkpoint_queue() -> None:
     Megatron creates it lazily with a spawn-context Manager, whose server process re-imports the
     caller's `__main__`: a script without an `if __name__ == "__main__":` guard hangs forever, and
     one with heavy top-level imports pays them again on every first save (seconds). A forked
-    manager runs only the queue server and inherits everything. No-op when the private global is
-    absent (a release that changed this) or already set."""
+    manager runs only the queue server and inherits everything; it exits when this process dies,
+    SIGKILL included (without that it was left running). No-op when the private global is absent
+    (a release that changed this) or already set."""
+    from multiprocessing.managers import SyncManager
+
+    from masa_megatron.lifecycle import exit_with_parent
+
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
     except ImportError:
         return
     if getattr(filesystem_async, "_results_queue", "absent") is None:
-        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+        manager = SyncManager(ctx=multiprocessing.get_context("fork"))
+        manager.start(initializer=exit_with_parent, initargs=(os.getpid(),))
+        filesystem_async._results_queue = manager.Queue()   # the proxy keeps the manager alive
 
 
 def leave_inference_mode() -> None:

@@ -23,6 +23,8 @@ import time
 from collections import deque
 from typing import Sequence
 
+from masa_megatron.lifecycle import die_with_parent
+
 WORKER_STARTUP_TIMEOUT_S = 120.0
 _MAX_DEATHS_IN_A_ROW = 50
 # Address-space cap per worker (guards against 10^{10^{10}}-style blow-ups); None disables it.
@@ -33,7 +35,7 @@ WORKER_MEMORY_LIMIT_BYTES: int | None = 4 << 30
 def _worker_main(fd: int, memory_limit_bytes: int | None, parent_pid: int) -> None:
     """Worker loop on socket `fd`: receive (task_id, answer, reference), send (task_id, score)."""
     from masa_megatron.rewards.math import verify_answer   # imported by the zygote already
-    _kill_me_when_parent_dies(parent_pid)
+    die_with_parent(signal.SIGKILL, parent_pid)   # a stuck worker must not outlive the zygote
     try:
         import resource
 
@@ -61,18 +63,6 @@ def _worker_main(fd: int, memory_limit_bytes: int | None, parent_pid: int) -> No
             conn.send((task_id, score))
         except (OSError, ValueError):
             return
-
-
-def _kill_me_when_parent_dies(parent_pid: int) -> None:
-    """Linux: SIGKILL this worker when the zygote dies (a stuck worker must not outlive it)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - best effort, other platforms
-        pass
-    if os.getppid() != parent_pid:  # the zygote died before prctl took effect
-        os._exit(0)
 
 
 def _zygote_main(control_fd: int, memory_limit_bytes: int | None) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import ctypes
 import json
 import logging
 import os
@@ -40,10 +39,12 @@ import urllib.error
 import urllib.request
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from masa_megatron.errors import UserError
+from masa_megatron.lifecycle import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +113,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
 _LIVE: "weakref.WeakSet[ManagedProcess]" = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()
 
@@ -136,7 +129,8 @@ class ManagedProcess:
             self.popen = subprocess.Popen(
                 self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=full_env, start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                preexec_fn=partial(die_with_parent, signal.SIGTERM)
+                if sys.platform.startswith("linux") else None)
         with _LIVE_LOCK:
             _LIVE.add(self)
         log.info("started %s (pid %d): %s; log %s", name, self.popen.pid, " ".join(self.cmd),
