@@ -34,8 +34,8 @@ WORKER_MEMORY_LIMIT_BYTES: int | None = 4 << 30
 # ----------------------------------------------------------------------------- worker side
 def _worker_main(fd: int, memory_limit_bytes: int | None, parent_pid: int) -> None:
     """Worker loop on socket `fd`: receive (task_id, answer, reference), send (task_id, score)."""
-    from masa_megatron.rewards.math import verify_answer   # imported by the zygote already
     die_with_parent(signal.SIGKILL, parent_pid)   # a stuck worker must not outlive the zygote
+    from masa_megatron.rewards.math import verify_answer   # imported by the zygote already
     try:
         import resource
 
