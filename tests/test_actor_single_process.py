@@ -109,6 +109,31 @@ def test_policy_old_logprobs_give_the_same_update_as_the_recompute(fresh):
         cfg.mini_batches_per_step, cfg.ppo_epochs, cfg.old_logprobs = saved
 
 
+def test_update_raises_logprobs_of_positive_advantages_and_lowers_negative_ones(fresh):
+    """The policy-gradient sign: one small on-policy step moves every response's log-prob in the
+    direction of its advantage (the largest advantages by magnitude are checked)."""
+    cfg = fresh.cfg
+    saved = cfg.mini_batches_per_step, cfg.ppo_epochs, cfg.old_logprobs
+    cfg.mini_batches_per_step, cfg.ppo_epochs, cfg.old_logprobs = 1, 1, "policy"
+    groups = fresh.optimizer.param_groups
+    lrs = [(g["max_lr"], g["min_lr"]) for g in groups]
+    try:
+        batch = make_batch()
+        before = torch.stack([lp.sum() for lp in fresh.logprobs(batch)])
+        for group in groups:   # a small step, where the first-order sign argument holds
+            group["max_lr"] = group["min_lr"] = 1e-3
+        fresh.update(batch)
+        moved = torch.stack([lp.sum() for lp in fresh.logprobs(batch)]) - before
+    finally:
+        cfg.mini_batches_per_step, cfg.ppo_epochs, cfg.old_logprobs = saved
+        for group, (high, low) in zip(groups, lrs):
+            group["max_lr"], group["min_lr"] = high, low
+    strong = batch.advantages.abs() > 0.5
+    assert int(strong.sum()) >= 6
+    assert bool((torch.sign(moved[strong]) == torch.sign(batch.advantages[strong])).all()), \
+        list(zip(batch.advantages.tolist(), moved.tolist()))
+
+
 def test_ratio_invariant_fires_on_stale_old_logprobs(fresh):
     from masa_megatron.train.actor import RatioInvariantError
 
