@@ -1,20 +1,23 @@
 """Weight-sync cost against training-step cost, measured in one run (CPU, stand-in server).
 
-    python benchmarks/weight_sync.py [--sizes demo,100m] [--repeats 3] [--out benchmarks/results]
+    python benchmarks/weight_sync.py [--sizes demo,7m,100m] [--repeats 3] [--out benchmarks/results]
                                      [--sync-dir /dev/shm --name weight_sync_shm]
 
-For each model size: a random HF checkpoint (Llama layout) is loaded into a Megatron GPTModel in
+For each model size (`SIZES`: the demo's own 1.1M-parameter Qwen3, a 7.1M and a ~100M Llama): a
+random HF checkpoint of that shape is loaded into a Megatron GPTModel in
 this process (the trainer, TP=PP=1, fp32) and into the stand-in SGLang server (another process,
 tests/sglang_standin, the same HTTP API and weight-update paths as SGLang 0.5.x). Measured:
-- step: one training step on the trainer (forward + backward + AdamW) over `--batch` x `--seq`
-  tokens, median of `--repeats`, after one warm-up step;
+- step: one training step on the trainer (forward + backward + AdamW) over the size's batch
+  (`Size.batch` x `Size.seq` tokens; for the demo model the demo's 64 rollouts of 64 tokens),
+  median of `--repeats`, after one warm-up step;
 - generate: the embedded engine's rollout of the demo's batch shape (`--prompts` prompts of
-  `--prompt-len` random tokens x `--group` samples x `--new-tokens` tokens, ignore_eos), median
+  `Size.prompt_len` random tokens x `--group` samples x `--new-tokens` tokens, ignore_eos), median
   of `--repeats`; an RL step is at least generate + step, and a sync happens once per RL step,
   so each sync is also reported as a share of that sum (`ratio_to_rl_step`);
 - disk sync: export HF safetensors + POST /update_weights_from_disk (server reloads) + flush;
 - broadcast sync: POST /update_weights_from_distributed per bucket while the trainer broadcasts
-  over gloo (the group is opened once, before timing).
+  over gloo (the group is opened once, before timing), one broadcast per tensor (`broadcast`,
+  the default) or one flattened tensor per bucket (`broadcast_flat`).
 Each sync's median seconds, its ratio to the step time, and bytes moved per second are printed
 and written to <out>/weight_sync.json. The checks after each sync (sampled weights read back) are
 on, outside the timed region.
@@ -30,24 +33,58 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# name -> the weight sync it times: disk, broadcast (one broadcast per tensor, the default) and
+# broadcast with rollout.weight_sync_flattened_broadcast (one per bucket)
+STRATEGIES = {"disk": None, "broadcast": None,
+              "broadcast_flat": {"load_format": "flattened_bucket"}}
+
+
+class Size(NamedTuple):
+    """A benchmarked model (family and shape) and the batch its training step and rollout use."""
+    family: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    batch: int          # training step: sequences ...
+    seq: int            # ... of this many tokens
+    prompt_len: int     # rollout: prompt tokens (8 prompts x 8 samples x 96 new tokens)
+
+
+def demo_size() -> Size:
+    """The model `masa demo` trains (demo.warmstart.WarmStartConfig; its tokenizer has 603
+    tokens) with the demo's batch: 8 problems x 8 samples of 64 tokens, the mean rollout of a
+    demo run (a 33-token prompt + 31 generated, from its metrics; the actor packs micro-batches
+    longest first, so little padding is added)."""
+    from masa_megatron.demo.warmstart import WarmStartConfig
+
+    w = WarmStartConfig()
+    return Size("qwen3", w.hidden, w.layers, w.heads, w.kv_heads, w.head_dim, w.intermediate,
+                603, batch=64, seq=64, prompt_len=33)
+
 
 SIZES = {
-    # name: (hidden, layers, heads, kv heads, intermediate, vocab)
-    "demo": (256, 4, 4, 2, 688, 8192),
-    "100m": (768, 12, 12, 4, 2048, 16000),
+    "demo": demo_size,   # 1.1M parameters
+    "7m": lambda: Size("llama", 256, 4, 4, 2, 64, 688, 8192, batch=8, seq=256, prompt_len=128),
+    "100m": lambda: Size("llama", 768, 12, 12, 4, 64, 2048, 16000, batch=8, seq=256,
+                         prompt_len=128),
 }
 
 
-def make_model(folder: Path, size: str) -> None:
+def make_model(folder: Path, size: Size) -> None:
     from masa_megatron.model.tiny import make_tiny_hf_model
 
-    hidden, layers, heads, kv, inter, vocab = SIZES[size]
-    make_tiny_hf_model(folder, "llama", seed=0, hidden_size=hidden, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv,
-                       head_dim=hidden // heads, intermediate_size=inter, vocab_size=vocab,
+    make_tiny_hf_model(folder, size.family, seed=0, hidden_size=size.hidden,
+                       num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                       num_key_value_heads=size.kv_heads, head_dim=size.head_dim,
+                       intermediate_size=size.intermediate, vocab_size=size.vocab,
                        max_position_embeddings=1024)
 
 
@@ -70,7 +107,7 @@ def step_seconds(model, batch: int, seq: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def generate_seconds(model, args) -> float:
+def generate_seconds(model, size: Size, args) -> float:
     import torch
 
     from masa_megatron.rollout.base import GenerationRequest, SamplingParams
@@ -80,7 +117,7 @@ def generate_seconds(model, args) -> float:
     engine = EmbeddedEngine(model, vocab_size=vocab, seed=0)
     gen = torch.Generator().manual_seed(1)
     sampling = SamplingParams(max_new_tokens=args.new_tokens, n=args.group, ignore_eos=True, seed=2)
-    requests = [GenerationRequest(torch.randint(3, vocab, (args.prompt_len,), generator=gen)
+    requests = [GenerationRequest(torch.randint(3, vocab, (size.prompt_len,), generator=gen)
                                   .tolist(), sampling) for _ in range(args.prompts)]
     times = []
     for _ in range(args.repeats):
@@ -107,55 +144,98 @@ def time_sync(engine, model, repeats: int, name: str) -> dict:
             "bytes_per_s": nbytes / seconds, "buckets": stats[f"weight_sync/{name}/buckets"]}
 
 
-def run_size(size: str, args, workdir: Path) -> dict:
+def run_size(name: str, args, workdir: Path) -> dict:
     from masa_megatron.config import ModelConfig
     from masa_megatron.model import build_gpt_model, load_hf_weights
     from masa_megatron.rollout.sglang import SGLangEngine
     from tests.sglang_standin import start_standin
 
-    folder = workdir / size
+    size = SIZES[name]()
+    folder = workdir / name
     make_model(folder, size)
-    server = start_standin(str(folder), log_dir=str(workdir / f"logs-{size}"),
+    server = start_standin(str(folder), log_dir=str(workdir / f"logs-{name}"),
                            health_timeout_s=900)
     try:
         model = build_gpt_model(str(folder), ModelConfig(hf_path=str(folder)))
         load_hf_weights(model, folder)
         params = sum(p.numel() for p in model.parameters())
-        step = step_seconds(model, args.batch, args.seq, args.repeats)
-        generate = generate_seconds(model, args)
-        result = {"params": params, "step_seconds": step, "batch": args.batch, "seq": args.seq,
+        step = step_seconds(model, size.batch, size.seq, args.repeats)
+        generate = generate_seconds(model, size, args)
+        result = {"params": params, "step_seconds": step, "size": size._asdict(),
                   "generate_seconds": generate, "rl_step_seconds": step + generate}
-        for name in ("disk", "broadcast"):
-            engine = SGLangEngine(str(folder), urls=[server.url], weight_sync=name,
-                                  bucket_mb=args.bucket_mb, sync_dir=str(workdir / f"sync-{size}"),
+        for strategy, options in STRATEGIES.items():
+            engine = SGLangEngine(str(folder), urls=[server.url],
+                                  weight_sync=strategy.split("_")[0], sync_options=options,
+                                  bucket_mb=args.bucket_mb,
+                                  sync_dir=str(workdir / f"sync-{folder.name}"),
                                   request_timeout_s=1800, health_timeout_s=60)
             try:
-                sync = time_sync(engine, model, args.repeats, name)
+                sync = time_sync(engine, model, args.repeats, strategy.split("_")[0])
             finally:
                 engine.shutdown()
             sync["ratio_to_step"] = sync["seconds"] / step
             sync["ratio_to_rl_step"] = sync["seconds"] / (step + generate)
-            result[name] = sync
+            result[strategy] = sync
         return result
     finally:
         server.stop()
 
 
+def demo_loop(strategy: str, args, workdir: Path) -> dict:
+    """The demo's own grpo run (demo.run.run_config: its warm-started model, batch and trainer)
+    with rollouts from a stand-in server that the loop syncs by `strategy` after every update;
+    medians over steps 2.. of the loop's own timers (time/step holds generate, score, train and
+    weight_sync)."""
+    from dataclasses import replace
+
+    from masa_megatron.data.synthetic import generate_problems, to_verl_rows, write_rows
+    from masa_megatron.demo.run import DemoBudget, run_config, run_one
+    from masa_megatron.demo.warmstart import WarmStartConfig, warm_start
+    from masa_megatron.metrics import read_jsonl
+    from tests.sglang_standin import start_standin
+
+    budget = replace(DemoBudget(), steps=args.loop_steps, eval_every=0)
+    hf_dir = warm_start(WarmStartConfig(max_len=budget.max_response_length))
+    data = workdir / "loop-data"
+    train = write_rows(to_verl_rows(generate_problems(budget.n_train, 0, "train"), "train"),
+                       data / "train.parquet")
+    held_out = write_rows(to_verl_rows(generate_problems(8, 0, "eval"), "eval"),
+                          data / "eval.parquet")
+    out = workdir / f"loop-{strategy}"
+    server = start_standin(str(hf_dir), log_dir=str(workdir / f"logs-loop-{strategy}"))
+    try:
+        cfg = run_config(budget, "grpo", 0, hf_dir, train, held_out, out)
+        cfg.rollout.engine, cfg.rollout.sglang_urls = "sglang", [server.url]
+        cfg.rollout.weight_sync = strategy.split("_")[0]
+        cfg.rollout.weight_sync_flattened_broadcast = STRATEGIES[strategy] is not None
+        cfg.logging.progress = False
+        run_one(cfg, log=lambda *_: None)
+    finally:
+        server.stop()
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] >= 2]
+    keys = ("time/step", "time/generate", "time/train", "time/weight_sync")
+    result = {k.split("/")[1]: statistics.median(r[k] for r in rows) for k in keys}
+    result["steps"] = len(rows)
+    result["ratio_to_step"] = result["weight_sync"] / result["step"]
+    result["ratio_to_train"] = result["weight_sync"] / result["train"]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="demo,100m")
+    parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated subset of "
+                        + ", ".join(SIZES))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--prompts", type=int, default=8, help="generate: prompts (the demo's P)")
     parser.add_argument("--group", type=int, default=8, help="generate: samples per prompt (G)")
-    parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=96, help="the demo's max response")
     parser.add_argument("--bucket-mb", type=int, default=512)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--sync-dir", default=None, help="parent folder of the checkpoints and "
                         "disk-sync files (default: the system temp folder; /dev/shm: RAM)")
     parser.add_argument("--name", default="weight_sync", help="result file <out>/<name>.json")
+    parser.add_argument("--loop-steps", type=int, default=12, help="steps of each in-loop run "
+                        "(the demo's grpo run through a stand-in server; 0: skip)")
     args = parser.parse_args()
 
     import torch
@@ -163,14 +243,25 @@ def main() -> None:
     from masa_megatron.config import ParallelConfig
     from masa_megatron.parallel import init_parallel
 
+    sizes = [size for size in args.sizes.split(",") if size]
+    for size in sizes:
+        if size not in SIZES:
+            parser.error(f"--sizes: unknown size {size!r}; choose from {', '.join(SIZES)}")
     torch.set_num_threads(os.cpu_count() or 1)
-    init_parallel(ParallelConfig())
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                            "torch": torch.__version__,
                            "load_average_1m": os.getloadavg()[0]},
-               "settings": vars(args), "sizes": {}}
+               "settings": vars(args), "demo_loop": {}, "sizes": {}}
     with tempfile.TemporaryDirectory(prefix="masa-wsync-bench-", dir=args.sync_dir) as tmp:
-        for size in args.sizes.split(","):
+        for strategy in STRATEGIES if args.loop_steps else ():
+            r = results["demo_loop"][strategy] = demo_loop(strategy, args, Path(tmp))
+            print(f"demo loop, {strategy}: sync {r['weight_sync']:6.3f} s = "
+                  f"{100 * r['ratio_to_step']:4.1f}% of the RL step ({r['step']:.2f} s), "
+                  f"{100 * r['ratio_to_train']:4.1f}% of its update ({r['train']:.2f} s); "
+                  f"medians of {r['steps']} steps", flush=True)
+        if sizes:
+            init_parallel(ParallelConfig())
+        for size in sizes:
             results["sizes"][size] = run_size(size, args, Path(tmp))
             r = results["sizes"][size]
             print(f"{size:>5}: {r['params'] / 1e6:6.1f} M params, step {r['step_seconds']:7.2f} s,"
@@ -178,7 +269,7 @@ def main() -> None:
                   + "".join(f" | {n} {r[n]['seconds']:6.3f} s ({100 * r[n]['ratio_to_step']:4.1f}"
                             f"% of step, {100 * r[n]['ratio_to_rl_step']:4.1f}% of step + generate,"
                             f" {r[n]['bytes_per_s'] / 1e6:6.1f} MB/s)"
-                            for n in ("disk", "broadcast")), flush=True)
+                            for n in STRATEGIES), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(results, indent=1) + "\n")

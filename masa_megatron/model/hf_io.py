@@ -152,7 +152,7 @@ def _dist() -> tuple[int, int]:
 
 
 def _broadcast_object(obj):
-    if not torch.distributed.is_initialized():
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return obj
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
@@ -166,7 +166,7 @@ class _StageFiles:
         groups: list[list] = [[]]
         size = 0
         for entry in tensors:
-            nbytes = torch.empty((), dtype=entry[1]).element_size() * entry[2].numel()
+            nbytes = entry[1].itemsize * entry[2].numel()
             if groups[-1] and size + nbytes > max_shard_bytes:
                 groups.append([])
                 size = 0
