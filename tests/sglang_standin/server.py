@@ -253,9 +253,11 @@ class StandIn:
                 views.append(flat[start:start + tensor.numel()].view(tensor.shape))
                 start += tensor.numel()
             tensors = views
-        elif req.load_format is None:
-            for tensor in tensors:
-                torch.distributed.broadcast(tensor, src=0, group=group)
+        elif req.load_format is None:   # as SGLang's ModelRunner: all posted, then awaited
+            works = [torch.distributed.broadcast(tensor, src=0, group=group, async_op=True)
+                     for tensor in tensors]
+            for work in works:
+                work.wait()
         else:
             raise ValueError(f"unsupported load_format {req.load_format!r}")
         self.backend.load_tensors(list(zip(req.names, tensors)))

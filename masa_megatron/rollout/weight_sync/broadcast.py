@@ -20,8 +20,9 @@ Per bucket (at most `bucket_bytes` of HF tensors, one dtype): the sender POSTs
 /update_weights_from_distributed {"names", "dtypes" (e.g. "bfloat16"), "shapes", "group_name",
 "flush_cache": false, "weight_version"} to every server and, while the servers wait in their
 matching receives, broadcasts from rank 0 either
-- each tensor in that order (default; SGLang receives with torch.distributed.broadcast(src=0)
-  into empty tensors and calls model.load_weights), or
+- each tensor in that order (default; SGLang posts one torch.distributed.broadcast(src=0,
+  async_op=True) per empty tensor, waits for them all and calls model.load_weights; the sender
+  likewise issues every broadcast before waiting, so there is no round trip per tensor), or
 - with `load_format="flattened_bucket"` (added to the body), the bucket's tensors back to back
   as one 1-D tensor: SGLang builds a FlattenedTensorBucket of empty tensors in the listed order,
   receives it with one broadcast and loads the views (ModelRunner
@@ -181,9 +182,11 @@ class BroadcastSync(WeightSync):
         pending = self.target.http.submit_all(self.target.urls, "/update_weights_from_distributed",
                                               body, retries=0,
                                               timeout_s=self.group_timeout.total_seconds())
-        try:
-            for tensor in tensors:
-                torch.distributed.broadcast(tensor, src=0, group=self.group)
+        try:   # all issued, then all awaited: no round trip per tensor (SGLang receives so too)
+            works = [torch.distributed.broadcast(tensor, src=0, group=self.group, async_op=True)
+                     for tensor in tensors]
+            for work in works:
+                work.wait()
         finally:
             replies = pending.result()
         for reply in replies:
