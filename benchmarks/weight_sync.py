@@ -1,11 +1,16 @@
 """Weight-sync cost against training-step cost, measured in one run (CPU, stand-in server).
 
-    python benchmarks/weight_sync.py [--sizes demo,7m,100m] [--repeats 3] [--out benchmarks/results]
+    python benchmarks/weight_sync.py [--sizes demo,7m,100m] [--repeats 3] [--loop-steps 12]
+                                     [--out benchmarks/results]
                                      [--sync-dir /dev/shm --name weight_sync_shm]
 
-For each model size (`SIZES`: the demo's own 1.1M-parameter Qwen3, a 7.1M and a ~100M Llama): a
-random HF checkpoint of that shape is loaded into a Megatron GPTModel in
-this process (the trainer, TP=PP=1, fp32) and into the stand-in SGLang server (another process,
+First, in the demo's own loop (`demo_loop`, `--loop-steps 0` skips it): `masa demo`'s grpo run
+(its warm-started model, batch and trainer) with rollouts from a stand-in server, synced by each
+strategy after every update; the loop's timers give sync / update and sync / RL step.
+
+Then for each model size (`SIZES`: the demo's own 1.1M-parameter Qwen3, a 7.1M and a ~100M
+Llama): a random HF checkpoint of that shape is loaded into a Megatron GPTModel in this process
+(the trainer, TP=PP=1, fp32) and into the stand-in SGLang server (another process,
 tests/sglang_standin, the same HTTP API and weight-update paths as SGLang 0.5.x). Measured:
 - step: one training step on the trainer (forward + backward + AdamW) over the size's batch
   (`Size.batch` x `Size.seq` tokens; for the demo model the demo's 64 rollouts of 64 tokens),
