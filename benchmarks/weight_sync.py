@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -51,16 +51,18 @@ STRATEGIES = {"disk": None, "broadcast": None,
 class Size(NamedTuple):
     """A benchmarked model (family and shape) and the batch its training step and rollout use."""
     family: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
+    arch: Any           # masa_megatron.memory_estimator.ModelArch
     batch: int          # training step: sequences ...
     seq: int            # ... of this many tokens
     prompt_len: int     # rollout: prompt tokens (8 prompts x 8 samples x 96 new tokens)
+
+
+def _arch(name: str, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
+          vocab: int, head_dim: int = 64):
+    from masa_megatron.memory_estimator import ModelArch
+
+    return ModelArch(name, hidden, layers, heads, kv_heads, head_dim, intermediate, vocab,
+                     tie_word_embeddings=False)
 
 
 def demo_size() -> Size:
@@ -71,14 +73,15 @@ def demo_size() -> Size:
     from masa_megatron.demo.warmstart import WarmStartConfig
 
     w = WarmStartConfig()
-    return Size("qwen3", w.hidden, w.layers, w.heads, w.kv_heads, w.head_dim, w.intermediate,
-                603, batch=64, seq=64, prompt_len=33)
+    arch = _arch("demo", w.hidden, w.layers, w.heads, w.kv_heads, w.intermediate, 603, w.head_dim)
+    return Size("qwen3", arch, batch=64, seq=64, prompt_len=33)
 
 
 SIZES = {
     "demo": demo_size,   # 1.1M parameters
-    "7m": lambda: Size("llama", 256, 4, 4, 2, 64, 688, 8192, batch=8, seq=256, prompt_len=128),
-    "100m": lambda: Size("llama", 768, 12, 12, 4, 64, 2048, 16000, batch=8, seq=256,
+    "7m": lambda: Size("llama", _arch("7m", 256, 4, 4, 2, 688, 8192), batch=8, seq=256,
+                       prompt_len=128),
+    "100m": lambda: Size("llama", _arch("100m", 768, 12, 12, 4, 2048, 16000), batch=8, seq=256,
                          prompt_len=128),
 }
 
@@ -86,11 +89,12 @@ SIZES = {
 def make_model(folder: Path, size: Size) -> None:
     from masa_megatron.model.tiny import make_tiny_hf_model
 
-    make_tiny_hf_model(folder, size.family, seed=0, hidden_size=size.hidden,
-                       num_hidden_layers=size.layers, num_attention_heads=size.heads,
-                       num_key_value_heads=size.kv_heads, head_dim=size.head_dim,
-                       intermediate_size=size.intermediate, vocab_size=size.vocab,
-                       max_position_embeddings=1024)
+    a = size.arch
+    make_tiny_hf_model(folder, size.family, seed=0, hidden_size=a.hidden,
+                       num_hidden_layers=a.layers, num_attention_heads=a.heads,
+                       num_key_value_heads=a.kv_heads, head_dim=a.head_dim,
+                       intermediate_size=a.intermediate, vocab_size=a.vocab,
+                       tied=a.tie_word_embeddings, max_position_embeddings=1024)
 
 
 def step_seconds(model, batch: int, seq: int, repeats: int) -> float:
@@ -166,7 +170,8 @@ def run_size(name: str, args, workdir: Path) -> dict:
         params = sum(p.numel() for p in model.parameters())
         step = step_seconds(model, size.batch, size.seq, args.repeats)
         generate = generate_seconds(model, size, args)
-        result = {"params": params, "step_seconds": step, "size": size._asdict(),
+        result = {"params": params, "step_seconds": step,
+                  "size": {**size._asdict(), "arch": size.arch.__dict__},
                   "generate_seconds": generate, "rl_step_seconds": step + generate}
         for strategy, options in STRATEGIES.items():
             engine = SGLangEngine(str(folder), urls=[server.url],
