@@ -42,10 +42,10 @@ from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-# name -> the weight sync it times: disk, broadcast (one broadcast per tensor, the default) and
-# broadcast with rollout.weight_sync_flattened_broadcast (one per bucket)
-STRATEGIES = {"disk": None, "broadcast": None,
-              "broadcast_flat": {"load_format": "flattened_bucket"}}
+# name -> (rollout.weight_sync, rollout.weight_sync_flattened_broadcast): disk, broadcast (one
+# broadcast per tensor, the default) and the flattened broadcast (one per bucket)
+STRATEGIES = {"disk": ("disk", False), "broadcast": ("broadcast", False),
+              "broadcast_flat": ("broadcast", True)}
 
 
 class Size(NamedTuple):
@@ -173,14 +173,15 @@ def run_size(name: str, args, workdir: Path) -> dict:
         result = {"params": params, "step_seconds": step,
                   "size": {**size._asdict(), "arch": size.arch.__dict__},
                   "generate_seconds": generate, "rl_step_seconds": step + generate}
-        for strategy, options in STRATEGIES.items():
+        for strategy, (sync_name, flattened) in STRATEGIES.items():
+            options = {"load_format": "flattened_bucket"} if flattened else None
             engine = SGLangEngine(str(folder), urls=[server.url],
-                                  weight_sync=strategy.split("_")[0], sync_options=options,
+                                  weight_sync=sync_name, sync_options=options,
                                   bucket_mb=args.bucket_mb,
                                   sync_dir=str(workdir / f"sync-{folder.name}"),
                                   request_timeout_s=1800, health_timeout_s=60)
             try:
-                sync = time_sync(engine, model, args.repeats, strategy.split("_")[0])
+                sync = time_sync(engine, model, args.repeats, sync_name)
             finally:
                 engine.shutdown()
             sync["ratio_to_step"] = sync["seconds"] / step
@@ -216,8 +217,8 @@ def demo_loop(strategy: str, args, workdir: Path) -> dict:
     try:
         cfg = run_config(budget, "grpo", 0, hf_dir, train, held_out, out)
         cfg.rollout.engine, cfg.rollout.sglang_urls = "sglang", [server.url]
-        cfg.rollout.weight_sync = strategy.split("_")[0]
-        cfg.rollout.weight_sync_flattened_broadcast = STRATEGIES[strategy] is not None
+        cfg.rollout.weight_sync, cfg.rollout.weight_sync_flattened_broadcast = \
+            STRATEGIES[strategy]
         cfg.logging.progress = False
         run_one(cfg, log=lambda *_: None)
     finally:
