@@ -8,8 +8,8 @@ machine share it the same way (one core each), so their wall times compare.
 
 For a run, T(target) is the first evaluated step after step 0 whose held-out accuracy (pass@1 at
 T=1) is at least TARGET_ACCURACY; its cost is the training wall time and the generated tokens
-summed over steps 1..T (evaluation excluded). Per seed, the speed-up of a configuration over grpo is
-cost(grpo) / cost(config), for wall time and for tokens; reported as medians over seeds.
+summed over steps 1..T (evaluation excluded). Per seed, the speed-up of a configuration over
+grpo is cost(grpo) / cost(config), for wall time and for tokens; reported as medians over seeds.
 A run that never reaches the target has no cost; a ratio needs both runs to reach it.
 
 TARGET_ACCURACY is fixed here, before any run: the demo's warm start scores 0.125 on its 48
@@ -58,9 +58,9 @@ CONFIGS = {  # name -> (masa.mode, masa.predictor)
 }
 
 
-def accuracy_curve(metrics: list[dict]) -> list[dict]:
+def accuracy_curve(metrics: list[dict]) -> tuple[list[dict], float, float]:
     """Each evaluation: step, accuracy, and the wall seconds and generated tokens of steps
-    1..step (evaluation excluded)."""
+    1..step (evaluation excluded); then the run's total wall seconds and tokens."""
     wall = tokens = 0.0
     curve = []
     for row in metrics:
@@ -70,7 +70,7 @@ def accuracy_curve(metrics: list[dict]) -> list[dict]:
         if "eval/accuracy" in row:
             curve.append({"step": row["step"], "accuracy": row["eval/accuracy"], "wall_s": wall,
                           "tokens": tokens})
-    return curve
+    return curve, wall, tokens
 
 
 def first_reaching(curve: list[dict], level: float) -> dict | None:
@@ -80,14 +80,12 @@ def first_reaching(curve: list[dict], level: float) -> dict | None:
 
 
 def time_to_target(metrics: list[dict], target: float) -> dict:
-    """T = the first evaluated step with accuracy >= target: its cost (None when never reached),
-    the final accuracy, the totals and the whole curve."""
-    curve = accuracy_curve(metrics)
+    """T = the first evaluated step after step 0 with accuracy >= target: its cost (None when
+    never reached), the final accuracy, the totals and the whole curve."""
+    curve, wall, tokens = accuracy_curve(metrics)
     return {"reached": first_reaching(curve, target),
             "final_accuracy": curve[-1]["accuracy"] if curve else None,
-            "total_wall_s": sum(r.get("time/step", 0.0) for r in metrics if r["step"] > 0),
-            "total_tokens": sum(r.get("tokens/total", 0.0) for r in metrics if r["step"] > 0),
-            "curve": curve}
+            "total_wall_s": wall, "total_tokens": tokens, "curve": curve}
 
 
 def speedups(per_seed: dict, name: str, level: float | None = None) -> dict:
