@@ -96,6 +96,9 @@ def test_masa_step_rewards_and_advantages_by_hand(tokenizer):
     # P2's solution group is all-correct: advantage 0 for its solutions
     p2 = [a for a, s in zip(adv, samples) if s.group_id == 2]
     assert p2 == [0.0] * 4
+    # of the three groups only P2's carries no signal
+    totals = step_totals(items, stats, metas, max_len=64).finalize()
+    assert totals["solution/zero_variance_fraction"] == pytest.approx(1 / 3)
 
 
 def test_grpo_mode_generates_no_meta(tokenizer):
@@ -129,6 +132,7 @@ def test_efficient_mode_gates_and_cuts_as_the_rules_say(tokenizer):
     assert len(p3) == 4 and p3[0].reward == 0.0 and len(p3[0].response_ids) == 12
     totals = step_totals(items, stats, metas, max_len=64).finalize()
     assert totals["gating/fraction"] == pytest.approx(1 / 3)
+
     cut = [(c.finish_reason, r) for j in (0, 2) for c, r in zip(items[j].solutions, stats[j].scores)
            if c.finish_reason == "length"]
     assert len(cut) >= 1 and totals["cutoff/fraction"] == len(cut) / 8

@@ -135,9 +135,10 @@ def plot_before_after(out: Path, run_dirs: dict) -> Path:
 
 
 def plot_efficiency(out: Path, grouped: dict) -> Path:
-    fig = new_figure(15, 4)
+    fig = new_figure(18, 4)
     panels = (("gating/fraction", "gated fraction"), ("gating/audit_precision",
-              "audit precision"), ("cutoff/fraction", "cut-off fraction"),
+              "audit precision"), ("solution/zero_variance_fraction",
+              "trained groups with no signal"), ("cutoff/fraction", "cut-off fraction"),
               ("cutoff/accuracy", "accuracy of cut rollouts"), ("tokens/total",
               "generated tokens per step"))
     for i, (key, label) in enumerate(panels):

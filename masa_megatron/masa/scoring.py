@@ -185,6 +185,8 @@ def step_totals(items: Sequence[ProblemRollouts], stats, meta_scores, max_len: i
     for it, st, ms in zip(items, stats, meta_scores):
         t.add("gating/fraction", float(it.gated))
         if st is not None and it.trained:
+            # groups that carry no GRPO signal: what a perfect gate would have skipped
+            t.add("solution/zero_variance_fraction", float(st.zero_variance))
             for c, score in zip(it.solutions, st.scores):
                 t.add("solution/accuracy", score)
                 was_cut = it.max_new_tokens < max_len and c.finish_reason == FINISH_LENGTH
