@@ -26,6 +26,20 @@ gating is for) and is evaluated on that pool, against TARGET_POOL_ACCURACY. That
 before any pool run, after one pilot: grpo on 16 problems of levels 2-4 went from 0.23 to 0.45 in
 10 steps and 0.56 in 30. Pool accuracy is training accuracy, not generalisation.
 
+The first pool race (60 steps, k = 20, seeds 0-2, results/masa_efficiency_pool.json) missed
+the target: only grpo reached it, once. Its runs showed why the gates could not pay: about 80 %
+of the pool's problems gave all-equal groups of 8 at every evaluation (60 % never solved, 20 %
+always), so grpo spends ~80 % of its solution tokens on groups without signal, yet the head gate
+at its default threshold 0.9 skipped only 14 % of problems. Its pass rates for the never-solved
+ones were mostly 0.01-0.05, where all 8 rollouts agree with chance 0.66-0.92: calibrated, but
+under the 0.9 line. The text gate skipped 96 % and starved the update. Hence the second race,
+with its settings fixed before it ran: the same target, pool and k = 20; 100 steps (grpo had not
+reached the target in 60); new seeds 3-5 (the threshold was chosen looking at seeds 0-2); grpo
+and the head gate at 0.9 and at 0.5, the level where a skipped problem is more likely than not to
+have no signal. Since each trained group's signal is now logged
+(`solution/zero_variance_fraction`), the summary also reports how much of each run's solution
+work had none.
+
 When the fixed target is missed, the summary also gives the speed-ups to the highest accuracy
 that every run reached (`_common_level`, chosen after the runs, so descriptive only).
 `--from-runs DIR` summarises finished runs again (DIR is the work folder a run prints).
@@ -33,6 +47,9 @@ that every run reached (`_common_level`, chosen after the runs, so descriptive o
     python benchmarks/masa_efficiency.py [--seeds 3] [--steps 24] [--eval-every 5] [--jobs N]
     python benchmarks/masa_efficiency.py --pool 32 --steps 60 --eval-every 10 --eval-n 8 \
         --name masa_efficiency_pool
+    python benchmarks/masa_efficiency.py --pool 32 --steps 100 --k 20 --seeds 3,4,5 \
+        --eval-every 10 --eval-n 8 --configs grpo,masa_efficient/head,masa_efficient/head@0.5 \
+        --name masa_efficiency_pool2
 
 Prints a table and writes benchmarks/results/<--name>.json (default masa_efficiency).
 """
@@ -85,13 +102,41 @@ def first_reaching(curve: list[dict], level: float) -> dict | None:
                 None)
 
 
-def time_to_target(metrics: list[dict], target: float) -> dict:
+GATE_SHARES = ("gating/fraction", "gating/audit_precision", "solution/zero_variance_fraction")
+
+
+def gate_shares(metrics: list[dict], k: int) -> dict:
+    """Means over the training steps from k on (where they are logged) of the gated fraction,
+    the audit precision and the share of trained groups with no signal."""
+    out = {}
+    for key in GATE_SHARES:
+        values = [row[key] for row in metrics if row["step"] >= max(k, 1) and key in row]
+        out[key] = statistics.fmean(values) if values else None
+    out["gating/recall"] = gate_recall(*(out[key] for key in GATE_SHARES))
+    return out
+
+
+def gate_recall(gated: float | None, precision: float | None,
+                no_signal_kept: float | None) -> float | None:
+    """Share of the no-signal problems that the gate skipped, estimated from the means: with g
+    gated, audit precision P and a share Z of the kept groups without signal,
+    recall = g P / (g P + (1 - g) Z)."""
+    if gated is None or no_signal_kept is None:
+        return None
+    skipped = gated * (precision if precision is not None else 0.0)
+    missed = (1 - gated) * no_signal_kept
+    return skipped / (skipped + missed) if skipped + missed > 0 else None
+
+
+def time_to_target(metrics: list[dict], target: float, k: int = 0) -> dict:
     """T = the first evaluated step after step 0 with accuracy >= target: its cost (None when
-    never reached), the final accuracy, the totals and the whole curve."""
+    never reached), the final accuracy, the totals, the gate shares from step k on and the
+    whole curve."""
     curve, wall, tokens = accuracy_curve(metrics)
     return {"reached": first_reaching(curve, target),
             "final_accuracy": curve[-1]["accuracy"] if curve else None,
-            "total_wall_s": wall, "total_tokens": tokens, "curve": curve}
+            "total_wall_s": wall, "total_tokens": tokens,
+            "from_k": gate_shares(metrics, k), "curve": curve}
 
 
 def speedups(per_seed: dict, name: str, level: float | None = None) -> dict:
@@ -157,11 +202,12 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"--configs: unknown {unknown}; known: {', '.join(CONFIGS)}")
+    k = max(1, round(budget.efficient_start * budget.steps))   # as demo.run.run_config sets it
     per_seed: dict = {}
     if args.from_runs:
         work = Path(args.from_runs)
         for seed in seeds:
-            per_seed[seed] = measure(work, names, seed, target)
+            per_seed[seed] = measure(work, names, seed, target, k)
         return report(args, budget, "(from runs)", target, per_seed)
     hf_dir = warm_start(WarmStartConfig(max_len=budget.max_response_length))
     work = Path(tempfile.mkdtemp(prefix="masa_efficiency-"))
@@ -180,7 +226,7 @@ def main() -> None:
                          label=name.replace("/", "-"), overrides=CONFIGS[name][1])
                  for name in names]
         run_specs(specs, args.jobs)
-        per_seed[seed] = measure(work, names, seed, target)
+        per_seed[seed] = measure(work, names, seed, target, k)
         write_results(args, budget, hf_dir, target, {}, per_seed)   # partial, if stopped
     report(args, budget, hf_dir, target, per_seed)
 
@@ -189,11 +235,11 @@ def run_dir(work: Path, name: str, seed: int) -> Path:
     return work / f"{name.replace('/', '-')}-s{seed}"
 
 
-def measure(work: Path, names: list[str], seed: int, target: float) -> dict:
+def measure(work: Path, names: list[str], seed: int, target: float, k: int) -> dict:
     from masa_megatron.metrics import read_jsonl
 
-    runs = {name: time_to_target(read_jsonl(run_dir(work, name, seed) / "metrics.jsonl"), target)
-            for name in names}
+    runs = {name: time_to_target(read_jsonl(run_dir(work, name, seed) / "metrics.jsonl"), target,
+                                 k) for name in names}
     for name, run in runs.items():
         print(f"{name} seed {seed}: reached {run['reached']}, final accuracy "
               f"{run['final_accuracy']}, tokens {run['total_tokens']:.0f}", flush=True)
@@ -209,7 +255,10 @@ def report(args, budget, hf_dir, target: float, per_seed: dict) -> None:
                       "median_final_accuracy": statistics.median(
                           per_seed[s][name]["final_accuracy"] for s in per_seed),
                       "median_total_tokens": statistics.median(
-                          per_seed[s][name]["total_tokens"] for s in per_seed)}
+                          per_seed[s][name]["total_tokens"] for s in per_seed),
+                      "median_from_k": {key: _median_or_none(
+                          per_seed[s][name]["from_k"][key] for s in per_seed)
+                          for key in (*GATE_SHARES, "gating/recall")}}
                for name in names}
     what = f"accuracy on the {args.pool}-problem training pool" if args.pool else \
         "held-out accuracy"
@@ -227,8 +276,19 @@ def report(args, budget, hf_dir, target: float, per_seed: dict) -> None:
     for name, row in summary.items():
         common = row["to_common_level"]
         print(f"  {name}: {fmt(common['wall_s'])} / {fmt(common['tokens'])}")
+    print("from step k on (median over seeds of the per-run means): gated fraction / audit "
+          "precision / trained groups with no signal / estimated gate recall")
+    for name, row in summary.items():
+        shares = row["median_from_k"]
+        print(f"  {name}: " + " / ".join(fmt(shares[key])
+                                         for key in (*GATE_SHARES, "gating/recall")))
     summary["_common_level"] = level
     print(f"wrote {write_results(args, budget, hf_dir, target, summary, per_seed)}")
+
+
+def _median_or_none(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 def write_results(args, budget, hf_dir, target: float, summary: dict, per_seed: dict) -> Path:

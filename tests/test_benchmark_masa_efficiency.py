@@ -1,0 +1,63 @@
+"""The time-to-accuracy arithmetic of benchmarks/masa_efficiency.py, on hand-made metrics rows."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "masa_efficiency.py"
+_SPEC = importlib.util.spec_from_file_location("masa_efficiency", _PATH)
+masa_efficiency = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(masa_efficiency)
+
+
+def rows(accuracies: dict, tokens_per_step: float, seconds_per_step: float, steps: int = 4,
+         gated: float = 0.0, precision=None, no_signal: float = 0.5) -> list[dict]:
+    out = []
+    for step in range(steps + 1):
+        row = {"step": step}
+        if step:
+            row.update({"tokens/total": tokens_per_step, "time/step": seconds_per_step,
+                        "gating/fraction": gated if step >= 2 else 0.0,
+                        "solution/zero_variance_fraction": no_signal})
+            if precision is not None and step >= 2:
+                row["gating/audit_precision"] = precision
+        if step in accuracies:
+            row["eval/accuracy"] = accuracies[step]
+        out.append(row)
+    return out
+
+
+def test_cost_to_target_sums_steps_one_to_the_first_evaluation_reaching_it():
+    run = masa_efficiency.time_to_target(rows({0: 0.4, 2: 0.3, 4: 0.5}, 100, 2.0), target=0.45)
+    # step 0 already above 0.4 does not count; step 4 is the first later evaluation >= 0.45
+    assert run["reached"] == {"step": 4, "accuracy": 0.5, "wall_s": 8.0, "tokens": 400}
+    assert run["final_accuracy"] == 0.5 and run["total_tokens"] == 400
+    never = masa_efficiency.time_to_target(rows({0: 0.1, 4: 0.2}, 100, 2.0), target=0.45)
+    assert never["reached"] is None
+
+
+def test_speedup_is_grpo_cost_over_config_cost_median_over_seeds_that_both_reach():
+    per_seed = {
+        0: {"grpo": masa_efficiency.time_to_target(rows({2: 0.5}, 100, 1.0), 0.5),
+            "x": masa_efficiency.time_to_target(rows({2: 0.5}, 50, 4.0), 0.5)},
+        1: {"grpo": masa_efficiency.time_to_target(rows({4: 0.5}, 100, 1.0), 0.5),
+            "x": masa_efficiency.time_to_target(rows({2: 0.5}, 100, 1.0), 0.5)},
+        2: {"grpo": masa_efficiency.time_to_target(rows({4: 0.1}, 100, 1.0), 0.5),
+            "x": masa_efficiency.time_to_target(rows({2: 0.5}, 100, 1.0), 0.5)},
+    }
+    ratios = masa_efficiency.speedups(per_seed, "x")
+    # seed 0: tokens 200/100 = 2, wall 2/8 = 0.25; seed 1: 400/200 = 2, 4/2 = 2; seed 2 left out
+    assert ratios["tokens"] == 2.0 and ratios["tokens_seeds"] == 2
+    assert ratios["wall_s"] == pytest.approx((0.25 + 2.0) / 2)
+
+
+def test_gate_shares_count_from_step_k_and_estimate_recall():
+    run = masa_efficiency.time_to_target(
+        rows({4: 0.2}, 100, 1.0, gated=0.5, precision=0.8, no_signal=0.6), 0.9, k=2)
+    shares = run["from_k"]
+    assert shares["gating/fraction"] == 0.5
+    assert shares["gating/audit_precision"] == pytest.approx(0.8)
+    # skipped 0.5 * 0.8 = 0.4 of the problems without signal, missed 0.5 * 0.6 = 0.3
+    assert shares["gating/recall"] == pytest.approx(0.4 / 0.7)
+    assert masa_efficiency.gate_recall(0.0, None, 0.8) == 0.0
+    assert masa_efficiency.gate_recall(None, None, None) is None
