@@ -29,7 +29,7 @@ before any pool run, after one pilot: grpo on 16 problems of levels 2-4 went fro
 The first pool race (60 steps, k = 20, seeds 0-2, results/masa_efficiency_pool.json) missed
 the target: only grpo reached it, once. Its runs showed why the gates could not pay: about 80 %
 of the pool's problems gave all-equal groups of 8 at every evaluation (60 % never solved, 20 %
-always), so grpo spends ~80 % of its solution tokens on groups without signal, yet the head gate
+always), so about 80 % of grpo's groups carry no signal, yet the head gate
 at its default threshold 0.9 skipped only 14 % of problems. Its pass rates for the never-solved
 ones were mostly 0.01-0.05, where all 8 rollouts agree with chance 0.66-0.92: calibrated, but
 under the 0.9 line. The text gate skipped 96 % and starved the update. Hence the second race,
@@ -37,8 +37,8 @@ with its settings fixed before it ran: the same target, pool and k = 20; 100 ste
 reached the target in 60); new seeds 3-5 (the threshold was chosen looking at seeds 0-2); grpo
 and the head gate at 0.9 and at 0.5, the level where a skipped problem is more likely than not to
 have no signal. Since each trained group's signal is now logged
-(`solution/zero_variance_fraction`), the summary also reports how much of each run's solution
-work had none.
+(`solution/zero_variance_fraction`), the summary also reports the share of each run's trained
+groups that had none, with the gate's estimated recall.
 
 When the fixed target is missed, the summary also gives the speed-ups to the highest accuracy
 that every run reached (`_common_level`, chosen after the runs, so descriptive only).
@@ -106,11 +106,12 @@ GATE_SHARES = ("gating/fraction", "gating/audit_precision", "solution/zero_varia
 
 
 def gate_shares(metrics: list[dict], k: int) -> dict:
-    """Means over the training steps from k on (where they are logged) of the gated fraction,
-    the audit precision and the share of trained groups with no signal."""
+    """Means over the steps that ran after step k (logged steps k+1.., where the gate acts; the
+    loop logs 0-based step s as s + 1) of the gated fraction, the audit precision and the share
+    of trained groups with no signal."""
     out = {}
     for key in GATE_SHARES:
-        values = [row[key] for row in metrics if row["step"] >= max(k, 1) and key in row]
+        values = [row[key] for row in metrics if row["step"] > k and key in row]
         out[key] = statistics.fmean(values) if values else None
     out["gating/recall"] = gate_recall(*(out[key] for key in GATE_SHARES))
     return out
@@ -121,9 +122,9 @@ def gate_recall(gated: float | None, precision: float | None,
     """Share of the no-signal problems that the gate skipped, estimated from the means: with g
     gated, audit precision P and a share Z of the kept groups without signal,
     recall = g P / (g P + (1 - g) Z)."""
-    if gated is None or no_signal_kept is None:
-        return None
-    skipped = gated * (precision if precision is not None else 0.0)
+    if gated is None or no_signal_kept is None or (gated > 0 and precision is None):
+        return None    # gated problems but no audit to say how many of them had no signal
+    skipped = gated * (precision or 0.0)
     missed = (1 - gated) * no_signal_kept
     return skipped / (skipped + missed) if skipped + missed > 0 else None
 
@@ -196,7 +197,7 @@ def main() -> None:
                      eval_n=args.eval_n)
     if args.k is not None:
         budget = replace(budget, efficient_start=args.k / args.steps)
-    seeds = [int(x) for x in args.seeds.split(",")] if "," in args.seeds else \
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if "," in args.seeds else \
         list(range(int(args.seeds)))
     names = [n for n in args.configs.split(",") if n]
     unknown = [n for n in names if n not in CONFIGS]
@@ -276,7 +277,7 @@ def report(args, budget, hf_dir, target: float, per_seed: dict) -> None:
     for name, row in summary.items():
         common = row["to_common_level"]
         print(f"  {name}: {fmt(common['wall_s'])} / {fmt(common['tokens'])}")
-    print("from step k on (median over seeds of the per-run means): gated fraction / audit "
+    print("after step k (median over seeds of the per-run means): gated fraction / audit "
           "precision / trained groups with no signal / estimated gate recall")
     for name, row in summary.items():
         shares = row["median_from_k"]

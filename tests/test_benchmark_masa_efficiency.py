@@ -17,9 +17,9 @@ def rows(accuracies: dict, tokens_per_step: float, seconds_per_step: float, step
         row = {"step": step}
         if step:
             row.update({"tokens/total": tokens_per_step, "time/step": seconds_per_step,
-                        "gating/fraction": gated if step >= 2 else 0.0,
+                        "gating/fraction": gated if step > 2 else 0.0,
                         "solution/zero_variance_fraction": no_signal})
-            if precision is not None and step >= 2:
+            if precision is not None and step > 2:
                 row["gating/audit_precision"] = precision
         if step in accuracies:
             row["eval/accuracy"] = accuracies[step]
@@ -28,8 +28,9 @@ def rows(accuracies: dict, tokens_per_step: float, seconds_per_step: float, step
 
 
 def test_cost_to_target_sums_steps_one_to_the_first_evaluation_reaching_it():
-    run = masa_efficiency.time_to_target(rows({0: 0.4, 2: 0.3, 4: 0.5}, 100, 2.0), target=0.45)
-    # step 0 already above 0.4 does not count; step 4 is the first later evaluation >= 0.45
+    run = masa_efficiency.time_to_target(rows({0: 0.5, 2: 0.3, 4: 0.5}, 100, 2.0), target=0.45)
+    # step 0 is already above the target but costs nothing, so it does not count; step 4 is the
+    # first later evaluation >= 0.45
     assert run["reached"] == {"step": 4, "accuracy": 0.5, "wall_s": 8.0, "tokens": 400}
     assert run["final_accuracy"] == 0.5 and run["total_tokens"] == 400
     never = masa_efficiency.time_to_target(rows({0: 0.1, 4: 0.2}, 100, 2.0), target=0.45)
@@ -51,7 +52,8 @@ def test_speedup_is_grpo_cost_over_config_cost_median_over_seeds_that_both_reach
     assert ratios["wall_s"] == pytest.approx((0.25 + 2.0) / 2)
 
 
-def test_gate_shares_count_from_step_k_and_estimate_recall():
+def test_gate_shares_count_the_steps_after_k_and_estimate_recall():
+    # the loop logs its 0-based step k, the first gated one, as k + 1: rows() gates from 3
     run = masa_efficiency.time_to_target(
         rows({4: 0.2}, 100, 1.0, gated=0.5, precision=0.8, no_signal=0.6), 0.9, k=2)
     shares = run["from_k"]
@@ -61,3 +63,4 @@ def test_gate_shares_count_from_step_k_and_estimate_recall():
     assert shares["gating/recall"] == pytest.approx(0.4 / 0.7)
     assert masa_efficiency.gate_recall(0.0, None, 0.8) == 0.0
     assert masa_efficiency.gate_recall(None, None, None) is None
+    assert masa_efficiency.gate_recall(0.3, None, 0.8) is None  # gated, but never audited

@@ -132,7 +132,6 @@ def test_efficient_mode_gates_and_cuts_as_the_rules_say(tokenizer):
     assert len(p3) == 4 and p3[0].reward == 0.0 and len(p3[0].response_ids) == 12
     totals = step_totals(items, stats, metas, max_len=64).finalize()
     assert totals["gating/fraction"] == pytest.approx(1 / 3)
-
     cut = [(c.finish_reason, r) for j in (0, 2) for c, r in zip(items[j].solutions, stats[j].scores)
            if c.finish_reason == "length"]
     assert len(cut) >= 1 and totals["cutoff/fraction"] == len(cut) / 8
