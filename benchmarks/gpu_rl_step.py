@@ -1,6 +1,7 @@
 """One RL step of a random model on one GPU (or CPU): generation + old log-probs + PPO update.
 
     python benchmarks/gpu_rl_step.py --size tiny|1b [--device cuda|cpu] [--out FILE]
+        [--core-attention sdpa|megatron]
 
 Builds a random Llama-architecture HF folder (transformers save_pretrained, no download), loads it
 into Megatron (local layer spec, bf16 on CUDA with fp32 master weights, fp32 on CPU), generates
@@ -11,6 +12,9 @@ update. Prints step time, tokens/s and model FLOPs utilisation:
 
 peak = 989 TFLOP/s (H100 SXM dense bf16; override with --peak-tflops). Generation tokens/s is
 reported separately (decode is memory-bound; MFU is not meaningful there).
+
+`--core-attention megatron` swaps the local spec's SDPA core attention back to Megatron's own
+unfused DotProductAttention (the spec before 6c62b46), to compare the two in one lease.
 """
 import argparse
 import json
@@ -43,6 +47,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3,
                    help="RL steps; the first is a warm-up, the others' medians are reported")
     p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--core-attention", choices=("sdpa", "megatron"), default="sdpa",
+                   help="the local spec's core attention (megatron: its unfused default)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -60,6 +66,11 @@ def main() -> None:
     from masa_megatron.rollout.embedded import EmbeddedEngine
     from masa_megatron.train.actor import Actor
     from masa_megatron.train.optim import build_optimizer, wrap_ddp
+
+    if args.core_attention == "megatron":   # the builder imports the class when it builds
+        import masa_megatron.model.sdpa_attention as sdpa_module
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+        sdpa_module.SDPADotProductAttention = DotProductAttention
 
     shape = dict(SIZES[args.size], max_position_embeddings=args.prompt_len + args.new_tokens + 8)
     dtype = args.dtype or ("bf16" if cuda else "fp32")
@@ -93,7 +104,9 @@ def main() -> None:
             gen_tokens, train_tokens = steps[-1]["generated_tokens"], steps[-1]["train_tokens"]
             result = {
                 "size": args.size, "device": torch.cuda.get_device_name() if cuda else "cpu",
-                "dtype": dtype, "parameters": n_params, "steps": args.steps,
+                "dtype": dtype, "core_attention": type(
+                    model.decoder.layers[0].self_attention.core_attention).__name__,
+                "parameters": n_params, "steps": args.steps,
                 "timed_steps": len(timed), **med, "step_s": sum(med.values()),
                 "first_step_s": sum(steps[0][k] for k in phases),
                 "generated_tokens": gen_tokens, "train_tokens": train_tokens,
@@ -102,7 +115,8 @@ def main() -> None:
                 "update_mfu": 6 * n_params * train_tokens / med["update_s"]
                 / (args.peak_tflops * 1e12),
                 "ratio_dev_max": steps[0]["ratio_dev_max"],
-                "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
+                "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
+                "per_step": [{k: s[k] for k in phases} for s in steps]}
         finally:
             destroy_parallel()
     print(json.dumps(result, indent=1))
