@@ -103,6 +103,7 @@ def first_reaching(curve: list[dict], level: float) -> dict | None:
 
 
 GATE_SHARES = ("gating/fraction", "gating/audit_precision", "solution/zero_variance_fraction")
+GATE_COLUMNS = (*GATE_SHARES, "gating/recall")
 
 
 def gate_shares(metrics: list[dict], k: int) -> dict:
@@ -131,8 +132,8 @@ def gate_recall(gated: float | None, precision: float | None,
 
 def time_to_target(metrics: list[dict], target: float, k: int = 0) -> dict:
     """T = the first evaluated step after step 0 with accuracy >= target: its cost (None when
-    never reached), the final accuracy, the totals, the gate shares from step k on and the
-    whole curve."""
+    never reached), the final accuracy, the totals, the gate shares after step k and the whole
+    curve."""
     curve, wall, tokens = accuracy_curve(metrics)
     return {"reached": first_reaching(curve, target),
             "final_accuracy": curve[-1]["accuracy"] if curve else None,
@@ -166,7 +167,7 @@ def main() -> None:
 
     from masa_megatron.data.synthetic import generate_problems, to_verl_rows, write_rows
     from masa_megatron.demo.jobs import RunSpec, run_specs
-    from masa_megatron.demo.run import DemoBudget
+    from masa_megatron.demo.run import DemoBudget, parse_seeds
     from masa_megatron.demo.warmstart import WarmStartConfig, warm_start
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -197,13 +198,12 @@ def main() -> None:
                      eval_n=args.eval_n)
     if args.k is not None:
         budget = replace(budget, efficient_start=args.k / args.steps)
-    seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if "," in args.seeds else \
-        list(range(int(args.seeds)))
+    seeds = parse_seeds(args.seeds)
     names = [n for n in args.configs.split(",") if n]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"--configs: unknown {unknown}; known: {', '.join(CONFIGS)}")
-    k = max(1, round(budget.efficient_start * budget.steps))   # as demo.run.run_config sets it
+    k = budget.efficient_start_step
     per_seed: dict = {}
     if args.from_runs:
         work = Path(args.from_runs)
@@ -259,7 +259,7 @@ def report(args, budget, hf_dir, target: float, per_seed: dict) -> None:
                           per_seed[s][name]["total_tokens"] for s in per_seed),
                       "median_from_k": {key: _median_or_none(
                           per_seed[s][name]["from_k"][key] for s in per_seed)
-                          for key in (*GATE_SHARES, "gating/recall")}}
+                          for key in GATE_COLUMNS}}
                for name in names}
     what = f"accuracy on the {args.pool}-problem training pool" if args.pool else \
         "held-out accuracy"
@@ -281,8 +281,7 @@ def report(args, budget, hf_dir, target: float, per_seed: dict) -> None:
           "precision / trained groups with no signal / estimated gate recall")
     for name, row in summary.items():
         shares = row["median_from_k"]
-        print(f"  {name}: " + " / ".join(fmt(shares[key])
-                                         for key in (*GATE_SHARES, "gating/recall")))
+        print(f"  {name}: " + " / ".join(fmt(shares[key]) for key in GATE_COLUMNS))
     summary["_common_level"] = level
     print(f"wrote {write_results(args, budget, hf_dir, target, summary, per_seed)}")
 

@@ -1,10 +1,11 @@
-"""The demo's worker pool: status lines, and a failed run reported by name with its log."""
+"""The demo's worker pool (status lines, a failed run reported by name with its log) and its
+command-line budget (seeds, masa_efficient's start step)."""
 from pathlib import Path
 
 import pytest
 
 from masa_megatron.demo.jobs import RunSpec, _last_progress, run_specs
-from masa_megatron.demo.run import QUICK
+from masa_megatron.demo.run import QUICK, DemoBudget, parse_seeds
 from masa_megatron.errors import UserError
 
 
@@ -28,3 +29,17 @@ def test_failed_runs_are_named_with_their_log_tail_after_the_others_finish(tmp_p
     text = str(err.value)
     assert "2 run(s) failed: grpo-s0, masa-s0" in text
     assert str(Path(specs[0].run_dir) / "log.txt") in text and "no-such-model" in text
+
+
+def test_seeds_are_a_count_or_a_list_and_bad_text_names_the_flag():
+    assert parse_seeds("3") == [0, 1, 2]
+    assert parse_seeds("3,4,5") == [3, 4, 5] and parse_seeds("5,") == [5]
+    with pytest.raises(UserError, match="--seeds 'x'"):
+        parse_seeds("x")
+
+
+def test_efficient_start_step_is_a_share_of_the_steps_and_at_least_one():
+    assert DemoBudget(steps=60).efficient_start_step == 20
+    assert DemoBudget(steps=100, efficient_start=0.2).efficient_start_step == 20
+    assert QUICK.efficient_start_step == 1          # round(0.34 * 3)
+    assert DemoBudget(steps=1, efficient_start=0.1).efficient_start_step == 1

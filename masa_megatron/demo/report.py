@@ -204,7 +204,7 @@ def write_demo_report(out: Path, runs: dict, budget, timing: dict | None = None)
     grouped = _by_mode(series)
     first_seed = {mode: run_dir for (mode, seed), (run_dir, _) in sorted(runs.items(),
                                                                          reverse=True)}
-    k_step = max(1, round(budget.efficient_start * budget.steps))
+    k_step = budget.efficient_start_step
     plots = [plot_accuracy(out, grouped), plot_meta_curves(out, grouped),
              plot_before_after(out, first_seed), plot_efficiency(out, grouped)]
     rows = summary_rows(grouped, k_step)

@@ -42,6 +42,11 @@ class DemoBudget:
     lr: float = 2e-4
     n_train: int = 2000
 
+    @property
+    def efficient_start_step(self) -> int:
+        """masa_efficient's start step k: the gate acts on steps k, k+1, .. (logged from k + 1)."""
+        return max(1, round(self.efficient_start * self.steps))
+
 
 QUICK = DemoBudget(steps=3, problems_per_step=2, group_size=4, meta_group_size=2,
                    max_response_length=64, eval_problems=4, eval_every=3, eval_n=2,
@@ -54,7 +59,7 @@ def run_config(budget: DemoBudget, mode: str, seed: int, hf_dir: Path, train_fil
     cfg = ExperimentConfig(name=f"{mode}-s{seed}")
     cfg.model.hf_path, cfg.model.seed = str(hf_dir), 1234 + seed
     cfg.masa.mode = mode
-    cfg.masa.efficient_start_step = max(1, round(budget.efficient_start * budget.steps))
+    cfg.masa.efficient_start_step = budget.efficient_start_step
     cfg.masa.audit_fraction = 0.25
     cfg.grpo.group_size, cfg.masa.meta_group_size = budget.group_size, budget.meta_group_size
     cfg.grpo.micro_batch_tokens = 4096   # 8192: 1.5x the peak memory, no faster
@@ -92,6 +97,17 @@ def run_one(cfg, log=print) -> float:
     return time.time() - started
 
 
+def parse_seeds(text: str) -> list[int]:
+    """A count ("3": seeds 0, 1, 2) or a comma-separated list ("3,4,5")."""
+    try:
+        if "," in text:
+            return [int(part) for part in text.split(",") if part.strip()]
+        return list(range(int(text)))
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: a count (3) or a comma-separated list (3,4,5)") \
+            from None
+
+
 def _parse(argv: Optional[Sequence[str]]):
     p = argparse.ArgumentParser(prog="masa demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a ~1 minute smoke run of all modes")
@@ -105,8 +121,7 @@ def _parse(argv: Optional[Sequence[str]]):
     p.add_argument("--cache-dir", default=None, help="where the warm start is cached "
                    "(default $MASA_CACHE_DIR or ~/.cache/masa_megatron)")
     args = p.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",")] if "," in args.seeds else \
-        list(range(int(args.seeds)))
+    seeds = parse_seeds(args.seeds)
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m not in MODES]
     if bad:
