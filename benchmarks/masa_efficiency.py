@@ -169,6 +169,7 @@ def main() -> None:
     from masa_megatron.demo.jobs import RunSpec, run_specs
     from masa_megatron.demo.run import DemoBudget, parse_seeds
     from masa_megatron.demo.warmstart import WarmStartConfig, warm_start
+    from masa_megatron.errors import UserError
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="3", help="a count (3: seeds 0, 1, 2) or a list (3,4,5)")
@@ -198,7 +199,12 @@ def main() -> None:
                      eval_n=args.eval_n)
     if args.k is not None:
         budget = replace(budget, efficient_start=args.k / args.steps)
-    seeds = parse_seeds(args.seeds)
+    try:
+        seeds = parse_seeds(args.seeds)
+    except UserError as err:
+        p.error(str(err))
+    if not seeds:
+        p.error(f"--seeds {args.seeds!r}: at least one seed")
     names = [n for n in args.configs.split(",") if n]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
