@@ -36,6 +36,10 @@ def test_seeds_are_a_count_or_a_list_and_bad_text_names_the_flag():
     assert parse_seeds("3,4,5") == [3, 4, 5] and parse_seeds("5,") == [5]
     with pytest.raises(UserError, match="--seeds 'x'"):
         parse_seeds("x")
+    with pytest.raises(UserError, match="at least one seed"):
+        parse_seeds("0")
+    with pytest.raises(UserError, match="at least one seed"):
+        parse_seeds(",")
 
 
 def test_efficient_start_step_is_a_share_of_the_steps_and_at_least_one():

@@ -98,14 +98,16 @@ def run_one(cfg, log=print) -> float:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """A count ("3": seeds 0, 1, 2) or a comma-separated list ("3,4,5")."""
+    """A count ("3": seeds 0, 1, 2) or a comma-separated list ("3,4,5"); at least one seed."""
     try:
-        if "," in text:
-            return [int(part) for part in text.split(",") if part.strip()]
-        return list(range(int(text)))
+        seeds = [int(part) for part in text.split(",") if part.strip()] if "," in text else \
+            list(range(int(text)))
     except ValueError:
         raise UserError(f"--seeds {text!r}: a count (3) or a comma-separated list (3,4,5)") \
             from None
+    if not seeds:
+        raise UserError(f"--seeds {text!r}: at least one seed")
+    return seeds
 
 
 def _parse(argv: Optional[Sequence[str]]):
@@ -126,8 +128,6 @@ def _parse(argv: Optional[Sequence[str]]):
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise UserError(f"--modes: unknown mode {bad[0]!r}; choose from {', '.join(MODES)}")
-    if not seeds:
-        raise UserError("--seeds: at least one seed")
     if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs = {args.jobs}: must be >= 1")
     if args.steps is not None and args.steps < 1:
