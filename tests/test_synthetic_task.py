@@ -56,6 +56,43 @@ def test_each_solution_line_is_correct_and_names_its_concepts():
             assert set(names) <= set(synthetic.CONCEPTS)
 
 
+def _columns_value(work: str) -> int:
+    """Read the magnitude off `column_work` text: each column's digit, units first, and the
+    last column's carry out."""
+    values = [int(v) for v in re.findall(r"= (\d+)", work)]
+    digits = [v % 10 for v in values] + ([values[-1] // 10] if values[-1] >= 10 else [])
+    return int("".join(map(str, reversed(digits))))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_column_work_spells_the_result_and_carries_or_borrows_as_named(seed):
+    rng = random.Random(seed)
+    for _ in range(500):
+        x, op, y = rng.randint(-9999, 9999), rng.choice("+-"), rng.randint(0, 9999)
+        result, names = synthetic.step_concepts(x, op, y)
+        work = synthetic.column_work(x, op, y)
+        assert _columns_value(work.split(" : ")[-1]) == abs(result), (x, op, y, work)
+        carried = any(int(v) >= 10 for v in re.findall(r"= (\d+)", work))
+        assert carried == ("carry" in names), (x, op, y, work)
+        assert (" + 10 -" in work) == ("borrow" in names), (x, op, y, work)
+    assert synthetic.column_work(85, "-", 91) == "91 - 85 : 1 + 10 - 5 = 6 , 9 - 8 - 1 = 0"
+    assert synthetic.column_work(47, "+", 38) == "7 + 8 = 15 , 4 + 3 + 1 = 8"
+
+
+def test_columns_style_changes_only_the_solution_text():
+    steps = synthetic.generate_problems(160, seed=4, split="eval")
+    columns = synthetic.generate_problems(160, seed=4, split="eval", style="columns")
+    for a, b in zip(steps, columns):
+        assert {**a, "solution": ""} == {**b, "solution": ""}
+        # the same result lines, each with its column work in front
+        assert re.sub(r"(?m)^((?:first |then )?)[^\n]* : [^\n]* , ", r"\1", b["solution"]) \
+            == a["solution"]
+        assert len(b["solution"]) > len(a["solution"])
+    assert sum(len(p["solution"]) for p in columns) > 2.5 * sum(len(p["solution"]) for p in steps)
+    with pytest.raises(ValueError, match="solution style must be one of"):
+        synthetic.generate_problems(1, seed=0, style="prose")
+
+
 def test_carry_and_borrow_rules():
     assert synthetic.step_concepts(47, "+", 38) == (85, ["carry"])
     assert synthetic.step_concepts(41, "+", 38) == (79, [])

@@ -19,6 +19,16 @@ solution computes one operation per line, names the concepts it used, and ends i
 - Train/eval split by a hash of the problem text (`split_of`): the two splits are disjoint for any
   seeds. Generation is deterministic given (seed, split, n, levels).
 - Answers are plain integers (``str(int)``), graded on the last ``\\boxed{}``.
+- Solution styles (`SOLUTION_STYLES`, the same problems and answers in both): ``steps`` (above,
+  the demo's) and ``columns``, which works every operation column by column before its result
+  line, by the same magnitude algorithm that names the concepts (`column_work`)::
+
+    first 47 + 38 : 7 + 8 = 15 , 4 + 3 + 1 = 8 , 47 + 38 = 85 carry
+    then 85 - 91 : 91 - 85 : 1 + 10 - 5 = 6 , 9 - 8 - 1 = 0 , 85 - 91 = -6 borrow negative
+    so the answer is \\boxed{-6}
+
+  A ``columns`` solution is about 2.5x as long in tokens (more on harder levels), which puts the
+  ratio of meta-answer to solution length near the paper's (`benchmarks/masa_efficiency.py`).
 
 Measured (2026-11-26, 2-core CPU): the demo's warm start (`demo.warmstart.WarmStartConfig`:
 1500 SFT steps, ~4.7 min, a 1.1M-parameter Qwen3 with a digit-level tokenizer), 8 samples at T=1
@@ -36,9 +46,7 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 
 CONCEPTS: tuple[str, ...] = ("carry", "borrow", "negative")
 DATA_SOURCE = "synthetic_arith"
-
-
-
+SOLUTION_STYLES = ("steps", "columns")
 class Level(NamedTuple):
     """Shape of a problem: operations, digits of the first / other numbers, which ops, carries."""
     ops: int
@@ -112,12 +120,44 @@ def step_concepts(x: int, op: str, y: int) -> tuple[int, list[str]]:
     return result, names
 
 
+def column_work(x: int, op: str, y: int) -> str:
+    """The columns of `x op y` (y >= 0), units first, by the algorithm of `step_concepts`.
+
+    Same signs: add the magnitudes, ``a + b (+ 1) = s`` per column (+ 1: the carry in).
+    Different signs: ``big - small :`` then ``a - b (- 1) = d`` per column, or
+    ``a + 10 - b (- 1) = d`` where the column borrows. A missing digit is written 0.
+    """
+    signed = y if op == "+" else -y
+    a, b = abs(x), abs(signed)
+    adding = x == 0 or signed == 0 or (x > 0) == (signed > 0)
+    if not adding:
+        a, b = max(a, b), min(a, b)
+    columns, carry = [], 0
+    while a or b:
+        da, db = a % 10, b % 10
+        extra = f" {'+' if adding else '-'} 1" if carry else ""
+        if adding:
+            value = da + db + carry
+            columns.append(f"{da} + {db}{extra} = {value}")
+            carry = int(value >= 10)
+        else:
+            value = da - db - carry
+            carry = int(value < 0)
+            columns.append(f"{da} + 10 - {db}{extra} = {value + 10}" if carry
+                           else f"{da} - {db}{extra} = {value}")
+        a, b = a // 10, b // 10
+    work = " , ".join(columns or ["0 + 0 = 0"])
+    return work if adding else f"{max(abs(x), y)} - {min(abs(x), y)} : {work}"
+
+
 def _operand(rng: random.Random, digits: int) -> int:
     return rng.randint(10 ** (digits - 1) if digits > 1 else 1, 10 ** digits - 1)
 
 
-def make_problem(rng: random.Random, level: int) -> dict:
-    """One problem of the given level: problem, answer, difficulty, notions, solution."""
+def make_problem(rng: random.Random, level: int, style: str = "steps") -> dict:
+    """One problem of the given level: problem, answer, difficulty, notions, solution.
+
+    `style` ('steps' | 'columns') changes only the solution text, never a random draw."""
     shape = LEVELS[level]
     if shape.carry:
         numbers = [_operand(rng, shape.first_digits)] + [
@@ -131,7 +171,8 @@ def make_problem(rng: random.Random, level: int) -> dict:
     for i, (op, y) in enumerate(zip(ops, numbers[1:])):
         result, names = step_concepts(value, op, y)
         prefix = ("first " if i == 0 else "then ") if rng.random() < 0.5 else ""
-        lines.append(" ".join([f"{prefix}{value} {op} {y} = {result}", *names]))
+        work = f"{value} {op} {y} : {column_work(value, op, y)} , " if style == "columns" else ""
+        lines.append(" ".join([f"{prefix}{work}{value} {op} {y} = {result}", *names]))
         notions += [n for n in names if n not in notions]
         value = result
     closing = "so the answer is " if rng.random() < 0.5 else ""
@@ -141,14 +182,18 @@ def make_problem(rng: random.Random, level: int) -> dict:
 
 
 def generate_problems(n: int, seed: int, split: str = "train",
-                      levels: Optional[Sequence[int]] = None, max_tries: int = 200) -> list[dict]:
-    """`n` problems of `split` ('train' | 'eval'), levels cycled in order (balanced).
+                      levels: Optional[Sequence[int]] = None, max_tries: int = 200,
+                      style: str = "steps") -> list[dict]:
+    """`n` problems of `split` ('train' | 'eval'), levels cycled in order (balanced), with
+    solutions in `style` (`SOLUTION_STYLES`; the problems do not depend on it).
 
     Problems are unique within the list while the level's space allows (`max_tries` draws),
     and always belong to `split` (so train and eval never share a problem).
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if style not in SOLUTION_STYLES:
+        raise ValueError(f"solution style must be one of {SOLUTION_STYLES}, got {style!r}")
     levels = list(levels or LEVELS)
     rng = random.Random(f"{seed}-{split}")
     seen: set[str] = set()
@@ -156,7 +201,7 @@ def generate_problems(n: int, seed: int, split: str = "train",
     for i in range(n):
         level = levels[i % len(levels)]
         for attempt in range(max_tries):
-            item = make_problem(rng, level)
+            item = make_problem(rng, level, style)
             if split_of(item["problem"]) == split and (item["problem"] not in seen
                                                        or attempt >= max_tries // 2):
                 break

@@ -37,6 +37,7 @@ class WarmStartConfig:
     intermediate: int = 384
     max_position: int = 1024
     max_len: int = 96              # {MAX} of the meta prompt = the demo's max response length
+    solution_style: str = "steps"  # synthetic.SOLUTION_STYLES: 'columns' solutions are ~2.5x longer
     n_problems: int = 8000         # SFT problems (each gives a solution example, some a meta one)
     meta_fraction: float = 0.1
     # Easy levels repeated: a tiny model learns the addition table before long chains; levels
@@ -96,7 +97,8 @@ def train_warm_start(cfg: WarmStartConfig, out_dir: Path, log=print) -> None:
     from masa_megatron.metrics import Progress
 
     torch.manual_seed(cfg.seed)
-    tokenizer = make_tiny_tokenizer(tokenizer_corpus(cfg.seed, max_len=cfg.max_len), cfg.vocab_size)
+    tokenizer = make_tiny_tokenizer(
+        tokenizer_corpus(cfg.seed, max_len=cfg.max_len, style=cfg.solution_style), cfg.vocab_size)
     config = make_tiny_qwen3_config(
         len(tokenizer), hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
         kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, intermediate=cfg.intermediate,
@@ -105,7 +107,8 @@ def train_warm_start(cfg: WarmStartConfig, out_dir: Path, log=print) -> None:
     config.architectures = ["Qwen3ForCausalLM"]
     model = Qwen3ForCausalLM(config).float()
     examples = [_encode_example(tokenizer, ex) for ex in warmstart_examples(
-        cfg.n_problems, cfg.seed, cfg.max_len, cfg.meta_fraction, levels=cfg.levels)]
+        cfg.n_problems, cfg.seed, cfg.max_len, cfg.meta_fraction, levels=cfg.levels,
+        style=cfg.solution_style)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01,
                                   betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup)

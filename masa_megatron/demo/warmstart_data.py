@@ -4,7 +4,7 @@ The demo starts from a randomly initialised tiny Qwen3, so before RL it gets a s
 warm start on two kinds of examples, both in chat form (`messages` + target `response`):
 
 - `solution`: solution prompt (`prompts.solution_messages`: problem + the spec's suffix) -> the
-  worked solution of `masa_megatron.data.synthetic`.
+  worked solution of `masa_megatron.data.synthetic`, in its `style` (`SOLUTION_STYLES`).
 - `meta`: the spec's meta prompt (`prompts.meta_messages`, {MAX} = `max_len`) -> a meta answer,
   ``<meta> {n} steps with {d} digit numbers </meta>`` then compact JSON
   ``{"math_notion": [...], "pass_rate": k, "solution_length": l}``.
@@ -45,17 +45,18 @@ def meta_answer(item: dict, rng: random.Random, length_range: tuple[int, int]) -
 
 def warmstart_examples(n: int, seed: int = 0, max_len: int = 128, meta_fraction: float = 0.5,
                        length_range: Optional[tuple[int, int]] = None,
-                       levels: Optional[Sequence[int]] = None) -> list[dict]:
+                       levels: Optional[Sequence[int]] = None,
+                       style: str = "steps") -> list[dict]:
     """SFT examples from `n` train-split problems: dicts with kind, messages, response, difficulty.
 
     Every problem yields a solution example; a `meta_fraction` share of them also yields a meta
     example (so `n` counts problems, the list has about n * (1 + meta_fraction) entries).
     `max_len` is {MAX} of the meta prompt; `length_range` (default (8, max_len)) is the range of
-    the uninformative solution_length values.
+    the uninformative solution_length values; `style` the solutions' (`synthetic.SOLUTION_STYLES`).
     """
     length_range = length_range or (8, max_len)
     prompt_config = PromptConfig(max_response_length=max_len)
-    problems = synthetic.generate_problems(n, seed, "train", levels)
+    problems = synthetic.generate_problems(n, seed, "train", levels, style=style)
     meta_rng = random.Random(f"meta-answers-{seed}")   # depends on the seed only
     pick_rng = random.Random(f"meta-pick-{seed}")
     out = []
@@ -69,16 +70,17 @@ def warmstart_examples(n: int, seed: int = 0, max_len: int = 128, meta_fraction:
     return out
 
 
-def tokenizer_corpus(seed: int = 0, n: int = 2000, max_len: int = 128) -> list[str]:
-    """Texts covering everything the demo tokenizes: problems, prompts, solutions, meta answers,
-    chat markers, digits and concept words."""
+def tokenizer_corpus(seed: int = 0, n: int = 2000, max_len: int = 128,
+                     style: str = "steps") -> list[str]:
+    """Texts covering everything the demo tokenizes: problems, prompts, solutions (in `style`),
+    meta answers, chat markers, digits and concept words."""
     texts = [*CHAT_MARKERS, META_SYSTEM, SOLUTION_SUFFIX, " ".join(synthetic.CONCEPTS),
              "0 1 2 3 4 5 6 7 8 9 - + = { } [ ] , : \" \\boxed{}", META_USER_TEMPLATE]
     for split in ("train", "eval"):
         texts += [p["problem"] + "\n" + p["solution"]
                   for p in synthetic.generate_problems(n if split == "train" else n // 4, seed,
-                                                       split)]
-    for ex in warmstart_examples(n // 4, seed, max_len, meta_fraction=1.0):
+                                                       split, style=style)]
+    for ex in warmstart_examples(n // 4, seed, max_len, meta_fraction=1.0, style=style):
         texts += [m["content"] for m in ex["messages"]] + [ex["response"]]
     return texts
 
