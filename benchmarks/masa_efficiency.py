@@ -71,13 +71,13 @@ import os
 import platform
 import statistics
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 
 
-@dataclass(frozen=True)
-class Task:
+class Task(NamedTuple):
     """A version of the demo task: its solution style, max response length (= the meta prompt's
     {MAX}) and targets, each fixed before any run of that task (None: not measured)."""
     solution_style: str
