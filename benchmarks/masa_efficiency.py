@@ -207,7 +207,7 @@ def main() -> None:
                    "the demo's, a third of --steps)")
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated, of " +
-                   ", ".join(CONFIGS))
+                   ", ".join(CONFIGS) + "; runs start in this order (slowest first is fastest)")
     p.add_argument("--jobs", type=int, default=(os.cpu_count() or 1) + 1,
                    help="runs at once, one process and one torch thread each (default: cores "
                         "+ 1, as masa demo)")
@@ -258,14 +258,13 @@ def main() -> None:
         held_out = to_verl_rows(generate_problems(budget.eval_problems, 0, "eval"), "eval")
     train_file = write_rows(to_verl_rows(train, "train"), work / "train.parquet")
     eval_file = write_rows(held_out, work / "eval.parquet")
+    # one queue for every run, so no core waits for a seed's slowest run
+    run_specs([RunSpec(CONFIGS[name][0], seed, asdict(budget), str(hf_dir), str(train_file),
+                       str(eval_file), str(run_dir(work, name, seed)),
+                       label=name.replace("/", "-"), overrides=CONFIGS[name][1])
+               for name in names for seed in seeds], args.jobs)
     for seed in seeds:
-        specs = [RunSpec(CONFIGS[name][0], seed, asdict(budget), str(hf_dir), str(train_file),
-                         str(eval_file), str(run_dir(work, name, seed)),
-                         label=name.replace("/", "-"), overrides=CONFIGS[name][1])
-                 for name in names]
-        run_specs(specs, args.jobs)
         per_seed[seed] = measure(work, names, seed, target, k)
-        write_results(args, budget, hf_dir, target, {}, per_seed)   # partial, if stopped
     report(args, budget, hf_dir, target, per_seed)
 
 
