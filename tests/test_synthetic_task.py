@@ -185,12 +185,16 @@ def test_meta_prompt_follows_the_spec_wording():
                          "final answer within \\boxed{}.")
 
 
-def test_tokenizer_corpus_covers_every_character():
-    corpus = W.tokenizer_corpus(seed=0, n=200)
+@pytest.mark.parametrize("style", synthetic.SOLUTION_STYLES)
+def test_tokenizer_corpus_covers_every_character(style):
+    corpus = W.tokenizer_corpus(seed=0, n=200, style=style)
     chars = set("".join(corpus))
-    for ex in W.warmstart_examples(50, seed=11, max_len=64):
+    examples = W.warmstart_examples(50, seed=11, max_len=64, style=style)
+    for ex in examples:
         texts = [m["content"] for m in ex["messages"]] + [ex["response"]]
         assert set("".join(texts)) <= chars
+    solutions = [ex["response"] for ex in examples if ex["kind"] == "solution"]
+    assert all((" : " in text) == (style == "columns") for text in solutions)
     assert all(m in corpus for m in W.CHAT_MARKERS)
 
 
