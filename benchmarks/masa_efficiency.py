@@ -90,7 +90,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 
-
 class Task(NamedTuple):
     """A version of the demo task: its solution style, max response length (= the meta prompt's
     {MAX}) and targets, each fixed before any run of that task (None: not measured)."""
@@ -272,7 +271,8 @@ def main() -> None:
         held_out = to_verl_rows(train, "eval")
     else:
         train = generate_problems(budget.n_train, 0, "train", style=task.solution_style)
-        held_out = to_verl_rows(generate_problems(budget.eval_problems, 0, "eval"), "eval")
+        held_out = to_verl_rows(generate_problems(budget.eval_problems, 0, "eval",
+                                                  style=task.solution_style), "eval")
     train_file = write_rows(to_verl_rows(train, "train"), work / "train.parquet")
     eval_file = write_rows(held_out, work / "eval.parquet")
     # one queue for every run, so no core waits for a seed's slowest run

@@ -27,8 +27,9 @@ solution computes one operation per line, names the concepts it used, and ends i
     then 85 - 91 : 91 - 85 : 1 + 10 - 5 = 6 , 9 - 8 - 1 = 0 , 85 - 91 = -6 borrow negative
     so the answer is \\boxed{-6}
 
-  A ``columns`` solution is about 2.5x as long in tokens (more on harder levels), which puts the
-  ratio of meta-answer to solution length near the paper's (`benchmarks/masa_efficiency.py`).
+  A ``columns`` solution has 2-4x the tokens of a ``steps`` one (1.9x at level 1, 4x at level 8),
+  which puts the ratio of meta-answer to solution length near the paper's
+  (`benchmarks/masa_efficiency.py --task columns`).
 
 Measured (2026-11-26, 2-core CPU): the demo's warm start (`demo.warmstart.WarmStartConfig`:
 1500 SFT steps, ~4.7 min, a 1.1M-parameter Qwen3 with a digit-level tokenizer), 8 samples at T=1
@@ -47,6 +48,8 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 CONCEPTS: tuple[str, ...] = ("carry", "borrow", "negative")
 DATA_SOURCE = "synthetic_arith"
 SOLUTION_STYLES = ("steps", "columns")
+
+
 class Level(NamedTuple):
     """Shape of a problem: operations, digits of the first / other numbers, which ops, carries."""
     ops: int

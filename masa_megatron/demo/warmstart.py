@@ -37,7 +37,7 @@ class WarmStartConfig:
     intermediate: int = 384
     max_position: int = 1024
     max_len: int = 96              # {MAX} of the meta prompt = the demo's max response length
-    solution_style: str = "steps"  # synthetic.SOLUTION_STYLES: 'columns' solutions are ~2.5x longer
+    solution_style: str = "steps"  # synthetic.SOLUTION_STYLES: 'columns': 2-4x longer solutions
     n_problems: int = 8000         # SFT problems (each gives a solution example, some a meta one)
     meta_fraction: float = 0.1
     # Easy levels repeated: a tiny model learns the addition table before long chains; levels
