@@ -64,3 +64,23 @@ def test_gate_shares_count_the_steps_after_k_and_estimate_recall():
     assert masa_efficiency.gate_recall(0.0, None, 0.8) == 0.0
     assert masa_efficiency.gate_recall(None, None, None) is None
     assert masa_efficiency.gate_recall(0.3, None, 0.8) is None  # gated, but never audited
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "columns"], "--task columns has no target without --pool"),
+    (["--task", "prose"], "invalid choice: 'prose'"),
+    (["--pool", "12"], "--pool 12: must be a multiple of 8"),
+])
+def test_bad_task_or_pool_is_a_usage_error_naming_the_flag(args, message, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["masa_efficiency.py", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        masa_efficiency.main()
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_task_has_a_warm_start_style_and_a_target():
+    from masa_megatron.data.synthetic import SOLUTION_STYLES
+    for name, task in masa_efficiency.TASKS.items():
+        assert task.solution_style in SOLUTION_STYLES, name
+        assert task.target_accuracy is not None or task.target_pool_accuracy is not None, name
