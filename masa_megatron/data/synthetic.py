@@ -105,22 +105,28 @@ def _borrows(a: int, b: int) -> bool:
     return False
 
 
+def _magnitudes(x: int, op: str, y: int) -> tuple[bool, int, int]:
+    """How `x op y` (y >= 0) is worked: (adding, a, b). Same signs: add a = |x| and b = y.
+    Different signs: subtract the smaller magnitude b from the larger a."""
+    signed = y if op == "+" else -y
+    if x == 0 or signed == 0 or (x > 0) == (signed > 0):
+        return True, abs(x), y
+    return False, max(abs(x), y), min(abs(x), y)
+
+
 def step_concepts(x: int, op: str, y: int) -> tuple[int, list[str]]:
     """Result of `x op y` (y >= 0) and the concepts used, by the magnitude algorithm.
 
     Same signs: add magnitudes (carry?). Different signs: subtract the smaller magnitude from the
     larger (borrow?). A result below 0 adds 'negative'.
     """
-    signed = y if op == "+" else -y
-    result = x + signed
+    result = x + y if op == "+" else x - y
+    adding, a, b = _magnitudes(x, op, y)
     names = []
-    if x == 0 or signed == 0 or (x > 0) == (signed > 0):
-        if _carries(abs(x), abs(signed)):
-            names.append("carry")
-    else:
-        big, small = max(abs(x), abs(signed)), min(abs(x), abs(signed))
-        if _borrows(big, small):
-            names.append("borrow")
+    if adding and _carries(a, b):
+        names.append("carry")
+    if not adding and _borrows(a, b):
+        names.append("borrow")
     if result < 0:
         names.append("negative")
     return result, names
@@ -133,12 +139,8 @@ def column_work(x: int, op: str, y: int) -> str:
     Different signs: ``big - small :`` then ``a - b (- 1) = d`` per column, or
     ``a + 10 - b (- 1) = d`` where the column borrows. A missing digit is written 0.
     """
-    signed = y if op == "+" else -y
-    a, b = abs(x), abs(signed)
-    adding = x == 0 or signed == 0 or (x > 0) == (signed > 0)
-    if not adding:
-        a, b = max(a, b), min(a, b)
-    columns, carry = [], 0
+    adding, big, small = _magnitudes(x, op, y)
+    a, b, columns, carry = big, small, [], 0
     while a or b:
         da, db = a % 10, b % 10
         extra = f" {'+' if adding else '-'} 1" if carry else ""
@@ -153,7 +155,7 @@ def column_work(x: int, op: str, y: int) -> str:
                            else f"{da} - {db}{extra} = {value}")
         a, b = a // 10, b // 10
     work = " , ".join(columns or ["0 + 0 = 0"])
-    return work if adding else f"{max(abs(x), y)} - {min(abs(x), y)} : {work}"
+    return work if adding else f"{big} - {small} : {work}"
 
 
 def _operand(rng: random.Random, digits: int) -> int:
