@@ -83,28 +83,6 @@ def split_of(problem: str) -> str:
     return "eval" if bucket < EVAL_FRACTION else "train"
 
 
-def _carries(a: int, b: int) -> bool:
-    """Does column addition of a + b (a, b >= 0) carry in some column?"""
-    carry = 0
-    while a or b:
-        carry = 1 if a % 10 + b % 10 + carry >= 10 else 0
-        if carry:
-            return True
-        a, b = a // 10, b // 10
-    return False
-
-
-def _borrows(a: int, b: int) -> bool:
-    """Does column subtraction a - b (a >= b >= 0) borrow in some column?"""
-    borrow = 0
-    while b or borrow:
-        borrow = 1 if a % 10 - b % 10 - borrow < 0 else 0
-        if borrow:
-            return True
-        a, b = a // 10, b // 10
-    return False
-
-
 def _magnitudes(x: int, op: str, y: int) -> tuple[bool, int, int]:
     """How `x op y` (y >= 0) is worked: (adding, a, b). Same signs: add a = |x| and b = y.
     Different signs: subtract the smaller magnitude b from the larger a."""
@@ -112,6 +90,20 @@ def _magnitudes(x: int, op: str, y: int) -> tuple[bool, int, int]:
     if x == 0 or signed == 0 or (x > 0) == (signed > 0):
         return True, abs(x), y
     return False, max(abs(x), y), min(abs(x), y)
+
+
+def _columns(adding: bool, a: int, b: int) -> list[tuple[int, int, int, int]]:
+    """Column arithmetic of a + b or a - b (a >= b when subtracting), units first: per column
+    (digit of a, digit of b, carry or borrow in, value). A value >= 10 carries out, a value
+    below 0 borrows."""
+    out, carry = [], 0
+    while a or b:
+        da, db = a % 10, b % 10
+        value = da + db + carry if adding else da - db - carry
+        out.append((da, db, carry, value))
+        carry = int(value >= 10 or value < 0)
+        a, b = a // 10, b // 10
+    return out
 
 
 def step_concepts(x: int, op: str, y: int) -> tuple[int, list[str]]:
@@ -123,10 +115,8 @@ def step_concepts(x: int, op: str, y: int) -> tuple[int, list[str]]:
     result = x + y if op == "+" else x - y
     adding, a, b = _magnitudes(x, op, y)
     names = []
-    if adding and _carries(a, b):
-        names.append("carry")
-    if not adding and _borrows(a, b):
-        names.append("borrow")
+    if any(value >= 10 or value < 0 for *_, value in _columns(adding, a, b)):
+        names.append("carry" if adding else "borrow")
     if result < 0:
         names.append("negative")
     return result, names
@@ -136,26 +126,21 @@ def column_work(x: int, op: str, y: int) -> str:
     """The columns of `x op y` (y >= 0), units first, by the algorithm of `step_concepts`.
 
     Same signs: add the magnitudes, ``a + b (+ 1) = s`` per column (+ 1: the carry in).
-    Different signs: ``big - small :`` then ``a - b (- 1) = d`` per column, or
-    ``a + 10 - b (- 1) = d`` where the column borrows. A missing digit is written 0.
+    Different signs: ``a - b :`` (larger magnitude first), then ``a - b (- 1) = d`` per column,
+    or ``a + 10 - b (- 1) = d`` where the column borrows. A missing digit is written 0.
     """
-    adding, big, small = _magnitudes(x, op, y)
-    a, b, columns, carry = big, small, [], 0
-    while a or b:
-        da, db = a % 10, b % 10
+    adding, a, b = _magnitudes(x, op, y)
+    columns = []
+    for da, db, carry, value in _columns(adding, a, b):
         extra = f" {'+' if adding else '-'} 1" if carry else ""
         if adding:
-            value = da + db + carry
             columns.append(f"{da} + {db}{extra} = {value}")
-            carry = int(value >= 10)
+        elif value < 0:
+            columns.append(f"{da} + 10 - {db}{extra} = {value + 10}")
         else:
-            value = da - db - carry
-            carry = int(value < 0)
-            columns.append(f"{da} + 10 - {db}{extra} = {value + 10}" if carry
-                           else f"{da} - {db}{extra} = {value}")
-        a, b = a // 10, b // 10
+            columns.append(f"{da} - {db}{extra} = {value}")
     work = " , ".join(columns or ["0 + 0 = 0"])
-    return work if adding else f"{big} - {small} : {work}"
+    return work if adding else f"{a} - {b} : {work}"
 
 
 def _operand(rng: random.Random, digits: int) -> int:
