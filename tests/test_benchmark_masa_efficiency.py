@@ -86,9 +86,9 @@ def test_every_task_has_a_warm_start_style_and_a_target():
         assert task.target_accuracy is not None or task.target_pool_accuracy is not None, name
 
 
-def test_target_flag_replaces_the_tasks_fixed_target(monkeypatch, tmp_path):
-    """--target reruns a recorded race with its own target; --from-runs summarises without
-    training, so the target used is read back from the written results."""
+def test_target_and_lr_flags_replace_the_tasks_target_and_the_demos_lr(monkeypatch, tmp_path):
+    """--target reruns a recorded race with its own target and --lr sets the policy's learning
+    rate; --from-runs summarises without training, so both are read back from the results."""
     import json
     seeds_rows = {"grpo": rows({1: 0.45, 2: 0.52}, 100.0, 1.0)}   # 0.4375 at step 1
     work = tmp_path / "work"
@@ -99,8 +99,9 @@ def test_target_flag_replaces_the_tasks_fixed_target(monkeypatch, tmp_path):
     monkeypatch.setattr(masa_efficiency, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr("sys.argv", ["masa_efficiency.py", "--task", "columns", "--pool", "32",
                                      "--seeds", "1", "--configs", "grpo", "--target", "0.51",
-                                     "--from-runs", str(work), "--name", "t"])
+                                     "--lr", "1e-4", "--from-runs", str(work), "--name", "t"])
     masa_efficiency.main()
     written = json.loads((tmp_path / "t.json").read_text())
     assert written["settings"]["target_accuracy"] == 0.51
+    assert written["settings"]["budget"]["lr"] == 1e-4
     assert written["per_seed"]["0"]["grpo"]["reached"]["step"] == 2
