@@ -88,7 +88,9 @@ summary is written once every run has finished, so a stopped race is summarised 
         --seeds 9,10,11 --eval-every 10 --eval-n 8 --jobs 2 \
         --configs grpo,masa_efficient/head,masa_efficient/head@0.5 --name masa_efficiency_columns3
 
-Prints a table and writes benchmarks/results/<--name>.json (default masa_efficiency).
+Prints a table and writes benchmarks/results/<--name>.json (default masa_efficiency) and
+<--name>.png: accuracy against generated tokens, one panel per seed, the target as a dashed line
+and step k marked on each MASA curve. `--plot NAME` redraws the figure from results/NAME.json.
 """
 from __future__ import annotations
 
@@ -218,6 +220,35 @@ def common_level(per_seed: dict) -> float:
                for runs in per_seed.values() for run in runs.values())
 
 
+def plot_races(results: dict, out: Path) -> Path:
+    """Accuracy vs cumulative generated tokens per configuration, one panel per seed; the fixed
+    target dashed, and a dot where each MASA run reaches step k (where the gate starts)."""
+    from masa_megatron.demo.report import new_figure
+    from masa_megatron.eval.report import save_figure
+
+    per_seed, target = results["per_seed"], results["settings"]["target_accuracy"]
+    budget = results["settings"]["budget"]
+    k = round(budget["efficient_start"] * budget["steps"])
+    fig = new_figure(4.2 * len(per_seed), 3.4)
+    for i, (seed, runs) in enumerate(per_seed.items()):
+        ax = fig.add_subplot(1, len(per_seed), i + 1)
+        for name, run in runs.items():
+            curve = run["curve"]
+            line, = ax.plot([p["tokens"] / 1e3 for p in curve], [p["accuracy"] for p in curve],
+                            marker=".", label=name)
+            at_k = next((p for p in curve if p["step"] == k), None)
+            if name != "grpo" and at_k:
+                ax.plot(at_k["tokens"] / 1e3, at_k["accuracy"], "o", color=line.get_color(),
+                        markersize=9, alpha=0.4)
+        ax.axhline(target, color="black", linestyle="--", linewidth=0.8)
+        ax.set(title=f"seed {seed}", xlabel="generated tokens (thousands)")
+        if i == 0:
+            ax.set_ylabel("pool accuracy" if results["settings"].get("pool") else "accuracy")
+            ax.legend(fontsize=7, title=f"dashed: target; big dot: step k = {k}",
+                      title_fontsize=7)
+    return save_figure(fig, out)
+
+
 def main() -> None:
     from dataclasses import asdict
 
@@ -250,10 +281,18 @@ def main() -> None:
     p.add_argument("--target", type=float, default=None, help="replace the task's fixed target: "
                    "only to rerun a recorded race with its own (the first columns race: 0.51)")
     p.add_argument("--name", default="masa_efficiency", help="result file results/<name>.json")
+    p.add_argument("--plot", default=None, metavar="NAME", help="train nothing: redraw "
+                   "results/NAME.png from results/NAME.json")
     p.add_argument("--from-runs", default=None, metavar="DIR", help="train nothing: summarise "
                    "the finished runs in DIR (the work folder a run printed), with the same "
                    "settings")
     args = p.parse_args()
+    if args.plot:
+        source = RESULTS_DIR / f"{args.plot}.json"
+        if not source.is_file():
+            p.error(f"--plot {args.plot}: no results file {source}")
+        print(f"wrote {plot_races(json.loads(source.read_text()), source.with_suffix('.png'))}")
+        return
     if args.pool % 8 or args.pool < 0:
         p.error(f"--pool {args.pool}: must be a multiple of 8 (N/8 problems of each level)")
     task = TASKS[args.task]
@@ -355,7 +394,9 @@ def report(args, budget, hf_dir, target: float, per_seed: dict) -> None:
         shares = row["median_from_k"]
         print(f"  {name}: " + " / ".join(fmt(shares[key]) for key in GATE_COLUMNS))
     summary["_common_level"] = level
-    print(f"wrote {write_results(args, budget, hf_dir, target, summary, per_seed)}")
+    written = write_results(args, budget, hf_dir, target, summary, per_seed)
+    figure = plot_races(json.loads(written.read_text()), written.with_suffix(".png"))
+    print(f"wrote {written} and {figure}")
 
 
 def _median_or_none(values) -> float | None:

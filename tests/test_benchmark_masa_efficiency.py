@@ -70,6 +70,7 @@ def test_gate_shares_count_the_steps_after_k_and_estimate_recall():
     (["--task", "columns"], "--task columns has no target without --pool"),
     (["--task", "prose"], "invalid choice: 'prose'"),
     (["--pool", "12"], "--pool 12: must be a multiple of 8"),
+    (["--plot", "no_such_race"], "--plot no_such_race: no results file"),
 ])
 def test_bad_task_or_pool_is_a_usage_error_naming_the_flag(args, message, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["masa_efficiency.py", *args])
@@ -105,3 +106,14 @@ def test_target_and_lr_flags_replace_the_tasks_target_and_the_demos_lr(monkeypat
     assert written["settings"]["target_accuracy"] == 0.51
     assert written["settings"]["budget"]["lr"] == 1e-4
     assert written["per_seed"]["0"]["grpo"]["reached"]["step"] == 2
+
+
+def test_plot_draws_one_panel_per_seed_from_the_results_file(tmp_path):
+    per_seed = {str(seed): {name: masa_efficiency.time_to_target(
+        rows({0: 0.3, 2: 0.4 + 0.01 * seed, 4: 0.5}, tokens, 1.0), 0.45)
+        for name, tokens in (("grpo", 100.0), ("masa_efficient/head", 80.0))}
+        for seed in (0, 1)}
+    results = {"per_seed": per_seed, "settings": {
+        "target_accuracy": 0.45, "pool": 32, "budget": {"efficient_start": 0.5, "steps": 4}}}
+    out = masa_efficiency.plot_races(results, tmp_path / "race.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
