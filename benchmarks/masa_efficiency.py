@@ -2,77 +2,37 @@
 
 Each configuration is a real training run through `masa demo`'s machinery (demo.run.run_config,
 trained in `demo.jobs` worker processes, `--jobs` at a time with one torch thread each: Megatron
-actor, embedded engine, train/loop.py) from the demo's cached warm start, with the demo's default
-budget, evaluated on the demo's held-out problems every `--eval-every` steps. Runs that share the
-machine share it the same way (one core each), so their wall times compare.
+actor, embedded engine, train/loop.py) from the task's cached warm start, with the demo's budget,
+evaluated every `--eval-every` steps. Runs that share the machine share it the same way (one core
+each), so their wall times compare.
 
-For a run, T(target) is the first evaluated step after step 0 whose held-out accuracy (pass@1 at
-T=1) is at least TARGET_ACCURACY; its cost is the training wall time and the generated tokens
-summed over steps 1..T (evaluation excluded). Per seed, the speed-up of a configuration over
-grpo is cost(grpo) / cost(config), for wall time and for tokens; reported as medians over seeds.
-A run that never reaches the target has no cost; a ratio needs both runs to reach it.
+For a run, T(target) is the first evaluated step after step 0 whose accuracy (pass@1 at T = 1)
+is at least the target; its cost is the training wall time and the generated tokens summed over
+steps 1..T (evaluation excluded). Per seed, the speed-up of a configuration over grpo is
+cost(grpo) / cost(config), for wall time and for tokens; reported as medians over seeds. A run
+that never reaches the target has no cost; a ratio needs both runs to reach it. When the target
+is missed, the summary also gives the speed-ups to the highest accuracy every run reached
+(`_common_level`: chosen after the runs, so descriptive only).
 
-TARGET_ACCURACY is fixed here, before any run: the demo's warm start scores 0.125 on its 48
-held-out problems (4 samples each); the target asks for +0.025 (~1 standard error of that
-estimate). It was set on 2026-11-26 before the first run, when the demo's budget was 30 steps;
-it is unchanged since (the budget is now 24 steps).
+Targets live in TASKS, each fixed before the race that first used it. A race that changes the
+target or a setting chosen by looking at earlier runs (a gate threshold, the learning rate) runs
+on new seeds, so that nothing is scored on the runs that chose it. Every race, what it changed
+and why, with its figures: benchmarks/RESULTS.md (the masa_efficiency rows and notes).
 
-On held-out problems RL barely moves this warm start: the 1.1M model memorises its SFT problems
-rather than learning arithmetic that transfers (`masa eval`, T = 1, 8 samples: pass@1 25.7 % on
-train-split problems, 9.3 % held-out; greedy 25.6 % / 11.9 %). `--pool N` therefore measures
-the same race where RL does learn: every configuration trains on one fixed pool of N train-split
-problems (N/8 of each level 1-8; levels 5-8, half of it, are almost never solved: the prompts
-gating is for) and is evaluated on that pool, against TARGET_POOL_ACCURACY. That target was fixed
-before any pool run, after one pilot: grpo on 16 problems of levels 2-4 went from 0.23 to 0.45 in
-10 steps and 0.56 in 30. Pool accuracy is training accuracy, not generalisation.
+- Held-out problems (the default): RL barely moves the demo's 1.1M warm start there (it memorises
+  its SFT problems), so `--pool N` trains and evaluates every configuration on one fixed pool of
+  N train-split problems (N/8 of each level 1-8; levels 5-8 are almost never solved, the prompts
+  gating is for). Pool accuracy is training accuracy, not generalisation.
+- `--task steps` (the demo's) has meta answers longer than its solutions (~42 vs ~32 tokens; the
+  paper: 2,293 vs 6,251), so the M = G/2 meta rollouts add ~66 % to a step's tokens (the paper
+  ~18 %). `--task columns` works every operation column by column (`synthetic.column_work`),
+  solutions 2-4x as long, max response length 192, so meta rollouts add ~20 %, as in the paper.
 
-The first pool race (60 steps, k = 20, seeds 0-2, results/masa_efficiency_pool.json) missed
-the target: only grpo reached it, once. Its runs showed why the gates could not pay: about 80 %
-of the pool's problems gave all-equal groups of 8 at every evaluation (60 % never solved, 20 %
-always), so about 80 % of grpo's groups carry no signal, yet the head gate
-at its default threshold 0.9 skipped only 14 % of problems. Its pass rates for the never-solved
-ones were mostly 0.01-0.05, where all 8 rollouts agree with chance 0.66-0.92: calibrated, but
-under the 0.9 line. The text gate skipped 96 % and starved the update. Hence the second race,
-with its settings fixed before it ran: the same target, pool and k = 20; 100 steps (grpo had not
-reached the target in 60); new seeds 3-5 (the threshold was chosen looking at seeds 0-2); grpo
-and the head gate at 0.9 and at 0.5, the level where a skipped problem is more likely than not to
-have no signal. Since each trained group's signal is now logged
-(`solution/zero_variance_fraction`), the summary also reports the share of each run's trained
-groups that had none, with the gate's estimated recall.
+`--from-runs DIR` summarises finished runs again (DIR is the work folder a run prints; the
+summary is written once every run has finished, so a stopped race is summarised this way).
+The races so far:
 
-Both pool races missed the token target for a reason of scale, not of method: on the demo task
-(`--task steps`) a meta answer is ~42 tokens and a solution ~32, against 2,293 and 6,251 in the
-paper, so the M = G/2 meta rollouts add ~66 % to a step's tokens (the paper: ~18 %) and a gate
-must skip more than ~66 % of problems before it saves anything. `--task columns` is the same
-problems with every operation worked column by column (`synthetic.column_work`): solutions ~3x
-as long, max response length 192, meta answers unchanged, so meta rollouts add ~20 % as in the
-paper. Its own warm start is trained with the same recipe. Its pool target follows a rule fixed
-before that warm start was evaluated: its pool accuracy (`masa eval`, 8 samples at T = 1, 192
-tokens) + 0.10, the margin of the steps task's target over its warm start.
-
-The first columns race (80 steps, k = 20, seeds 3-5, grpo and the head gate at 0.5) missed that
-target (0.51) in every run: accuracy on the pool rose from 0.37-0.39 at step 0 to 0.43-0.50,
-a ceiling of 0.5 in effect: levels 1-4 approach 1.0, levels 5-6 stay at 0-0.06, and the
-worked solutions of levels 7-8 (195-441 tokens) do not fit in 192. The second columns race takes
-as its target the highest accuracy that every grpo run of the first reached, 0.4375, fixed
-before it ran, with new seeds (6-8) so that the target is not scored on the runs that chose it,
-and adds the head gate at its default 0.9.
-
-The second columns race reached the target in every run, but at step 10-30: inside or at the
-end of the k = 20 plain-MASA steps, so the gate had no steps in which to pay back the MASA
-phase's +21 % tokens (in the paper the target comes long after k = 80 of 314 steps). The third
-columns race lowers the policy's learning rate (`--lr`) to stretch grpo's curve past k, by a rule
-fixed before two grpo pilots (seed 100, never scored; results/pilot_lr*.json): the larger of
-1e-4 and 5e-5 whose pilot first reaches 0.4375 at step >= 40. The 1e-4 pilot first reached it at
-step 90 (0.43 from step 10 to 80), the 5e-5 one at step 20 (then a steady climb to 0.49), so 1e-4.
-Target (0.4375), pool and k = 20 are unchanged; 100 steps; new seeds 9-11.
-
-When the fixed target is missed, the summary also gives the speed-ups to the highest accuracy
-that every run reached (`_common_level`, chosen after the runs, so descriptive only).
-`--from-runs DIR` summarises finished runs again (DIR is the work folder a run prints); the
-summary is written once every run has finished, so a stopped race is summarised this way.
-
-    python benchmarks/masa_efficiency.py [--seeds 3] [--steps 24] [--eval-every 5] [--jobs N]
+    python benchmarks/masa_efficiency.py --seeds 3
     python benchmarks/masa_efficiency.py --pool 32 --steps 60 --eval-every 10 --eval-n 8 \
         --name masa_efficiency_pool
     python benchmarks/masa_efficiency.py --pool 32 --steps 100 --k 20 --seeds 3,4,5 \
@@ -115,13 +75,14 @@ class Task(NamedTuple):
 
 
 TASKS = {
-    # the demo's: the warm start scores ~0.25 on train-split problems
+    # Held out: the warm start's 0.125 on the demo's 48 problems + 0.025 (~1 standard error),
+    # fixed before the first run. Pool: 0.35, fixed before any pool run after one grpo pilot on
+    # 16 easier problems.
     "steps": Task("steps", 96, target_accuracy=0.15, target_pool_accuracy=0.35),
-    # First columns race (seeds 3-5): 0.51, by the rule above (its warm start scored 0.414 on
-    # the pool with masa eval, 8 samples, T = 1, 192 tokens), fixed before any columns run; no
-    # run reached it (results/masa_efficiency_columns.json). Since then 0.4375 (112 of 256
-    # samples), the highest accuracy every grpo run of that race reached, fixed before the
-    # second columns race, which uses new seeds (6-8).
+    # First columns race (seeds 3-5): 0.51 = its warm start's pool accuracy (0.414, masa eval, 8
+    # samples, T = 1) + 0.10, the steps task's margin; no run reached it (--target 0.51 reruns
+    # it). Since then 0.4375 (112 of 256 samples), the highest accuracy every grpo run of that
+    # race reached, fixed before the second columns race (seeds 6-8) and kept for the third.
     "columns": Task("columns", 192, target_accuracy=None, target_pool_accuracy=0.4375),
 }
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -132,7 +93,7 @@ CONFIGS = {  # name -> (masa.mode, other config overrides)
     "masa_efficient/head": ("masa_efficient", {"masa.predictor": "head"}),
     # the head gate at 0.5: skip a problem when its G rollouts are more likely than not to agree
     # (default 0.9). Added after the first pool race, where 0.9 gated 14 % of problems while
-    # ~80 % of each step's groups had no signal (README of this file).
+    # ~80 % of each step's groups had no signal (RESULTS.md).
     "masa_efficient/head@0.5": ("masa_efficient", {"masa.predictor": "head",
                                                    "masa.head_gate_threshold": 0.5}),
 }
