@@ -185,11 +185,11 @@ def plot_races(results: dict, out: Path) -> Path:
     """Accuracy vs cumulative generated tokens per configuration, one panel per seed; the fixed
     target dashed, and a dot where each MASA run reaches step k (where the gate starts)."""
     from masa_megatron.demo.report import new_figure
+    from masa_megatron.demo.run import DemoBudget
     from masa_megatron.eval.report import save_figure
 
     per_seed, target = results["per_seed"], results["settings"]["target_accuracy"]
-    budget = results["settings"]["budget"]
-    k = round(budget["efficient_start"] * budget["steps"])
+    k = DemoBudget(**results["settings"]["budget"]).efficient_start_step
     fig = new_figure(4.2 * len(per_seed), 3.4)
     for i, (seed, runs) in enumerate(per_seed.items()):
         ax = fig.add_subplot(1, len(per_seed), i + 1)
@@ -252,7 +252,11 @@ def main() -> None:
         source = RESULTS_DIR / f"{args.plot}.json"
         if not source.is_file():
             p.error(f"--plot {args.plot}: no results file {source}")
-        print(f"wrote {plot_races(json.loads(source.read_text()), source.with_suffix('.png'))}")
+        results = json.loads(source.read_text())
+        if any("curve" not in run for runs in results["per_seed"].values() for run in runs.values()):
+            p.error(f"--plot {args.plot}: {source} has no accuracy curves (written before they "
+                    "were recorded)")
+        print(f"wrote {plot_races(results, source.with_suffix('.png'))}")
         return
     if args.pool % 8 or args.pool < 0:
         p.error(f"--pool {args.pool}: must be a multiple of 8 (N/8 problems of each level)")
