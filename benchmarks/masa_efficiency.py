@@ -198,12 +198,13 @@ def plot_races(results: dict, out: Path) -> Path:
         ax = fig.add_subplot(1, len(per_seed), i + 1)
         for name, run in runs.items():
             curve = run["curve"]
-            line, = ax.plot([p["tokens"] / 1e3 for p in curve], [p["accuracy"] for p in curve],
-                            marker=".", label=name)
+            color = f"C{list(CONFIGS).index(name) % 10}"    # one colour per config in every race
+            ax.plot([p["tokens"] / 1e3 for p in curve], [p["accuracy"] for p in curve],
+                    marker=".", color=color, label=name)
             at_k = next((p for p in curve if p["step"] == k), None)
             if name != "grpo" and at_k:
-                ax.plot(at_k["tokens"] / 1e3, at_k["accuracy"], "o", color=line.get_color(),
-                        markersize=9, alpha=0.4)
+                ax.plot(at_k["tokens"] / 1e3, at_k["accuracy"], "o", color=color, markersize=9,
+                        alpha=0.4)
         ax.axhline(target, color="black", linestyle="--", linewidth=0.8)
         ax.set(title=f"seed {seed}", xlabel="generated tokens (thousands)")
         if i == 0:
