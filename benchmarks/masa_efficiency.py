@@ -49,7 +49,7 @@ The races so far:
         --configs grpo,masa_efficient/head,masa_efficient/head@0.5 --name masa_efficiency_columns3
     python benchmarks/masa_efficiency.py --task columns --pool 32 --steps 70 --k 20 --lr 1e-4 \
         --seeds 12,13,14 --eval-every 10 --eval-n 8 --jobs 2 --target 0.46484375 \
-        --configs grpo,masa_efficient/head@0.5 --name masa_efficiency_columns4
+        --configs masa_efficient/head@0.5,grpo --name masa_efficiency_columns4
 
 Prints a table and writes benchmarks/results/<--name>.json (default masa_efficiency) and
 <--name>.png: accuracy against generated tokens, one panel per seed, the target as a dashed line
