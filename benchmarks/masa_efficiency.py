@@ -283,6 +283,8 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"--configs: unknown {unknown}; known: {', '.join(CONFIGS)}")
+    if "grpo" not in names:
+        p.error(f"--configs {args.configs}: must include grpo, the baseline of every speed-up")
     k = budget.efficient_start_step
     per_seed: dict = {}
     if args.from_runs:

@@ -71,8 +71,9 @@ def test_gate_shares_count_the_steps_after_k_and_estimate_recall():
     (["--task", "prose"], "invalid choice: 'prose'"),
     (["--pool", "12"], "--pool 12: must be a multiple of 8"),
     (["--plot", "no_such_race"], "--plot no_such_race: no results file"),
+    (["--configs", "masa"], "--configs masa: must include grpo"),
 ])
-def test_bad_task_or_pool_is_a_usage_error_naming_the_flag(args, message, monkeypatch, capsys):
+def test_bad_flags_are_a_usage_error_naming_the_flag(args, message, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["masa_efficiency.py", *args])
     with pytest.raises(SystemExit) as exit_info:
         masa_efficiency.main()
