@@ -92,12 +92,11 @@ def test_target_and_lr_flags_replace_the_tasks_target_and_the_demos_lr(monkeypat
     """--target reruns a recorded race with its own target and --lr sets the policy's learning
     rate; --from-runs summarises without training, so both are read back from the results."""
     import json
-    seeds_rows = {"grpo": rows({1: 0.45, 2: 0.52}, 100.0, 1.0)}   # 0.4375 at step 1
+    metrics = rows({1: 0.45, 2: 0.52}, 100.0, 1.0)   # 0.4375 at step 1, 0.51 at step 2
     work = tmp_path / "work"
-    for name, metrics in seeds_rows.items():
-        run = masa_efficiency.run_dir(work, name, 0)
-        run.mkdir(parents=True)
-        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    run = masa_efficiency.run_dir(work, "grpo", 0)
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
     monkeypatch.setattr(masa_efficiency, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr("sys.argv", ["masa_efficiency.py", "--task", "columns", "--pool", "32",
                                      "--seeds", "1", "--configs", "grpo", "--target", "0.51",
@@ -109,7 +108,7 @@ def test_target_and_lr_flags_replace_the_tasks_target_and_the_demos_lr(monkeypat
     assert written["per_seed"]["0"]["grpo"]["reached"]["step"] == 2
 
 
-def test_plot_draws_one_panel_per_seed_from_the_results_file(tmp_path):
+def test_plot_writes_a_png_from_a_results_dict(tmp_path):
     per_seed = {str(seed): {name: masa_efficiency.time_to_target(
         rows({0: 0.3, 2: 0.4 + 0.01 * seed, 4: 0.5}, tokens, 1.0), 0.45)
         for name, tokens in (("grpo", 100.0), ("masa_efficient/head", 80.0))}
