@@ -1,6 +1,9 @@
 """masa-megatron: MASA (meta-awareness via self-alignment) RL on Megatron-core."""
 from setuptools import find_packages, setup
 
+SGLANG = "0.5.23"
+SGLANG_ROUTER = "0.3.2"
+
 CORE = [
     "torch>=2.4",
     # 0.16.1 is what Python 3.11 resolves; 0.19.x is what Python 3.12 clusters get. Both are tested.
@@ -19,7 +22,9 @@ CORE = [
 ]
 
 EXTRAS = {
-    "gpu": ["transformer-engine[pytorch]>=2.0", "sglang>=0.5.2", "sglang-router>=0.1"],
+    # SGLang pinned exactly: request schemas, launch flags and weight-sync payloads are checked
+    # against this version's own classes (tests/test_sglang_contract.py, docs/sglang.md).
+    "gpu": ["transformer-engine[pytorch]>=2.0", f"sglang=={SGLANG}", f"sglang-router=={SGLANG_ROUTER}"],
     "launch": ["nemo-run>=0.5", "leptonai<0.47"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.5"],
     "wandb": ["wandb>=0.17"],

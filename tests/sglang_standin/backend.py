@@ -91,6 +91,12 @@ class EchoBackend:
     def missing_parts(self) -> list[str]:
         return []
 
+    def hf_tensors(self) -> dict:
+        return {}
+
+    def poison(self) -> list[str]:
+        return []
+
 
 class ModelBackend:
     """A tiny Megatron model on CPU behind the EmbeddedEngine."""
@@ -193,13 +199,28 @@ class ModelBackend:
         """HF tensors received whose fused partners have not arrived (should be empty)."""
         return sorted(self._pending)
 
-    def weights_by_name(self, name: str, truncate: int) -> list:
+    def _full(self, key: str):
         from masa_megatron.rollout.weight_sync.buckets import merge_tp_shards
 
+        param, rule, hf_names = self._rules[key]
+        return merge_tp_shards(rule, [param.detach()], self.shape)[hf_names.index(key)]
+
+    def weights_by_name(self, name: str, truncate: int) -> list:
         key = "model.embed_tokens.weight" if (name == "lm_head.weight"
                                               and self.shape.tie_embeddings) else name
         if key not in self._rules:
             raise KeyError(f"no parameter named {name!r}")
-        param, rule, hf_names = self._rules[key]
-        full = merge_tp_shards(rule, [param.detach()], self.shape)[hf_names.index(key)]
-        return full.float().tolist()[:truncate]
+        return self._full(key).float().tolist()[:truncate]
+
+    def hf_tensors(self) -> dict:
+        """Every served weight as the full HF tensor it was loaded from."""
+        return {name: self._full(name) for name in self._rules}
+
+    def poison(self) -> list[str]:
+        """Fill every parameter with NaN (released memory); the HF names it covers."""
+        import torch
+
+        with torch.no_grad():
+            for param in self.model.parameters():
+                param.fill_(float("nan"))
+        return sorted(self._rules)

@@ -1,9 +1,12 @@
-"""A stand-in for an SGLang 0.5.x HTTP server, for CPU tests (SGLang itself cannot run here).
+"""A stand-in for an SGLang HTTP server, for CPU tests (SGLang itself cannot run here).
 
-    python -m tests.sglang_standin.server --model-path HF_DIR --port 30000 [--backend echo]
+    python -m tests.sglang_standin.server --model-path HF_DIR --port 30000 [--tp-size 2]
+        [--backend echo]
 
-It accepts the flags our launcher passes to `sglang.launch_server` and serves the routes the
-trainer uses with SGLang's request/response schemas (schemas.py; unknown fields are HTTP 400):
+It follows the SGLang version pinned in setup.py (its request schemas are recorded from SGLang's
+own classes and diffed against them in CI: tests/test_sglang_contract.py). It accepts the flags
+our launcher passes to `sglang.launch_server` and serves the routes the trainer uses with
+SGLang's request/response schemas (schemas.py; unknown fields are HTTP 400):
 /health, /health_generate, /get_model_info, /get_server_info, /generate, /flush_cache,
 /abort_request, /update_weights_from_disk, /update_weights_from_tensor,
 /init_weights_update_group, /update_weights_from_distributed, /destroy_weights_update_group,
@@ -11,13 +14,22 @@ trainer uses with SGLang's request/response schemas (schemas.py; unknown fields 
 /begin_weight_update and /end_weight_update (absent with --no-begin-end, like older servers).
 Test-only: POST /standin/faults (faults.py), GET /standin/stats.
 
-Behaviour kept from SGLang: n > 1 answers a list (rids "<rid>_<i>"), the model's EOS ids stop
-generation unless ignore_eos, temperature < 1e-6 is greedy, a prompt with prompt + max_new_tokens
->= the context length is a 400 naming the context length, weight updates are serialised with
-generation, and the weight-update group is joined with `init_custom_process_group` as SGLang does
-(rank = rank_offset + TP rank, here TP = 1), then tensors arrive by broadcast(src=0) in the
-announced order (or, with load_format "flattened_bucket", as one flattened tensor). Generation
-requests arriving together are run as one batch in a worker thread.
+Behaviour kept from SGLang (and relied on by our code):
+- n > 1 answers a list (rids "<rid>_<i>"), the model's EOS ids stop generation unless ignore_eos,
+  temperature < 1e-6 is greedy, prompt + max_new_tokens >= the context length is a 400 naming
+  the context length;
+- TP > 1: each TP rank gets its own weight updates (weights.py: tensor entry r, its own place
+  r in the broadcast group); ranks other than 0 are threads holding the HF tensors they got;
+- weight updates run one at a time, in arrival order, serialised with generation (one worker
+  thread); /update_weights_from_tensor and /update_weights_from_distributed must run inside a
+  /begin_weight_update ... /end_weight_update session (its scheduler refuses them otherwise;
+  --no-begin-end serves an older SGLang without sessions);
+- memory: /release_memory_occupation takes SGLang's tags (kv_cache, weights, cuda_graph; none
+  = all). Its scheduler asserts that it is idle, and resuming a tag that is not released raises:
+  either kills SGLang's scheduler, so here it answers 500 and the process exits. Released
+  weights are poisoned: after a resume, /generate fails until a sync has rewritten every
+  tensor; /flush_cache fails while requests run.
+Generation requests arriving together are run as one batch in a worker thread.
 """
 from __future__ import annotations
 
@@ -39,6 +51,7 @@ if __package__ in (None, ""):
 from tests.sglang_standin import schemas  # noqa: E402
 from tests.sglang_standin.backend import EchoBackend, Item  # noqa: E402
 from tests.sglang_standin.faults import FaultPlan, fault_middleware  # noqa: E402
+from tests.sglang_standin.weights import TPRanks  # noqa: E402
 
 log = logging.getLogger("sglang_standin")
 
@@ -59,16 +72,18 @@ class _Pending:
 
 
 class StandIn:
-    def __init__(self, backend: Any, faults: FaultPlan, begin_end: bool = True):
+    def __init__(self, backend: Any, faults: FaultPlan, begin_end: bool = True,
+                 ranks: Optional[TPRanks] = None):
         self.backend, self.faults, self.begin_end = backend, faults, begin_end
+        self.ranks = ranks or TPRanks(backend, "", 1)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="standin-model")
         self.queue: Optional[asyncio.Queue] = None
         self.stats = {"paths": {}, "generate_inflight": 0, "max_generate_inflight": 0,
-                      "aborted": [], "updates": [], "sessions": 0}
+                      "aborted": [], "updates": [], "sessions": 0, "events": []}
         self.aborted: set[str] = set()
         self.abort_all_before = 0
         self.released: set[str] = set()
-        self.groups: dict[str, Any] = {}
+        self.session_open = False
         self.weight_version = "default"
         self.seq = 0
 
@@ -112,11 +127,15 @@ class StandIn:
 
     async def _generate(self, body: Any) -> web.Response:
         req = schemas.parse(schemas.GenerateReqInput, body)
-        schemas.unsupported(req, schemas.GENERATE_UNSUPPORTED, "GenerateReqInput")
+        schemas.unsupported(req, schemas.GENERATE_IMPLEMENTED, "GenerateReqInput")
         params = schemas.parse(schemas.SamplingParams, req.sampling_params or {}, "sampling_params")
-        schemas.unsupported(params, schemas.SAMPLING_UNSUPPORTED, "sampling_params")
-        if "kv_cache" in self.released or "weights" in self.released:
-            return error("memory is released (/release_memory_occupation); resume it first")
+        schemas.unsupported(params, schemas.SAMPLING_IMPLEMENTED, "sampling_params")
+        if self.released:
+            return error(f"memory is released ({sorted(self.released)}); resume it first")
+        if self.ranks.stale:
+            return error(f"generating with released weights: {len(self.ranks.stale)} tensors "
+                         f"were not re-synced after /resume_memory_occupation (e.g. "
+                         f"{sorted(self.ranks.stale)[0]})")
         ids = req.input_ids
         if not ids or not all(isinstance(t, int) for t in ids):
             raise schemas.BadRequest("input_ids must be a non-empty list of token ids")
@@ -164,20 +183,57 @@ class StandIn:
         self.stats["aborted"].append(req.rid or "*")
         return web.Response(status=200)
 
+    def _busy(self) -> bool:
+        return self.stats["generate_inflight"] > 0 or (self.queue is not None
+                                                       and not self.queue.empty())
+
+    async def _crash(self, message: str) -> web.Response:
+        """SGLang's scheduler died on an assertion: answer 500, then the server is gone."""
+        log.error("scheduler crashed: %s", message)
+        asyncio.get_running_loop().call_later(0.2, os._exit, 1)
+        return error(message, status=500)
+
     async def memory(self, request: web.Request) -> web.Response:
         release = request.path.startswith("/release")
         cls = schemas.ReleaseMemoryOccupationReqInput if release \
             else schemas.ResumeMemoryOccupationReqInput
-        req = schemas.parse(cls, await request.json() if request.can_read_body else {})
+        try:
+            req = schemas.parse(cls, await request.json() if request.can_read_body else {})
+        except schemas.BadRequest as err:
+            return error(str(err))
         tags = set(req.tags or schemas.MEMORY_TAGS)
         if not tags <= set(schemas.MEMORY_TAGS):
             return error(f"unknown memory tags {sorted(tags - set(schemas.MEMORY_TAGS))}")
+        self.stats["events"].append([request.path, sorted(tags)])
+        if release and self._busy():
+            return await self._crash("AssertionError: release_memory_occupation should be "
+                                     "called only when server is idle.")
+        if not release and not tags <= self.released:
+            return await self._crash(f"KeyError: resuming {sorted(tags - self.released)}, "
+                                     f"which were not released")
+        if release and "weights" in tags and "weights" not in self.released:
+            await self.run(self.ranks.release)
         self.released = self.released | tags if release else self.released - tags
         return web.json_response(None)
 
     async def session(self, request: web.Request) -> web.Response:
-        self.stats["sessions"] += 1
-        return result(True, f"{request.path} ok")
+        begin = request.path == "/begin_weight_update"
+        try:
+            schemas.parse(schemas.BeginWeightUpdateReqInput if begin
+                          else schemas.EndWeightUpdateReqInput, await request.json()
+                          if request.can_read_body else {})
+        except schemas.BadRequest as err:
+            return result(False, str(err))
+        self.stats["events"].append([request.path])
+        if begin and self.session_open:
+            return result(False, "a weight-update session is already open; call "
+                                 "end_weight_update() first")
+        if not begin and not self.session_open:
+            return result(False, "no weight-update session is open; call "
+                                 "begin_weight_update() first")
+        self.session_open = begin
+        self.stats["sessions"] += begin
+        return result(True, "Success")
 
     def _weights_ready(self) -> Optional[str]:
         return "weights are released; resume them before updating" \
@@ -198,7 +254,13 @@ class StandIn:
             req = schemas.parse(cls, await request.json())
         except schemas.BadRequest as err:
             return result(False, str(err))
+        self.stats["events"].append([request.path])
         problem = self._weights_ready() if request.path.startswith("/update") else None
+        if (self.begin_end and not self.session_open
+                and request.path in ("/update_weights_from_tensor",
+                                     "/update_weights_from_distributed")):
+            problem = (f"{request.path.lstrip('/')} must run between begin_weight_update() and "
+                       f"end_weight_update()")
         if problem:
             return result(False, problem)
         try:
@@ -213,63 +275,24 @@ class StandIn:
                                         if request.path.endswith("disk") else {}))
 
     def _disk(self, req) -> str:
-        self.backend.load_from_disk(req.model_path)
+        self.ranks.load_folder(req.model_path)
         return f"Succeeded to update model weights from {req.model_path}."
 
     def _tensor(self, req) -> str:
-        from tests.sglang_standin.payload import decode, named_tensors
-
-        obj, _ = decode(req.serialized_named_tensors[0])          # this server's TP rank 0
-        named = named_tensors(obj, req.load_format)
-        self.backend.load_tensors(named)
-        return f"Success ({len(named)} tensors)"
+        count = self.ranks.load_payloads(req.serialized_named_tensors, req.load_format)
+        return f"Success ({count} tensors)"
 
     def _init_group(self, req) -> str:
-        from masa_megatron.rollout.weight_sync.broadcast import init_custom_process_group
-
-        self.groups[req.group_name] = init_custom_process_group(
-            backend=req.backend, init_method=f"tcp://{req.master_address}:{req.master_port}",
-            world_size=req.world_size, rank=req.rank_offset, group_name=req.group_name)
-        return f"joined {req.group_name} as rank {req.rank_offset} of {req.world_size}"
+        self.ranks.join(req)
+        return f"joined {req.group_name} as ranks {req.rank_offset}.." \
+               f"{req.rank_offset + self.ranks.tp - 1} of {req.world_size}"
 
     def _distributed(self, req) -> str:
-        import torch
-
-        group = self.groups.get(req.group_name)
-        if group is None:
-            raise KeyError(f"no weight-update group {req.group_name!r}")
-        if not (len(req.names) == len(req.dtypes) == len(req.shapes)):
-            raise ValueError("names, dtypes and shapes differ in length")
-        tensors = [torch.empty(s, dtype=getattr(torch, d)) for s, d in zip(req.shapes, req.dtypes)]
-        if req.load_format == "flattened_bucket":
-            # as SGLang's FlattenedTensorBucket of the empty tensors: one 1-D tensor, the listed
-            # tensors back to back in order, received by one broadcast, then viewed apart
-            if len({t.dtype for t in tensors}) > 1:
-                raise ValueError("a flattened bucket holds one dtype")
-            flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype)
-            torch.distributed.broadcast(flat, src=0, group=group)
-            views, start = [], 0
-            for tensor in tensors:
-                views.append(flat[start:start + tensor.numel()].view(tensor.shape))
-                start += tensor.numel()
-            tensors = views
-        elif req.load_format is None:   # as SGLang's ModelRunner: all posted, then awaited
-            works = [torch.distributed.broadcast(tensor, src=0, group=group, async_op=True)
-                     for tensor in tensors]
-            for work in works:
-                work.wait()
-        else:
-            raise ValueError(f"unsupported load_format {req.load_format!r}")
-        self.backend.load_tensors(list(zip(req.names, tensors)))
-        return f"Succeeded to update {len(tensors)} parameters online from distributed."
+        count = self.ranks.receive(req)
+        return f"Succeeded to update {count} parameters online from distributed."
 
     def _destroy_group(self, req) -> str:
-        import torch
-
-        group = self.groups.pop(req.group_name, None)
-        if group is None:
-            raise KeyError(f"no weight-update group {req.group_name!r}")
-        torch.distributed.destroy_process_group(group)
+        self.ranks.destroy(req.group_name)
         return f"destroyed {req.group_name}"
 
     async def get_weights(self, request: web.Request) -> web.Response:
@@ -281,7 +304,8 @@ class StandIn:
         return web.json_response(values)
 
     async def info(self, request: web.Request) -> web.Response:
-        return web.json_response({"tp_size": 1, "version": "standin (sglang 0.5.x API)",
+        return web.json_response({"tp_size": self.ranks.tp,
+                                  "version": f"standin (sglang {schemas.SGLANG_VERSION} API)",
                                   "weight_version": self.weight_version,
                                   "context_length": self.backend.context_length,
                                   "pending_parts": self.backend.missing_parts()})
@@ -293,34 +317,55 @@ class StandIn:
             return error(str(err))
         return web.json_response(self.faults.as_dict())
 
+    async def checksums(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.run(self.ranks.checksums))
+
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        if self._busy():        # SGLang does not flush while requests run
+            return web.Response(text="Flush cache failed.\n", status=400)
+        return web.Response(text="Cache flushed.\n")
+
     async def get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(dict(self.stats, faults=self.faults.as_dict(),
                                       released=sorted(self.released)))
+
+
+# path -> (methods, SGLang's request class, StandIn handler); diffed against SGLang's own
+# http_server.py by the contract test
+ROUTES = {
+    "/health": (("GET",), None, "ok"),
+    "/health_generate": (("GET",), None, "ok"),
+    "/get_model_info": (("GET",), None, "info"),
+    "/get_server_info": (("GET",), None, "info"),
+    "/generate": (("POST",), "GenerateReqInput", "generate"),
+    "/flush_cache": (("GET", "POST"), None, "flush_cache"),
+    "/abort_request": (("POST",), "AbortReq", "abort_request"),
+    "/update_weights_from_disk": (("POST",), "UpdateWeightFromDiskReqInput", "update"),
+    "/update_weights_from_tensor": (("POST",), "UpdateWeightsFromTensorReqInput", "update"),
+    "/update_weights_from_distributed": (("POST",), "UpdateWeightsFromDistributedReqInput",
+                                         "update"),
+    "/init_weights_update_group": (("POST",), "InitWeightsUpdateGroupReqInput", "update"),
+    "/destroy_weights_update_group": (("POST",), "DestroyWeightsUpdateGroupReqInput", "update"),
+    "/get_weights_by_name": (("GET", "POST"), "GetWeightsByNameReqInput", "get_weights"),
+    "/release_memory_occupation": (("GET", "POST"), "ReleaseMemoryOccupationReqInput", "memory"),
+    "/resume_memory_occupation": (("GET", "POST"), "ResumeMemoryOccupationReqInput", "memory"),
+    "/begin_weight_update": (("POST",), "BeginWeightUpdateReqInput", "session"),
+    "/end_weight_update": (("POST",), "EndWeightUpdateReqInput", "session"),
+}
 
 
 def build_app(standin: StandIn) -> web.Application:
     app = web.Application(middlewares=[fault_middleware(standin.faults, standin.stats["paths"])],
                           client_max_size=1 << 30)
     ok = lambda request: web.Response(text="ok")  # noqa: E731
-    for path in ("/health", "/health_generate"):
-        app.router.add_get(path, ok)
-    app.router.add_get("/get_model_info", standin.info)
-    app.router.add_get("/get_server_info", standin.info)
-    app.router.add_post("/generate", standin.generate)
-    app.router.add_route("*", "/flush_cache", lambda r: web.Response(text="Cache flushed.\n"))
-    app.router.add_post("/abort_request", standin.abort_request)
-    for path in ("/update_weights_from_disk", "/update_weights_from_tensor",
-                 "/update_weights_from_distributed", "/init_weights_update_group",
-                 "/destroy_weights_update_group"):
-        app.router.add_post(path, standin.update)
-    app.router.add_route("*", "/get_weights_by_name", standin.get_weights)
-    app.router.add_route("*", "/release_memory_occupation", standin.memory)
-    app.router.add_route("*", "/resume_memory_occupation", standin.memory)
-    if standin.begin_end:
-        app.router.add_post("/begin_weight_update", standin.session)
-        app.router.add_post("/end_weight_update", standin.session)
+    for path, (methods, _, handler) in ROUTES.items():
+        if path in ("/begin_weight_update", "/end_weight_update") and not standin.begin_end:
+            continue
+        for method in methods:
+            app.router.add_route(method, path, ok if handler == "ok" else getattr(standin, handler))
     app.router.add_post("/standin/faults", standin.set_faults)
     app.router.add_get("/standin/stats", standin.get_stats)
+    app.router.add_get("/standin/checksums", standin.checksums)
 
     async def start_batcher(app: web.Application) -> None:
         standin.queue = asyncio.Queue()
@@ -354,8 +399,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s standin %(message)s")
-    if args.tp_size != 1:
-        raise SystemExit(f"the stand-in serves TP=1 only (got --tp-size {args.tp_size})")
+    if args.tp_size < 1:
+        raise SystemExit(f"--tp-size must be >= 1 (got {args.tp_size})")
     if args.backend == "echo":
         backend = EchoBackend(args.model_path, context_length=args.context_length or 4096)
     else:
@@ -365,7 +410,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     faults = FaultPlan(fail_next=args.fail_next, delay_s=args.delay_s, delay_next=args.delay_next,
                        drop_next=args.drop_next, die_next=args.die_next,
                        paths=list(args.fault_paths))
-    standin = StandIn(backend, faults, begin_end=not args.no_begin_end)
+    standin = StandIn(backend, faults, begin_end=not args.no_begin_end,
+                      ranks=TPRanks(backend, args.model_path, args.tp_size))
     log.info("serving %s (%s backend) on %s:%d", args.model_path, args.backend, args.host,
              args.port)
     web.run_app(build_app(standin), host=args.host, port=args.port, print=None,
