@@ -96,9 +96,9 @@ def class_fields(cls) -> dict[str, dict]:
 
 def http_routes() -> dict[str, dict]:
     """{path: {"methods": [...], "request": class name or None}} from http_server.py's source."""
-    import sglang.srt.entrypoints as entrypoints
+    from importlib.util import find_spec
 
-    source = Path(entrypoints.__file__).with_name("http_server.py").read_text()
+    source = Path(find_spec("sglang.srt.entrypoints.http_server").origin).read_text()
     routes: dict[str, dict] = {}
     for node in ast.walk(ast.parse(source)):
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

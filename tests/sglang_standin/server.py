@@ -198,7 +198,7 @@ class StandIn:
         cls = schemas.ReleaseMemoryOccupationReqInput if release \
             else schemas.ResumeMemoryOccupationReqInput
         try:
-            req = schemas.parse(cls, await request.json() if request.can_read_body else {})
+            req = schemas.parse(cls, await request.json() if request.body_exists else {})
         except schemas.BadRequest as err:
             return error(str(err))
         tags = set(req.tags or schemas.MEMORY_TAGS)
@@ -221,7 +221,7 @@ class StandIn:
         try:
             schemas.parse(schemas.BeginWeightUpdateReqInput if begin
                           else schemas.EndWeightUpdateReqInput, await request.json()
-                          if request.can_read_body else {})
+                          if request.body_exists else {})
         except schemas.BadRequest as err:
             return result(False, str(err))
         self.stats["events"].append([request.path])
@@ -354,9 +354,24 @@ ROUTES = {
 }
 
 
-def build_app(standin: StandIn) -> web.Application:
-    app = web.Application(middlewares=[fault_middleware(standin.faults, standin.stats["paths"])],
-                          client_max_size=1 << 30)
+def record_middleware(bodies: list):
+    """Keeps every request as [method, path, JSON body or None] (the contract test checks them
+    against SGLang's own classes)."""
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        body = await request.json() if request.body_exists else None
+        if not request.path.startswith("/standin/"):
+            bodies.append([request.method, request.path, body])
+        return await handler(request)
+    return middleware
+
+
+def build_app(standin: StandIn, record: bool = False) -> web.Application:
+    middlewares = [fault_middleware(standin.faults, standin.stats["paths"])]
+    if record:
+        standin.stats["bodies"] = []
+        middlewares.insert(0, record_middleware(standin.stats["bodies"]))
+    app = web.Application(middlewares=middlewares, client_max_size=1 << 30)
     ok = lambda request: web.Response(text="ok")  # noqa: E731
     for path, (methods, _, handler) in ROUTES.items():
         if path in ("/begin_weight_update", "/end_weight_update") and not standin.begin_end:
@@ -389,6 +404,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.add_argument(flag, action="store_true")
     p.add_argument("--backend", choices=("model", "echo"), default="model")
     p.add_argument("--no-begin-end", action="store_true", help="no /begin_/end_weight_update")
+    p.add_argument("--record", action="store_true",
+                   help="keep every request body (GET /standin/stats lists them)")
     for name in ("fail-next", "delay-next", "drop-next", "die-next"):
         p.add_argument(f"--{name}", type=int, default=0)
     p.add_argument("--delay-s", type=float, default=0.0)
@@ -414,7 +431,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                       ranks=TPRanks(backend, args.model_path, args.tp_size))
     log.info("serving %s (%s backend) on %s:%d", args.model_path, args.backend, args.host,
              args.port)
-    web.run_app(build_app(standin), host=args.host, port=args.port, print=None,
+    web.run_app(build_app(standin, record=args.record), host=args.host, port=args.port, print=None,
                 handle_signals=True, shutdown_timeout=1.0)
     os._exit(0)          # do not wait for a worker thread stuck in a collective
 
