@@ -1,7 +1,8 @@
 """Sharded trainers (TP=2, then PP=2; two processes under torchrun, gloo; one launch) syncing into
-the stand-in server by disk and by broadcast, and generating through the data-parallel flow:
-the server's outputs equal the sharded embedded engine's, only the model-parallel group's first
-rank sends requests, every rank receives the same results."""
+a TP-2 stand-in server by disk, by broadcast and by tensor payloads, and generating through the
+data-parallel flow: every server TP rank's full weights equal the trainer's, the server's
+outputs equal the sharded embedded engine's, only the model-parallel group's first rank sends
+requests, every rank receives the same results."""
 import json
 import os
 import subprocess
@@ -20,25 +21,31 @@ from tests.sglang_standin import standin_env, start_standin  # noqa: E402
 
 
 @pytest.mark.slow
-def test_tp2_and_pp2_trainers_sync_into_the_server(tmp_path):
+def test_tp2_and_pp2_trainers_sync_into_a_tp2_server(tmp_path):
     from masa_megatron.model.tiny import make_tiny_hf_model
 
     folder = tmp_path / "tiny"
     make_tiny_hf_model(folder, "qwen3", seed=5)
-    server = start_standin(str(folder), log_dir=str(tmp_path / "logs"))
+    server = start_standin(str(folder), log_dir=str(tmp_path / "logs"),
+                           extra_args=["--tp-size", "2"])
     try:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                "--master_port", str(_port()), str(REPO / "tests/sglang_standin/dist_sync_check.py"),
                "--hf-dir", str(folder), "--url", server.url, "--out", str(tmp_path)]
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                             env={**os.environ, **standin_env()})
-        assert run.returncode == 0, run.stderr[-4000:]
+        # output to a file, not a pipe: the torch_shm_manager daemons that CPU tensor payloads
+        # start inherit it and outlive the ranks, so reading a pipe to its end would hang
+        log = tmp_path / "torchrun.log"
+        with open(log, "w") as out:
+            run = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=900,
+                                 env={**os.environ, **standin_env()})
+        assert run.returncode == 0, log.read_text()[-4000:]
     finally:
         server.stop()
     results = json.loads((tmp_path / "results.json").read_text())
     for layout in ("tp2", "pp2"):
-        for sync in ("disk", "broadcast", "broadcast_flat"):   # flat: one broadcast per bucket
+        for sync in ("disk", "broadcast", "broadcast_flat", "tensor", "tensor_list"):
             r = results[layout][sync]
+            assert r["server_checksums_equal_trainer"], (layout, sync)
             assert r["tokens_match"] and r["reasons_match"], (layout, sync, r)
             assert r["max_logprob_diff"] < 1e-5, (layout, sync, r)
             assert r["same_on_all_ranks"], (layout, sync)

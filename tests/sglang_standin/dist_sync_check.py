@@ -3,13 +3,15 @@
     python -m torch.distributed.run --nproc_per_node=2 tests/sglang_standin/dist_sync_check.py \
         --hf-dir DIR --url http://127.0.0.1:PORT --out DIR
 
-For each layout (TP=2, then PP=2; gloo on CPU, one launch) and each sync (disk, broadcast per
-tensor, broadcast of flattened buckets): the
-trainer perturbs its shards, syncs, and generates through the SGLang engine (the model-parallel
-group's first rank sends, dp_flow broadcasts the results) and with the embedded engine on the
-sharded model. Rank 0 writes <out>/results.json: per layout and sync, whether tokens match,
-the largest log-prob difference, whether every rank saw the same results, and how many
-/generate calls reached the server (only the sending rank's).
+The server runs with --tp-size 2 (one TP-2 server colocated with the 2 trainer ranks). For each
+layout (TP=2, then PP=2; gloo on CPU, one launch) and each sync (disk, broadcast per tensor,
+broadcast of flattened buckets, tensor payloads per server TP rank): the trainer perturbs its
+shards, syncs, and generates through the SGLang engine (the model-parallel group's first rank
+sends, dp_flow broadcasts the results) and with the embedded engine on the sharded model. Rank 0
+writes <out>/results.json: per layout and sync, whether tokens match, the largest log-prob
+difference, whether every rank saw the same results, how many /generate calls reached the server
+(only the sending rank's), and whether each server TP rank's full weight checksum equals the
+trainer's.
 """
 import argparse
 import json
@@ -54,14 +56,18 @@ def run_layout(args, tp: int, pp: int) -> dict:
                               eos_token_ids=[model.masa_hf_config["eos_token_id"]])
     out = {}
     variants = {"disk": ("disk", None), "broadcast": ("broadcast", None),
-                "broadcast_flat": ("broadcast", {"load_format": "flattened_bucket"})}
+                "broadcast_flat": ("broadcast", {"load_format": "flattened_bucket"}),
+                "tensor": ("tensor", {"load_format": "flattened_bucket"}),
+                "tensor_list": ("tensor", {"load_format": None})}
     for k, (variant, (sync, options)) in enumerate(variants.items()):
         engine = SGLangEngine(args.hf_dir, urls=[args.url], weight_sync=sync, bucket_mb=1,
-                              sync_options=options,
+                              sync_options=options, tp=2,
                               sync_dir=str(Path(args.out) / f"sync-tp{tp}pp{pp}"),
                               verify_sync=True, health_timeout_s=60, request_timeout_s=120)
         _perturb(model, seed=10 * tp + pp + k)
         engine.update_weights(model)
+        trainer_sum = _trainer_checksum(model)
+        server_sums = engine.http.call(args.url, "/standin/checksums", method="GET").body
         calls_before = _generate_calls(engine, args.url)
         got = _flatten(engine.generate(REQUESTS))
         calls = _generate_calls(engine, args.url) - calls_before
@@ -76,10 +82,20 @@ def run_layout(args, tp: int, pp: int) -> dict:
             "same_on_all_ranks": all(e == got for e in everyone),
             "generate_calls": calls,
             "sync_stats": engine.last_sync_stats,
+            "server_checksums_equal_trainer": server_sums == [trainer_sum] * 2,
         }
         engine.shutdown()
     destroy_parallel()
     return out
+
+
+def _trainer_checksum(model) -> str:
+    """The full HF weights of the sharded trainer (collective), hashed as the stand-in does."""
+    from masa_megatron.rollout.weight_sync.tensor import all_stage_buckets
+    from tests.sglang_standin.weights import hf_checksum
+
+    return hf_checksum({name: t.clone() for bucket in all_stage_buckets([model], 1 << 20)
+                        for name, t in bucket})
 
 
 def _generate_calls(engine, url: str) -> int:

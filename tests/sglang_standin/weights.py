@@ -47,26 +47,58 @@ def load_hf_folder(folder: str) -> dict:
     return named
 
 
+class _ThreadRankGroup:
+    """One rank's gloo group for a TP rank that is a thread: torch registers one process group
+    per name and process, so ranks 1.. build theirs by hand, on the very store keys that
+    torch's helper uses for SGLang's group (PrefixStore(name), then "name/" and "cpu/")."""
+
+    def __init__(self, store, rank: int, world_size: int, group_name: str, timeout):
+        from torch.distributed.distributed_c10d import PrefixStore, ProcessGroupGloo
+
+        keys = PrefixStore("cpu/", PrefixStore(f"{group_name}/", store))
+        self.backend = ProcessGroupGloo(keys, rank, world_size, timeout=timeout)
+
+    def broadcast(self, tensor, async_op: bool = False):
+        opts = torch.distributed.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = 0, 0
+        work = self.backend.broadcast([tensor], opts)
+        return work if async_op else work.wait()
+
+    def destroy(self) -> None:
+        self.backend = None
+
+
 def join_update_group(*, backend: str, master_address: str, master_port: int, rank: int,
-                      world_size: int, group_name: str):
+                      world_size: int, group_name: str, thread_rank: bool = False):
     """Join the weight-update group as SGLang's init_custom_process_group does (utils/common.py):
     rendezvous over tcp://, keys under PrefixStore(group_name), a group outside the default one.
     Written here independently of the trainer's side (rollout/weight_sync/broadcast.py)."""
     from datetime import timedelta
 
     from torch.distributed.distributed_c10d import (Backend, PrefixStore,
-                                                    _new_process_group_helper, rendezvous)
+                                                    _new_process_group_helper, _world, rendezvous)
 
     timeout = timedelta(minutes=10)
     store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", rank,
                                               world_size, timeout=timeout))
     store.set_timeout(timeout)
-    group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend),
-                                         PrefixStore(group_name, store), group_name=group_name,
-                                         timeout=timeout, backend_options=None)
-    from torch.distributed.distributed_c10d import _world
+    store = PrefixStore(group_name, store)
+    if thread_rank:
+        if backend != "gloo":
+            raise ValueError(f"stand-in TP ranks > 0 are threads and join over gloo only "
+                             f"(got backend {backend!r})")
+        return _ThreadRankGroup(store, rank, world_size, group_name, timeout)
+    group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store,
+                                         group_name=group_name, timeout=timeout,
+                                         backend_options=None)
     _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
+
+
+def _broadcast(group, tensor, async_op: bool = False):
+    if isinstance(group, _ThreadRankGroup):
+        return group.broadcast(tensor, async_op)
+    return torch.distributed.broadcast(tensor, src=0, group=group, async_op=async_op)
 
 
 def receive_bucket(group, names: list, dtypes: list, shapes: list,
@@ -78,15 +110,14 @@ def receive_bucket(group, names: list, dtypes: list, shapes: list,
         if len({t.dtype for t in tensors}) > 1:
             raise ValueError("a flattened bucket holds one dtype")
         flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype)
-        torch.distributed.broadcast(flat, src=0, group=group)
+        _broadcast(group, flat)
         views, start = [], 0
         for tensor in tensors:
             views.append(flat[start:start + tensor.numel()].view(tensor.shape))
             start += tensor.numel()
         tensors = views
     elif load_format is None:
-        works = [torch.distributed.broadcast(t, src=0, group=group, async_op=True)
-                 for t in tensors]
+        works = [_broadcast(group, t, async_op=True) for t in tensors]
         for work in works:
             work.wait()
     else:
@@ -161,7 +192,7 @@ class TPRanks:
         self.groups[req.group_name] = on_every_rank(self.tp, lambda r: join_update_group(
             backend=req.backend, master_address=req.master_address,
             master_port=req.master_port, rank=req.rank_offset + r, world_size=req.world_size,
-            group_name=req.group_name))
+            group_name=req.group_name, thread_rank=r > 0))
 
     def receive(self, req: Any) -> int:
         groups = self.groups.get(req.group_name)
@@ -181,7 +212,10 @@ class TPRanks:
         if groups is None:
             raise KeyError(f"no weight-update group {group_name!r}")
         for group in groups:
-            torch.distributed.destroy_process_group(group)
+            if isinstance(group, _ThreadRankGroup):
+                group.destroy()
+            else:
+                torch.distributed.destroy_process_group(group)
 
     def release(self) -> None:
         """Weights released: their memory is gone, so what comes back on resume is garbage."""
