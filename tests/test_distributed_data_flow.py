@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "data_flow_check.py"
+sys.path.insert(0, str(SCRIPT.parent))
 PROBLEMS = [f"Compute {a} + {b}." for a in range(1, 5) for b in range(1, 5)]
 
 
@@ -52,6 +53,33 @@ def seen(tmp_path_factory):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return {p.stem: json.loads(p.read_text()) for p in work.glob("*_rank*.json")}
+
+
+def test_rollout_results_round_trip_through_flat_tensors_exactly():
+    from data_flow_check import stub_results
+
+    from masa_megatron.rollout.dp_flow import decode_results, encode_results
+
+    tensors = encode_results(stub_results())
+    assert [t.dtype for t in tensors] == [torch.int64, torch.int64, torch.float64, torch.uint8]
+    assert all(t.dim() == 1 for t in tensors)
+    assert decode_results(tensors) == stub_results()
+    assert decode_results(encode_results([])) == []
+
+
+def test_data_parallel_lists_are_restored_per_rank_and_dealt_again_on_a_new_size(tmp_path):
+    from masa_megatron.train.checkpoint import load_data_parallel_list
+
+    (tmp_path / "trainer").mkdir()
+    saved = {0: ["a0", "a1", "a2"], 1: ["b0"]}     # DP=2 x TP=2: ranks 2r, 2r+1 hold list r
+    for rank in range(4):
+        torch.save({"dp_rank": rank // 2, "dp_size": 2, "items": saved[rank // 2]},
+                   tmp_path / "trainer" / f"rank_{rank:05d}.pt")
+    assert load_data_parallel_list(tmp_path, "items", 0, 2) == saved[0]
+    assert load_data_parallel_list(tmp_path, "items", 1, 2) == saved[1]
+    assert load_data_parallel_list(tmp_path, "items", 0, 1) == ["a0", "a1", "a2", "b0"]
+    assert [load_data_parallel_list(tmp_path, "items", r, 3) for r in range(3)] == \
+        [["a0", "b0"], ["a1"], ["a2"]]
 
 
 def ranks(seen, scenario):
