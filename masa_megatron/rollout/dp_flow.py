@@ -25,6 +25,7 @@ error. Without torch.distributed or Megatron's groups, it simply calls the engin
 """
 from __future__ import annotations
 
+from array import array
 from typing import Callable, TypeVar
 
 import torch
@@ -44,28 +45,33 @@ def generate_in_model_parallel_group(generate: Callable[[T], list[GenerationResu
 
 def encode_results(results: list[GenerationResult]) -> list[torch.Tensor]:
     """The results as the flat tensors of the module docstring."""
-    shape, completions, tokens, logprobs, text = [len(results)], [], [], [], bytearray()
+    shape, tokens, logprobs, text = array("q", [len(results)]), array("q"), array("d"), bytearray()
+    completions = array("q")
     for r in results:
         rid = None if r.request_id is None else r.request_id.encode()
-        shape += [r.prompt_tokens, r.weight_version, len(r.completions),
-                  -1 if rid is None else len(rid)]
+        shape.extend((r.prompt_tokens, r.weight_version, len(r.completions),
+                      -1 if rid is None else len(rid)))
         text += rid or b""
         for c in r.completions:
             reason = c.finish_reason.encode()
-            completions += [len(c.token_ids), len(c.logprobs), len(reason)]
-            tokens += c.token_ids
-            logprobs += c.logprobs
+            completions.extend((len(c.token_ids), len(c.logprobs), len(reason)))
+            tokens.extend(c.token_ids)
+            logprobs.extend(c.logprobs)
             text += reason
-    return [torch.tensor(shape + completions, dtype=torch.int64),
-            torch.tensor(tokens, dtype=torch.int64),
-            torch.tensor(logprobs, dtype=torch.float64),
-            torch.frombuffer(text, dtype=torch.uint8).clone() if text else
-            torch.zeros(0, dtype=torch.uint8)]
+    shape.extend(completions)
+    return [_tensor(shape, torch.int64), _tensor(tokens, torch.int64),
+            _tensor(logprobs, torch.float64), _tensor(text, torch.uint8)]
+
+
+def _tensor(buffer, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor holding a copy of `buffer` (array.array or bytearray; fast for millions)."""
+    return torch.frombuffer(buffer, dtype=dtype).clone() if len(buffer) else \
+        torch.zeros(0, dtype=dtype)
 
 
 def decode_results(tensors: list[torch.Tensor]) -> list[GenerationResult]:
     """Inverse of `encode_results`."""
-    shape, tokens, logprobs = (t.tolist() for t in tensors[:3])
+    shape, tokens, logprobs = (t.numpy().tolist() for t in tensors[:3])
     text = tensors[3].numpy().tobytes()
     n_requests, at = shape[0], 1 + 4 * shape[0]
     tok = lp = ch = 0
