@@ -5,7 +5,7 @@ the CPU compatibility layer is applied first). Under torchrun the process group 
 environment (`env://`); a plain single process gets a private one-rank group on a free port.
 
 CPU groups: beside Megatron's groups, every model-parallel group (TP x PP) gets a gloo twin
-(`model_parallel_cpu_group`). Work that one rank of the group does for all of them (sending
+(`model_parallel_source`). Work that one rank of the group does for all of them (sending
 rollouts to SGLang, grading) is awaited there by its peers, so a peer blocks a CPU thread on a
 socket, never a GPU in an NCCL collective (NCCL's 30-minute timeout, a spinning kernel on a GPU
 that SGLang decodes on), and the result comes as CPU tensors (`run_on_model_parallel_source`).
@@ -181,9 +181,13 @@ def run_on_model_parallel_source(compute: Callable[[], T], encode: Callable[[T],
         try:
             value = compute()
             tensors = encode(value)
+            header = _header(False, tensors)
         except Exception as err:  # peers must learn of it instead of waiting forever
             error, tensors = err, [_pickled(err)]
-        _send(error is not None, tensors, source, group)
+            header = _header(True, tensors)
+        for t in [header, *tensors]:
+            if t.numel():
+                torch.distributed.broadcast(t.contiguous().view(-1), src=source, group=group)
         if error is not None:
             raise error
         return value
@@ -204,6 +208,8 @@ def all_gather_rows(rows: torch.Tensor, group) -> torch.Tensor:
     every_count = [torch.empty_like(counts) for _ in range(size)]
     dist.all_gather(every_count, counts, group=group)
     counts = [int(c) for c in every_count]
+    if not max(counts):
+        return rows
     padded = rows.new_zeros((max(counts), *rows.shape[1:]), device=device)
     padded[:rows.shape[0]] = rows
     gathered = [torch.empty_like(padded) for _ in range(size)]
@@ -215,18 +221,15 @@ _DTYPES = (torch.int64, torch.float64, torch.float32, torch.uint8)
 _MAX_TENSORS = 8
 
 
-def _send(failed: bool, tensors: list, source: int, group) -> None:
-    """Header [failed, count, (dtype index, numel) x _MAX_TENSORS], then each tensor."""
+def _header(failed: bool, tensors: list) -> torch.Tensor:
+    """[failed, count, (dtype index, numel) x _MAX_TENSORS]: what peers allocate to receive."""
     if len(tensors) > _MAX_TENSORS:
         raise ValueError(f"{len(tensors)} tensors to send: at most {_MAX_TENSORS}")
     header = torch.zeros(2 + 2 * _MAX_TENSORS, dtype=torch.int64)
     header[0], header[1] = int(failed), len(tensors)
     for i, t in enumerate(tensors):
         header[2 + 2 * i], header[3 + 2 * i] = _DTYPES.index(t.dtype), t.numel()
-    torch.distributed.broadcast(header, src=source, group=group)
-    for t in tensors:
-        if t.numel():
-            torch.distributed.broadcast(t.contiguous().view(-1), src=source, group=group)
+    return header
 
 
 def _receive(source: int, group) -> tuple[bool, list]:
