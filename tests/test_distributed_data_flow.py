@@ -23,24 +23,17 @@ PROBLEMS = [f"Compute {a} + {b}." for a in range(1, 5) for b in range(1, 5)]
 @pytest.fixture(scope="module")
 def seen(tmp_path_factory):
     from masa_megatron.data.prompts import PromptConfig
-    from masa_megatron.data.tiny_tokenizer import make_tiny_tokenizer
-    from masa_megatron.model.tiny import make_tiny_hf_model
     from masa_megatron.parallel import free_port
+    from tests.support.tiny_run import write_tiny_policy_and_problems
 
     work = tmp_path_factory.mktemp("data_flow")
-    hf = work / "policy"
-    tokenizer = make_tiny_tokenizer(PROBLEMS * 3 + [PromptConfig().meta_user_template] * 3,
-                                    vocab_size=400)
-    tokenizer.save_pretrained(str(hf))
-    make_tiny_hf_model(hf, "qwen3", vocab_size=len(tokenizer), max_position_embeddings=1024,
-                       bos_token_id=None, eos_token_id=tokenizer.eos_token_id)
-    rows = [{"prompt": [{"role": "user", "content": p}],
-             "reward_model": {"ground_truth": {"target": "0"}}} for p in PROBLEMS]
-    (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hf, train = write_tiny_policy_and_problems(
+        work, PROBLEMS, extra_texts=[PromptConfig().meta_user_template], vocab_size=400,
+        max_position_embeddings=1024)
     cfg = {"model": {"hf_path": str(hf)},
            "rollout": {"max_response_length": 10, "max_prompt_length": 512},
            "grpo": {"group_size": 4},
-           "data": {"train_files": [str(work / "train.jsonl")], "prompt_batch_size": 2,
+           "data": {"train_files": [str(train)], "prompt_batch_size": 2,
                     "reward": "tests.support.rewards.text_length_parity"},
            "optimizer": {"lr": 1e-3, "warmup_steps": 0},
            "trainer": {"steps": 4},
