@@ -42,6 +42,14 @@ def test_length_loss_is_masked_when_no_solution_was_correct():
     assert math.isfinite(loss.item()) and metrics["head/loss_len"] == 0.0
 
 
+def test_update_without_rows_changes_nothing():
+    trainer = MetaHeadTrainer(hidden_size=16)
+    before = {k: v.clone() for k, v in trainer.head.state_dict().items()}
+    assert trainer.update(None, [], []) == {}
+    assert trainer.update(None, [0.5], [3.0]) == {}   # no hidden state: its targets are moot
+    assert all(torch.equal(before[k], v) for k, v in trainer.head.state_dict().items())
+
+
 def test_head_round_trips_through_checkpoint_state_and_export(tmp_path):
     h, _, observed, lengths = synthetic_problems()
     trainer = MetaHeadTrainer(hidden_size=16)

@@ -17,9 +17,8 @@ import time
 import pytest
 import yaml
 
-from masa_megatron.data.tiny_tokenizer import make_tiny_tokenizer
-from masa_megatron.model.tiny import make_tiny_hf_model
 from masa_megatron.parallel import free_port
+from tests.support.tiny_run import write_tiny_policy_and_problems
 
 pytestmark = pytest.mark.slow
 PROBLEMS = [f"Compute {a} + {b}." for a in range(1, 5) for b in range(1, 5)]
@@ -28,20 +27,13 @@ PROBLEMS = [f"Compute {a} + {b}." for a in range(1, 5) for b in range(1, 5)]
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    hf = root / "policy"
-    tokenizer = make_tiny_tokenizer(PROBLEMS * 3, vocab_size=300)
-    tokenizer.save_pretrained(str(hf))
-    make_tiny_hf_model(hf, "qwen3", vocab_size=len(tokenizer), max_position_embeddings=256,
-                       bos_token_id=None, eos_token_id=tokenizer.eos_token_id)
-    rows = [{"prompt": [{"role": "user", "content": p}],
-             "reward_model": {"ground_truth": {"target": "0"}}} for p in PROBLEMS]
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hf, train = write_tiny_policy_and_problems(root, PROBLEMS)
     cfg = {"model": {"hf_path": str(hf)},
            "parallel": {"tensor_model_parallel_size": 2},
            "rollout": {"max_response_length": 12, "max_prompt_length": 128},
            "grpo": {"group_size": 4},
            "masa": {"mode": "grpo"},
-           "data": {"train_files": [str(root / "train.jsonl")], "prompt_batch_size": 2,
+           "data": {"train_files": [str(train)], "prompt_batch_size": 2,
                     "reward": "tests.support.rewards.text_length_parity"},
            "optimizer": {"lr": 1e-3, "warmup_steps": 0},
            "trainer": {"steps": 6},

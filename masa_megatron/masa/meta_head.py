@@ -113,24 +113,40 @@ def joint_targets(pass_rates, mean_correct_lengths) -> torch.Tensor:
 
 
 class MetaHeadTrainer:
-    """The head, its optimiser, and the per-step update on detached hidden states."""
+    """The head, its optimiser, and the per-step update on detached hidden states.
 
-    def __init__(self, hidden_size: int, lr: float = 1e-3, steps_per_update: int = 20):
+    With `data_parallel_group`, every update fits the rows of all data-parallel ranks (gathered in
+    rank order), so the head, its optimiser state and its metrics are the same on every rank."""
+
+    def __init__(self, hidden_size: int, lr: float = 1e-3, steps_per_update: int = 20,
+                 data_parallel_group=None):
         self.head = MetaHead(hidden_size)
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=lr)
         self.steps_per_update = steps_per_update
+        self.data_parallel_group = data_parallel_group
 
     @torch.no_grad()
     def predict(self, hidden: torch.Tensor) -> list[tuple[float, float]]:
         p, u = self.head(hidden)
         return list(zip(p.tolist(), u.tolist()))
 
-    def update(self, hidden: torch.Tensor, pass_rates: Sequence[float],
+    def update(self, hidden: Optional[torch.Tensor], pass_rates: Sequence[float],
                mean_correct_lengths: Sequence[Optional[float]]) -> dict:
-        target_p = torch.tensor(list(pass_rates), dtype=torch.float32)
-        target_l = torch.tensor([float("nan") if v is None else float(v)
-                                 for v in mean_correct_lengths], dtype=torch.float32)
-        hidden = hidden.detach().float()
+        """hidden [N, H] (None: no row on this rank; with a data-parallel group every rank calls
+        this, with or without rows). Returns {} when no rank had a row."""
+        if hidden is None:
+            hidden, pass_rates, mean_correct_lengths = torch.zeros(0, self.head.hidden_size), [], []
+        rows = torch.cat([hidden.detach().float(),
+                          torch.tensor(list(pass_rates), dtype=torch.float32).reshape(-1, 1),
+                          torch.tensor([float("nan") if v is None else float(v)
+                                        for v in mean_correct_lengths],
+                                       dtype=torch.float32).reshape(-1, 1)], dim=1)
+        if self.data_parallel_group is not None:
+            from masa_megatron.parallel import all_gather_rows
+            rows = all_gather_rows(rows, self.data_parallel_group)
+        if not len(rows):
+            return {}
+        hidden, target_p, target_l = rows[:, :-2], rows[:, -2], rows[:, -1]
         metrics: dict = {}
         for _ in range(self.steps_per_update):
             self.optimizer.zero_grad(set_to_none=True)

@@ -16,7 +16,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+import torch
+
 from masa_megatron.masa.planner import ProblemRollouts
+from masa_megatron.parallel import run_on_model_parallel_source
 from masa_megatron.rewards.meta import meta_reward
 from masa_megatron.rollout.base import FINISH_LENGTH
 
@@ -55,14 +58,23 @@ class ProblemStats:
 def grade_solutions(items: Sequence[ProblemRollouts], tokenizer,
                     grade_batch: Callable[[list[str], list[str]], list[float]]
                     ) -> list[Optional[ProblemStats]]:
-    """One batched grading call for every solution of the step; None where none was generated."""
+    """One batched grading call for every solution of the step; None where none was generated.
+
+    Under Megatron the ranks of a model-parallel group hold the same rollouts and must train on
+    the same rewards, but a grader under a wall-clock limit can answer differently from one
+    process to another: the group's first rank grades, and its peers receive the scores
+    (`parallel.run_on_model_parallel_source`). Every rank of the group calls this together. The
+    meta rewards computed from these statistics (`score_metas`) are pure functions of them."""
     texts, refs, owners = [], [], []
     for j, item in enumerate(items):
         for c in item.solutions:
             texts.append(tokenizer.decode(c.token_ids, skip_special_tokens=True))
             refs.append(item.answer)
             owners.append(j)
-    scores = grade_batch(texts, refs) if texts else []
+    scores = run_on_model_parallel_source(
+        lambda: [float(s) for s in grade_batch(texts, refs)] if texts else [],
+        lambda values: [torch.tensor(values, dtype=torch.float64)],
+        lambda tensors: tensors[0].tolist())
     stats: list[Optional[ProblemStats]] = [None] * len(items)
     for j, item in enumerate(items):
         if item.solutions:

@@ -4,8 +4,10 @@ Layout under the checkpoint root:
 
     step_000010/            a complete checkpoint (renamed into place only after every rank wrote)
         model/              Megatron dist_checkpointing (model + optimizer), any TP/PP can load it
-        trainer/rank_*.pt   per-rank trainer state (RNG states of every generator)
+        trainer/rank_*.pt   per-rank trainer state (RNG states of every generator, the rank's
+                            data-parallel rank and its behaviour-cloning buffer)
         trainer/common.pt   step, sampler position, scheduler, counters (rank 0)
+        trainer/meta_head.pt  the meta-head and its optimiser (first rank of the last stage)
         config.yaml         the resolved experiment config
         COMPLETE            marker, written last inside the folder before the rename
     latest                  text file naming the newest complete checkpoint, updated last
@@ -164,12 +166,13 @@ def set_rng_state(state: dict) -> None:
         tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
 
 
-def save_trainer_state(folder: Path, common: dict) -> None:
-    """Per-rank RNG state, and (rank 0) the shared trainer state."""
+def save_trainer_state(folder: Path, common: dict, rank_state: Optional[dict] = None) -> None:
+    """Per-rank RNG state and `rank_state`, and (rank 0) the shared trainer state."""
     rank, world = _rank_and_world()
     out = folder / "trainer"
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"rng": rng_state(), "world_size": world}, out / f"rank_{rank:05d}.pt")
+    torch.save({"rng": rng_state(), "world_size": world, **(rank_state or {})},
+               out / f"rank_{rank:05d}.pt")
     if rank == 0:
         torch.save(common, out / "common.pt")
 
@@ -184,3 +187,26 @@ def load_trainer_state(folder: Path) -> dict:
         if saved["world_size"] == world:
             set_rng_state(saved["rng"])
     return common
+
+
+def load_data_parallel_list(folder: Path, key: str, dp_rank: int, dp_size: int) -> list:
+    """A list each rank saved under `key` in its `rank_state` with its "dp_rank" and "dp_size"
+    (the ranks of one model-parallel group hold the same list). Same data-parallel size: the list
+    of this data-parallel rank. Another size: the saved data-parallel ranks' lists, concatenated
+    in rank order, dealt round-robin over the new ranks. [] where none was saved."""
+    rank, _ = _rank_and_world()
+    mine = folder / "trainer" / f"rank_{rank:05d}.pt"
+    if mine.is_file():
+        saved = torch.load(mine, weights_only=False)
+        if saved.get("dp_size") == dp_size and saved.get("dp_rank") == dp_rank:
+            return list(saved.get(key, []))
+    by_dp_rank, saved_size = {}, None
+    for path in sorted((folder / "trainer").glob("rank_*.pt")):
+        saved = torch.load(path, weights_only=False)
+        if "dp_rank" in saved:
+            saved_size = saved["dp_size"]
+            by_dp_rank.setdefault(saved["dp_rank"], list(saved.get(key, [])))
+    if saved_size == dp_size:
+        return by_dp_rank.get(dp_rank, [])
+    merged = [x for r in sorted(by_dp_rank) for x in by_dp_rank[r]]
+    return merged[dp_rank::dp_size]

@@ -160,14 +160,14 @@ def joint_head_targets(parts: LoopParts, samples, stats) -> Optional[torch.Tenso
 
 
 def train_head(parts: LoopParts, items, stats) -> dict:
-    """Fit the meta-head on every problem with solution statistics (trained or audited)."""
+    """Fit the meta-head on every problem with solution statistics (trained or audited), of
+    every data-parallel rank (each calls the head's update, with or without rows)."""
     if not head_in_use(parts.cfg.masa):
         return {}
     labelled = [(it, st) for it, st in zip(items, stats) if st is not None]
-    if not labelled:
-        return {}
-    hidden = parts.actor.prompt_last_hidden([it.solution_prompt_ids for it, _ in labelled])
-    if hidden is None or parts.head is None:
+    hidden = (parts.actor.prompt_last_hidden([it.solution_prompt_ids for it, _ in labelled])
+              if labelled else None)
+    if parts.head is None:  # not the last stage
         return {}
     lengths = [sum(st.correct_lengths) / len(st.correct_lengths) if st.correct_lengths else None
                for _, st in labelled]

@@ -32,7 +32,8 @@ def build_training(cfg: ExperimentConfig, *, log=print):
     from masa_megatron.rewards.registry import get_batch_reward
     from masa_megatron.rollout.base import get_engine_class
     from masa_megatron.train.actor import Actor
-    from masa_megatron.train.checkpoint import CheckpointManager, load_trainer_state
+    from masa_megatron.train.checkpoint import (CheckpointManager, load_data_parallel_list,
+                                                load_trainer_state)
     from masa_megatron.train.dist import DataParallelInfo
     from masa_megatron.train.loop import LoopParts
     from masa_megatron.train.optim import build_optimizer, wrap_ddp
@@ -76,8 +77,10 @@ def build_training(cfg: ExperimentConfig, *, log=print):
                                cfg.data.shuffle)
     planner = RolloutPlanner(cfg, tokenizer, engine, *resolve_policies(cfg.masa))
     head = None
+    dp = DataParallelInfo.from_megatron()
     if head_in_use(cfg.masa) and actor.is_last_stage:
-        head = MetaHeadTrainer(model.config.hidden_size, lr=cfg.masa.head_lr)
+        head = MetaHeadTrainer(model.config.hidden_size, lr=cfg.masa.head_lr,
+                               data_parallel_group=dp.group if dp.size > 1 else None)
         if cfg.masa.head_loss_weight > 0:  # joint: the head's loss also trains the backbone
             actor.prompt_state_loss = JointHeadLoss(head.head, cfg.masa.head_loss_weight)
 
@@ -86,7 +89,7 @@ def build_training(cfg: ExperimentConfig, *, log=print):
         cfg=cfg, tokenizer=tokenizer, problems=problems, sampler=sampler, planner=planner,
         actor=actor, engine=engine, grade_batch=get_batch_reward(cfg.data.reward),
         sinks=open_sinks(cfg.logging, out_dir, cfg.name, config=None) if logging_rank else None,
-        dp=DataParallelInfo.from_megatron(), head=head, checkpoints=checkpoints,
+        dp=dp, head=head, checkpoints=checkpoints,
         progress=Progress(cfg.trainer.steps, cfg.name, enabled=cfg.logging.progress and
                           logging_rank),
         reference_parse=lambda text: parse_meta_prediction(text, "reference"))
@@ -98,9 +101,13 @@ def build_training(cfg: ExperimentConfig, *, log=print):
         actor.load_checkpoint(str(resume_from / "model"))
         common = load_trainer_state(resume_from)
         sampler.load_state_dict(common["sampler"])
-        if head is not None and common.get("head") is not None:
-            head.load_state_dict(common["head"])
-        parts.bc_buffer = list(common.get("bc_buffer", []))
+        head_file = resume_from / HEAD_STATE
+        head_state = (torch.load(head_file, weights_only=False) if head_file.is_file()
+                      else common.get("head"))   # checkpoints before the head had its own file
+        if head is not None and head_state is not None:
+            head.load_state_dict(head_state)
+        parts.bc_buffer = (load_data_parallel_list(resume_from, "bc_buffer", dp.rank, dp.size)
+                           if "bc_buffer" not in common else list(common["bc_buffer"]))
         parts.nonfinite_streak = common.get("nonfinite_streak", 0)
         start = common["step"]
         parts.progress.step = parts.progress._s0 = start
@@ -129,6 +136,18 @@ def build_evaluator(cfg: ExperimentConfig, engine, tokenizer, actor, head):
     return Evaluator(engine, tokenizer, eval_cfg, predict), problems
 
 
+HEAD_STATE = "trainer/meta_head.pt"   # the meta-head and its optimiser, in a checkpoint
+
+
+def _writes_the_head() -> bool:
+    """The first rank of the last pipeline stage (every rank there holds the same head) saves
+    it; called where the head exists, i.e. on the last stage."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return True
+    from megatron.core import parallel_state as ps
+    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+
+
 def save_checkpoint(parts, step: int) -> None:
     from masa_megatron.metrics import is_logging_rank
     from masa_megatron.train.checkpoint import save_trainer_state
@@ -142,15 +161,17 @@ def save_checkpoint(parts, step: int) -> None:
         parts.actor.save_checkpoint(str(folder / "model"))
         write_checkpoint_metadata(parts.actor.model_chunks, folder / "model",
                                   hf_source_dir=parts.cfg.model.hf_path)
-        save_trainer_state(folder, {
-            "step": step, "sampler": parts.sampler.state_dict(),
-            "head": parts.head.state_dict() if parts.head is not None else None,
-            "bc_buffer": parts.bc_buffer, "nonfinite_streak": parts.nonfinite_streak})
+        save_trainer_state(
+            folder, {"step": step, "sampler": parts.sampler.state_dict(),
+                     "nonfinite_streak": parts.nonfinite_streak},
+            rank_state={"bc_buffer": parts.bc_buffer, "dp_rank": parts.dp.rank,
+                        "dp_size": parts.dp.size})
         if is_logging_rank():
             (folder / "config.yaml").write_text(to_yaml(parts.cfg))
-            if parts.head is not None:
-                from masa_megatron.masa.meta_head import export_meta_head
-                export_meta_head(parts.head.head, folder)
+        if parts.head is not None and _writes_the_head():
+            from masa_megatron.masa.meta_head import export_meta_head
+            torch.save(parts.head.state_dict(), folder / HEAD_STATE)
+            export_meta_head(parts.head.head, folder)
 
     parts.checkpoints.save(step, write)
 
