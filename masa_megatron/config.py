@@ -171,7 +171,7 @@ class TrainerConfig:
     eval_temperature: float = 1.0
     max_consecutive_nonfinite: int = 3
     check_ratio_invariant: bool = True
-    ratio_tolerance: float = 1e-5
+    ratio_tolerance: Optional[float] = None  # None: by model.dtype (train/actor.RATIO_TOLERANCE)
     output_dir: str = "runs/default"
 
 
@@ -394,6 +394,8 @@ def validate_static(cfg: ExperimentConfig) -> None:
         _fail("grpo.dual_clip", cfg.grpo.dual_clip, "dual clip constant must be > 1")
     if cfg.grpo.tis_cap is not None and cfg.grpo.tis_cap <= 0:
         _fail("grpo.tis_cap", cfg.grpo.tis_cap, "must be > 0")
+    if cfg.trainer.ratio_tolerance is not None and cfg.trainer.ratio_tolerance <= 0:
+        _fail("trainer.ratio_tolerance", cfg.trainer.ratio_tolerance, "must be > 0")
     if cfg.optimizer.min_lr > cfg.optimizer.lr:
         _fail("optimizer.min_lr", cfg.optimizer.min_lr, f"exceeds optimizer.lr={cfg.optimizer.lr}")
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size \

@@ -147,6 +147,28 @@ def test_ratio_invariant_fires_on_stale_old_logprobs(fresh):
     assert max_abs_diff(before, model_state(fresh)) > 0.0
 
 
+def test_ratio_tolerance_follows_the_model_dtype_unless_given(fresh, monkeypatch):
+    from masa_megatron.train.actor import RATIO_TOLERANCE, Actor
+
+    assert fresh.ratio_tolerance == RATIO_TOLERANCE["fp32"] == 1e-5
+    assert RATIO_TOLERANCE["fp32"] < RATIO_TOLERANCE["fp16"] < RATIO_TOLERANCE["bf16"]
+    monkeypatch.setattr(fresh.model_config, "params_dtype", torch.bfloat16)
+    bf16 = Actor(fresh.model_chunks, fresh.optimizer, fresh.scheduler, fresh.cfg)
+    assert bf16.ratio_tolerance == RATIO_TOLERANCE["bf16"]
+    given = Actor(fresh.model_chunks, fresh.optimizer, fresh.scheduler, fresh.cfg,
+                  ratio_tolerance=3e-3)
+    assert given.ratio_tolerance == 3e-3
+
+
+def test_tis_cap_without_rollout_logprobs_is_an_error(fresh, monkeypatch):
+    batch = make_batch()
+    batch.rollout_logprobs = None
+    batch.old_logprobs = fresh.logprobs(batch)
+    monkeypatch.setattr(fresh.cfg, "tis_cap", 2.0)
+    with pytest.raises(ValueError, match="grpo.tis_cap"):
+        fresh.update(batch)
+
+
 def test_nan_loss_skips_the_step_and_keeps_weights(fresh):
     batch = make_batch()
     batch.old_logprobs = fresh.logprobs(batch)

@@ -56,6 +56,15 @@ def test_gpu_recipes_follow_the_reference_hyperparameters(name):
         assert cfg.model.fp8 is None
 
 
+@pytest.mark.parametrize("name", GPU_RECIPES)
+def test_fp8_recipes_correct_fp8_training_against_bf16_rollouts_by_truncated_is(name):
+    cfg = get_recipe(name)
+    if name.endswith("_fp8"):
+        assert cfg.grpo.tis_cap is not None and cfg.grpo.tis_cap > 1.0
+    else:
+        assert cfg.grpo.tis_cap is None
+
+
 def test_gpu_recipes_fit_80_gb_by_the_estimate():
     totals = {name: estimate(get_recipe(name), get_recipe_info(name).arch)["total"]
               for name in GPU_RECIPES}

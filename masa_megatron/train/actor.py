@@ -27,7 +27,14 @@ Its gradient reaches the backbone in the same optimizer step (joint meta-head tr
 
 Invariants. With `check_ratio=True`, before the first optimizer step max |exp(logp - old_logp) - 1|
 over the first mini-batch must stay within `ratio_tolerance` (old log-probs recomputed by the same
-model), else `RatioInvariantError`. A non-finite loss or gradient skips the optimizer step
+model), else `RatioInvariantError`. The tolerance defaults to `RATIO_TOLERANCE[dtype]` of the
+model's parameters: the two forwards see the same weights and tokens but different micro-batch
+shapes, so their logits may differ by rounding. In fp32 that is far below 1e-5. In 16-bit the
+logits are stored with unit roundoff u (bf16 2^-8, fp16 2^-11): one rounding flip of a confident
+token's logit z in [16, 32) moves it by one ulp = 32 u (bf16 0.125, fp16 0.0156), i.e. the ratio
+by exp(32 u) - 1 (bf16 0.133, fp16 0.0157); the tolerance is that rounded up (bf16 0.15, fp16
+0.02). Bugs the check exists for (a vocabulary or temperature mismatch, a packing shift, another
+model) move ratios by O(1). A non-finite loss or gradient skips the optimizer step
 (gradients dropped, LR schedule not advanced), reported as skipped_step.
 """
 from __future__ import annotations
@@ -56,6 +63,10 @@ PerTokenFn = Callable[[Tensor, Tensor], Tensor]
 PromptStateLoss = Callable[[Tensor, Tensor, Tensor], Tensor]  # (h [b, H], targets, normalisers)
 
 
+RATIO_TOLERANCE = {"fp32": 1e-5, "fp16": 2e-2, "bf16": 0.15}   # see the module docstring
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
 class RatioInvariantError(RuntimeError):
     """The first mini-batch's probability ratio is not 1: old log-probs do not match the model."""
 
@@ -65,7 +76,7 @@ class Actor:
 
     def __init__(self, model_chunks: Sequence[torch.nn.Module], optimizer: Any, scheduler: Any,
                  grpo_cfg: GRPOConfig, *, temperature: float = 1.0,
-                 vocab_size: Optional[int] = None, ratio_tolerance: float = 1e-5):
+                 vocab_size: Optional[int] = None, ratio_tolerance: Optional[float] = None):
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -75,11 +86,13 @@ class Actor:
             raise NotImplementedError("the actor does not split sequences (context parallel)")
         self.model_chunks = list(model_chunks)
         self.optimizer, self.scheduler, self.cfg = optimizer, scheduler, grpo_cfg
-        self.temperature, self.ratio_tolerance = float(temperature), float(ratio_tolerance)
+        self.temperature = float(temperature)
         hf = getattr(unwrap_model(self.model_chunks[0]), "masa_hf_config", None)
         self.vocab_size = vocab_size or (hf.get("vocab_size") if isinstance(hf, dict) else None)
         self.device = collective_device()      # micro-batches and collectives live here
         config = get_model_config(self.model_chunks[0])
+        self.ratio_tolerance = float(ratio_tolerance) if ratio_tolerance is not None \
+            else RATIO_TOLERANCE[_DTYPE_NAMES[config.params_dtype]]
         if ps.get_pipeline_model_parallel_world_size() > 1:
             config.variable_seq_lengths = True
         config.finalize_model_grads_func = finalize_model_grads
@@ -358,6 +371,9 @@ class Actor:
         missing = self._global_counts([[float(getattr(batch, name) is None and len(batch) > 0)
                                         for name in optional]])[0]
         used = [name for name, m in zip(optional, missing.tolist()) if m == 0]
+        if cfg.tis_cap is not None and "rollout_logprobs" not in used:
+            raise ValueError(f"grpo.tis_cap={cfg.tis_cap} needs the rollout log-probs of every "
+                             f"sample (truncated importance sampling), but the batch has none")
         _, template = policy_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1),
                                   torch.ones(1, 1, dtype=torch.bool), **loss_kwargs,
                                   **{name: torch.zeros(1, 1) for name in used})
