@@ -3,9 +3,10 @@
 For logits z (this TP rank's slice of the vocabulary) and temperature T,
     logp(y) = log_softmax(z / T)[y] = -vocab_parallel_cross_entropy(z / T, y)
 with the max and the sum of exponentials all-reduced over TP. Megatron's padding columns (ids >=
-the tokenizer's vocab_size) are set to -inf first, so the softmax runs over the true vocabulary,
-as in the rollout engines. Entropy per token, also vocab-parallel: with m = max z (all-reduced),
-e = exp(z - m), S = sum e (all-reduced):  H = log S - sum(e (z - m)) / S.
+the model's vocab_size, from its config.json) are set to -inf first, so the softmax runs over the
+vocabulary the rollout engines sample from (which may exceed the tokenizer's).
+Entropy per token, also vocab-parallel: with m = max z (all-reduced), e = exp(z - m),
+S = sum e (all-reduced):  H = log S - sum(e (z - m)) / S.
 """
 from __future__ import annotations
 
