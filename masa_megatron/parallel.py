@@ -22,6 +22,7 @@ import torch
 from masa_megatron.config import ParallelConfig
 
 _OWNS_PROCESS_GROUP = False
+_SEQUENCE_PARALLEL = False
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,6 @@ def init_parallel(parallel: ParallelConfig, *, seed: int = 1234, timeout_minutes
     cuda = torch.cuda.is_available()
     if not cuda:
         apply_cpu_compat()
-        if parallel.sequence_parallel:
-            raise ValueError("field 'parallel.sequence_parallel' = True: not supported without "
-                             "CUDA (Megatron's torch-norm fallback rejects it)")
     from megatron.core import parallel_state, tensor_parallel
 
     if cuda:
@@ -107,9 +105,17 @@ def init_parallel(parallel: ParallelConfig, *, seed: int = 1234, timeout_minutes
         context_parallel_size=parallel.context_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
+    global _SEQUENCE_PARALLEL
+    _SEQUENCE_PARALLEL = bool(parallel.sequence_parallel)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return current_layout()
+
+
+def sequence_parallel_enabled() -> bool:
+    """parallel.sequence_parallel of the layout `init_parallel` set up (Megatron's parallel_state
+    does not keep it); the model builder reads it with the TP/PP/CP sizes."""
+    return _SEQUENCE_PARALLEL
 
 
 def current_layout() -> ParallelLayout:
@@ -128,9 +134,10 @@ def current_layout() -> ParallelLayout:
 
 def destroy_parallel() -> None:
     """Tear down Megatron's groups, and the process group if `init_parallel` created it."""
-    global _OWNS_PROCESS_GROUP
+    global _OWNS_PROCESS_GROUP, _SEQUENCE_PARALLEL
     from megatron.core import parallel_state
 
+    _SEQUENCE_PARALLEL = False
     parallel_state.destroy_model_parallel()
     if _OWNS_PROCESS_GROUP and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -124,7 +124,7 @@ def qwen3_recipe(size: str, method: str, fp8: bool = False) -> ExperimentConfig:
 
     m = cfg.model
     m.hf_path = f"{MODELS_ROOT}/{arch.name}"
-    m.dtype, m.layer_spec, m.recompute_activations = "bf16", "te", False
+    m.dtype, m.layer_spec = "bf16", "te"
     if fp8:
         m.fp8, m.fp8_recipe = "hybrid", "tensorwise"
         cfg.grpo.tis_cap = FP8_TIS_CAP

@@ -99,6 +99,9 @@ class Actor:
         if optimizer is not None:
             config.grad_scale_func = optimizer.scale_loss
         self.model_config = config
+        # micro-batch sequence length: s/TP rows per rank with SP, 16-divisible GEMMs with FP8
+        tp = ps.get_tensor_model_parallel_world_size()
+        self.sequence_multiple = (tp if config.sequence_parallel else 1) * (16 if config.fp8 else 1)
         self._forward_backward = get_forward_backward_func()
         self._dp_group = ps.get_data_parallel_group()
         self._dp_size = ps.get_data_parallel_world_size()
@@ -118,7 +121,8 @@ class Actor:
         lengths = batch.row_lengths()
         plan = plan_micro_batches([lengths[i] for i in indices], self.cfg.micro_batch_tokens)
         groups = [[indices[j] for j in g] for g in plan] or [[]]
-        return [pack_micro_batch(batch, g).to(self.device) for g in groups]
+        return [pack_micro_batch(batch, g, multiple_of=self.sequence_multiple).to(self.device)
+                for g in groups]
 
     def _run(self, micro: list[MicroBatch], per_token: PerTokenFn, loss_func: Callable, *,
              forward_only: bool, collect: bool = False) -> list:
@@ -163,14 +167,25 @@ class Actor:
     @contextmanager
     def _final_hidden_states(self, enabled: bool = True):
         """Yields a list that collects the decoder output [T, b, H] (after the final norm) of
-        every forward of the last model chunk, on the last stage only; pop it in loss_func."""
+        every forward of the last model chunk, on the last stage only; pop it in loss_func.
+        Under sequence parallelism each TP rank's output holds T/TP rows: they are all-gathered
+        (backward: each rank keeps its rows of the gradient, which every TP rank computes whole
+        from the same loss, as without SP)."""
         captured: list[Tensor] = []
         if not (enabled and self.is_last_stage):
             yield captured
             return
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        def whole(out: Tensor) -> Tensor:
+            out = out[0] if isinstance(out, tuple) else out
+            if self.model_config.sequence_parallel:
+                out = gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
+            return out
+
         decoder = unwrap_model(self.model_chunks[-1]).decoder
         hook = decoder.register_forward_hook(
-            lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+            lambda module, args, out: captured.append(whole(out)))
         try:
             yield captured
         finally:
