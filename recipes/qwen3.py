@@ -19,8 +19,10 @@ and checked < 80 GiB by tests/test_recipes.py):
   generating, SGLang TP 2.
 - 14B: two nodes, disaggregated: one node trains (TP 8), one node runs four SGLang servers
   (TP 2); weights move by NCCL broadcast.
-Activation recomputation stays off: the model builder's recomputation is Megatron's selective one
-(core attention), which saves nothing with flash attention (see the memory estimator).
+Activation recomputation stays off (model.recompute = none): every layout fits without it.
+Megatron's full recomputation (model.recompute = full, uniform or block) is there for longer
+micro-batches; the estimator counts it (selective recomputation saves nothing with flash
+attention).
 The fp8 variants keep the layout and add FP8 compute (Transformer Engine, "hybrid" = E4M3
 forward / E5M2 backward, tensor-wise current scaling) and, since the rollouts stay bf16, truncated
 importance sampling against the rollout log-probs (grpo.tis_cap = FP8_TIS_CAP).
@@ -124,7 +126,7 @@ def qwen3_recipe(size: str, method: str, fp8: bool = False) -> ExperimentConfig:
 
     m = cfg.model
     m.hf_path = f"{MODELS_ROOT}/{arch.name}"
-    m.dtype, m.layer_spec = "bf16", "te"
+    m.dtype, m.layer_spec, m.recompute = "bf16", "te", "none"
     if fp8:
         m.fp8, m.fp8_recipe = "hybrid", "tensorwise"
         cfg.grpo.tis_cap = FP8_TIS_CAP
