@@ -63,6 +63,7 @@ BAD_CONFIGS = [
     (["parallel.sequence_parallel=true"], ["parallel.sequence_parallel", "tensor_model_parallel"]),
     (["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
      ["parallel.sequence_parallel", "embedded engine"]),
+    (["trainer.ratio_tolerance=0"], ["trainer.ratio_tolerance", "0", "> 0"]),
     (["model.recompute=layers"], ["model.recompute", "layers", "full"]),
     (["model.recompute_method=blocks"], ["model.recompute_method", "blocks", "block"]),
     (["model.recompute_num_layers=0"], ["model.recompute_num_layers", "0"]),
