@@ -39,7 +39,9 @@ class ModelConfig:
     fp8: Optional[str] = None              # None | hybrid | e4m3
     fp8_recipe: str = "delayed"            # delayed | tensorwise | blockwise | mxfp8
     fp8_param: bool = False
-    recompute_activations: bool = False
+    recompute: str = "none"                # none | selective (core attention) | full (layers)
+    recompute_method: str = "uniform"      # full: uniform (groups of n layers) | block (first n)
+    recompute_num_layers: int = 1          # full: the n of recompute_method
     random_init: bool = False              # build from config.json only, no weights (tests/demo)
     seed: int = 1234
 
@@ -171,7 +173,7 @@ class TrainerConfig:
     eval_temperature: float = 1.0
     max_consecutive_nonfinite: int = 3
     check_ratio_invariant: bool = True
-    ratio_tolerance: float = 1e-5
+    ratio_tolerance: Optional[float] = None  # None: by model.dtype (train/actor.RATIO_TOLERANCE)
     output_dir: str = "runs/default"
 
 
@@ -282,6 +284,8 @@ _CHOICES = {
     "model.layer_spec": ("auto", "local", "te"),
     "model.fp8": (None, "hybrid", "e4m3"),
     "model.fp8_recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
+    "model.recompute": ("none", "selective", "full"),
+    "model.recompute_method": ("uniform", "block"),
     "rollout.weight_sync": ("disk", "broadcast", "tensor"),
     "grpo.loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
     "grpo.kl_type": ("k1", "k3"),
@@ -295,6 +299,7 @@ _CHOICES = {
 
 # field -> (low, high, inclusive-low); None means unbounded on that side
 _RANGES = {
+    "model.recompute_num_layers": (1, None),
     "parallel.tensor_model_parallel_size": (1, None),
     "parallel.pipeline_model_parallel_size": (1, None),
     "parallel.context_parallel_size": (1, None),
@@ -394,6 +399,8 @@ def validate_static(cfg: ExperimentConfig) -> None:
         _fail("grpo.dual_clip", cfg.grpo.dual_clip, "dual clip constant must be > 1")
     if cfg.grpo.tis_cap is not None and cfg.grpo.tis_cap <= 0:
         _fail("grpo.tis_cap", cfg.grpo.tis_cap, "must be > 0")
+    if cfg.trainer.ratio_tolerance is not None and cfg.trainer.ratio_tolerance <= 0:
+        _fail("trainer.ratio_tolerance", cfg.trainer.ratio_tolerance, "must be > 0")
     if cfg.optimizer.min_lr > cfg.optimizer.lr:
         _fail("optimizer.min_lr", cfg.optimizer.min_lr, f"exceeds optimizer.lr={cfg.optimizer.lr}")
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size \
@@ -407,6 +414,9 @@ def validate_static(cfg: ExperimentConfig) -> None:
                   f"{p.pipeline_model_parallel_size} x {p.context_parallel_size} = {model_parallel}")
     if p.sequence_parallel and p.tensor_model_parallel_size == 1:
         _fail("parallel.sequence_parallel", True, "needs tensor_model_parallel_size > 1")
+    if p.sequence_parallel and cfg.rollout.engine == "embedded":
+        _fail("parallel.sequence_parallel", True, "the embedded engine cannot generate with a "
+              "sequence-parallel model; use rollout.engine=sglang")
     if cfg.model.fp8 is not None and cfg.model.layer_spec == "local":
         _fail("model.fp8", cfg.model.fp8, "FP8 needs the Transformer Engine layer spec "
               "(model.layer_spec=te or auto)")

@@ -26,14 +26,26 @@ s x s score matrix, so the 5*a*s/h term drops. Bytes per token per layer in bf16
                                                           FC1 out (gate, up) + SwiGLU out
     with t_sp = t under sequence parallelism, else 1    (Qwen3-8B at t=1: 33.5h, cf. 34h)
 
-model.recompute_activations selects Megatron's *selective* recomputation (core attention only,
-see masa_megatron/model/builder.py); with flash/fused attention the core attention stores no
-s x s scores, so it saves nothing here and the estimate ignores it. Tokens per rank =
-grpo.micro_batch_tokens / c. Under 1F1B the first stage holds p micro-batches of its L/p layers
-(Korthikanti section 4.2.3), so stored activations ~ L layers of one micro-batch, whatever p.
+Sequence parallelism (parallel.sequence_parallel, applied by the model builder) shards the
+norm/residual activations over TP: the 8h/t_sp term. Recomputation (model.recompute, see
+masa_megatron/model/builder.py): "selective" recomputes core attention, which with flash/fused
+attention stores no s x s scores, so it saves nothing here and the estimate ignores it; "full"
+keeps only the bf16 input of each checkpointed unit (2h / t_sp bytes per token) and rebuilds
+one unit's activations at a time in backward. With n = model.recompute_num_layers::
 
-Logits (last stage, one micro-batch): tokens * V/t * (2 + 4) bytes: the bf16 output of the
-output layer plus the fp32 copy the vocab-parallel log-softmax keeps for backward.
+    uniform : ceil(L / n) * 2h / t_sp  +  n * act        (groups of n layers, one rebuilt)
+    block   : n * 2h / t_sp  +  (L - n) * act  +  act    (the first n layers one by one)
+
+Tokens per rank = grpo.micro_batch_tokens / c. Under 1F1B the first stage holds p micro-batches
+of its L/p layers (Korthikanti section 4.2.3), so stored activations ~ L layers of one
+micro-batch, whatever p (the recompute formulas above take L likewise).
+
+Logits (last stage, one micro-batch): tokens * V/t * (2 + 4) bytes plus ENTROPY_TEMPORARIES_GIB,
+as measured by benchmarks/vocab_parallel_memory.py (6.00 bytes per logit element in both
+passes): the forward holds the bf16 output of the output layer and one fp32 copy, which
+Megatron's vocab-parallel cross entropy turns into the softmax in place and keeps for backward;
+the entropy of the old-log-prob pass reads it in chunks (its temporaries: the fixed term); the
+backward holds the fp32 gradient and its bf16 copy, after the bf16 logits are freed.
 
 SGLang on the same GPUs (rollout.colocate): its static pool (weights + KV cache) takes
 sglang_mem_fraction of the GPU during generation and is released while training (torch memory
@@ -62,6 +74,7 @@ CUDA_CONTEXT_GIB = 1.0
 NCCL_BUFFERS_GIB = 1.5
 FRAGMENTATION = 0.10                  # of the dynamic (activation + logit) memory
 SGLANG_RELEASED_GIB = 2.0             # what a paused SGLang engine keeps (CUDA graphs, runtime)
+ENTROPY_TEMPORARIES_GIB = 0.2         # chunked entropy (vocab_parallel.py): 198 MiB measured
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,19 @@ def _activation_bytes_per_token_layer(arch: ModelArch, tp: int, sequence_paralle
     return replicated + sharded
 
 
+def _activation_bytes_per_token(arch: ModelArch, model, tp: int, sequence_parallel: bool) -> float:
+    """Stored activations of all L layers per token, with model.recompute (module docstring)."""
+    act = _activation_bytes_per_token_layer(arch, tp, sequence_parallel)
+    layers = arch.layers
+    if model.recompute != "full":
+        return layers * act
+    unit_input = 2 * arch.hidden / (tp if sequence_parallel else 1)
+    n = min(model.recompute_num_layers, layers)
+    if model.recompute_method == "uniform":
+        return math.ceil(layers / n) * unit_input + n * act
+    return n * unit_input + (layers - n) * act + act
+
+
 def estimate(cfg, arch: ModelArch, gpu_memory_gib: float = GPU_MEMORY_GIB) -> dict[str, float]:
     """GiB per GPU by component for `cfg` (an ExperimentConfig) and `arch`, plus `total`."""
     p = cfg.parallel
@@ -143,8 +169,8 @@ def estimate(cfg, arch: ModelArch, gpu_memory_gib: float = GPU_MEMORY_GIB) -> di
     optimizer_bytes = (8 if fp32 else 12) / (dp if p.use_distributed_optimizer else 1)
 
     tokens = cfg.grpo.micro_batch_tokens / cp
-    activations = tokens * arch.layers * _activation_bytes_per_token_layer(arch, tp, sp)
-    logits = tokens * arch.vocab / tp * (2 + 4)
+    activations = tokens * _activation_bytes_per_token(arch, cfg.model, tp, sp)
+    logits = tokens * arch.vocab / tp * (2 + 4) + ENTROPY_TEMPORARIES_GIB * GIB
 
     parts = {
         "weights": params * weight_bytes / GIB,

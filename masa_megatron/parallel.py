@@ -33,6 +33,7 @@ _MODEL_PARALLEL_CPU_GROUP = None
 # Peers wait on the CPU group for a whole generation; a failing source reports its error there,
 # and torchrun stops every rank when one dies, so this only bounds a source that hangs.
 CPU_GROUP_TIMEOUT = timedelta(hours=6)
+_SEQUENCE_PARALLEL = False
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,6 @@ def init_parallel(parallel: ParallelConfig, *, seed: int = 1234, timeout_minutes
     cuda = torch.cuda.is_available()
     if not cuda:
         apply_cpu_compat()
-        if parallel.sequence_parallel:
-            raise ValueError("field 'parallel.sequence_parallel' = True: not supported without "
-                             "CUDA (Megatron's torch-norm fallback rejects it)")
     from megatron.core import parallel_state, tensor_parallel
 
     if cuda:
@@ -119,6 +117,8 @@ def init_parallel(parallel: ParallelConfig, *, seed: int = 1234, timeout_minutes
         distributed_timeout_minutes=timeout_minutes,
     )
     _create_model_parallel_cpu_groups()
+    global _SEQUENCE_PARALLEL
+    _SEQUENCE_PARALLEL = bool(parallel.sequence_parallel)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return current_layout()
@@ -256,6 +256,12 @@ def _pickled(err: Exception) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
 
 
+def sequence_parallel_enabled() -> bool:
+    """parallel.sequence_parallel of the layout `init_parallel` set up (Megatron's parallel_state
+    does not keep it); the model builder reads it with the TP/PP/CP sizes."""
+    return _SEQUENCE_PARALLEL
+
+
 def current_layout() -> ParallelLayout:
     """This rank's place in the initialised Megatron layout."""
     from megatron.core import parallel_state as ps
@@ -272,9 +278,10 @@ def current_layout() -> ParallelLayout:
 
 def destroy_parallel() -> None:
     """Tear down Megatron's groups, and the process group if `init_parallel` created it."""
-    global _OWNS_PROCESS_GROUP, _MODEL_PARALLEL_CPU_GROUP
+    global _OWNS_PROCESS_GROUP, _MODEL_PARALLEL_CPU_GROUP, _SEQUENCE_PARALLEL
     from megatron.core import parallel_state
 
+    _SEQUENCE_PARALLEL = False
     parallel_state.destroy_model_parallel()
     _MODEL_PARALLEL_CPU_GROUP = None
     if _OWNS_PROCESS_GROUP and torch.distributed.is_initialized():

@@ -19,10 +19,13 @@ and checked < 80 GiB by tests/test_recipes.py):
   generating, SGLang TP 2.
 - 14B: two nodes, disaggregated: one node trains (TP 8), one node runs four SGLang servers
   (TP 2); weights move by NCCL broadcast.
-Activation recomputation stays off: the model builder's recomputation is Megatron's selective one
-(core attention), which saves nothing with flash attention (see the memory estimator).
+Activation recomputation stays off (model.recompute = none): every layout fits without it.
+Megatron's full recomputation (model.recompute = full, uniform or block) is there for longer
+micro-batches; the estimator counts it (selective recomputation saves nothing with flash
+attention).
 The fp8 variants keep the layout and add FP8 compute (Transformer Engine, "hybrid" = E4M3
-forward / E5M2 backward, tensor-wise current scaling).
+forward / E5M2 backward, tensor-wise current scaling) and, since the rollouts stay bf16, truncated
+importance sampling against the rollout log-probs (grpo.tis_cap = FP8_TIS_CAP).
 
 Placeholders to override: `model.hf_path` (default `/models/Qwen3-<size>-Base`, a Hugging Face
 checkpoint folder) and `data.train_files` (default `/data/deepscaler/train.parquet`).
@@ -38,6 +41,10 @@ MODELS_ROOT = "/models"
 TRAIN_FILES = ["/data/deepscaler/train.parquet"]
 METHODS = ("grpo", "masa", "masa_efficient")
 GPUS_PER_NODE = 8
+# FP8 training against bf16 rollouts: tokens are weighted by min(exp(old_logp - rollout_logp), C)
+# (truncated importance sampling, algo/losses.py); C = 2 as Yao et al. 2025 ("Your Efficient RL
+# Framework Secretly Brings You Off-Policy RL Training") and verl's default.
+FP8_TIS_CAP = 2.0
 
 # Architecture numbers from each model's Hugging Face config.json (Qwen/Qwen3-1.7B-Base,
 # Qwen/Qwen3-4B-Base, Qwen/Qwen3-8B-Base, Qwen/Qwen3-14B-Base share them with the post-trained
@@ -119,9 +126,10 @@ def qwen3_recipe(size: str, method: str, fp8: bool = False) -> ExperimentConfig:
 
     m = cfg.model
     m.hf_path = f"{MODELS_ROOT}/{arch.name}"
-    m.dtype, m.layer_spec, m.recompute_activations = "bf16", "te", False
+    m.dtype, m.layer_spec, m.recompute = "bf16", "te", "none"
     if fp8:
         m.fp8, m.fp8_recipe = "hybrid", "tensorwise"
+        cfg.grpo.tis_cap = FP8_TIS_CAP
 
     p = cfg.parallel
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size = layout.tp, layout.pp

@@ -147,6 +147,52 @@ def test_ratio_invariant_fires_on_stale_old_logprobs(fresh):
     assert max_abs_diff(before, model_state(fresh)) > 0.0
 
 
+def test_sequence_padding_for_the_layout_is_neutral_to_logprobs_and_loss(fresh, monkeypatch):
+    from masa_megatron.train.actor import Actor
+
+    batch = make_batch()
+    assert fresh.sequence_multiple == 1
+    fresh.cfg.micro_batch_tokens = 150   # several micro-batches of different widths
+    logp = fresh.logprobs(batch)
+    monkeypatch.setattr(fresh.model_config, "fp8", "hybrid")   # FP8: Transformer Engine needs 16
+    padded_actor = Actor(fresh.model_chunks, fresh.optimizer, fresh.scheduler, fresh.cfg,
+                         temperature=fresh.temperature)
+    monkeypatch.setattr(fresh.model_config, "fp8", None)       # the forward itself stays fp32
+    assert padded_actor.sequence_multiple == 16
+    widths = [mb.tokens.shape[1] for mb in padded_actor._micro_batches(batch, range(len(batch)))]
+    plain = [mb.tokens.shape[1] for mb in fresh._micro_batches(batch, range(len(batch)))]
+    assert all(w % 16 == 0 for w in widths) and sum(widths) > sum(plain) and len(plain) > 1
+    padded = padded_actor.logprobs(batch)
+    assert max((a - b).abs().max().item() for a, b in zip(logp, padded)) <= 1e-5
+    batch.old_logprobs = logp
+    start = model_state(fresh)
+    loss = fresh.update(batch)["train/loss"]
+    _restore(fresh, start)
+    assert padded_actor.update(batch)["train/loss"] == pytest.approx(loss, rel=1e-5, abs=1e-7)
+
+
+def test_ratio_tolerance_follows_the_model_dtype_unless_given(fresh, monkeypatch):
+    from masa_megatron.train.actor import RATIO_TOLERANCE, Actor
+
+    assert fresh.ratio_tolerance == RATIO_TOLERANCE["fp32"] == 1e-5
+    assert RATIO_TOLERANCE["fp32"] < RATIO_TOLERANCE["fp16"] < RATIO_TOLERANCE["bf16"]
+    monkeypatch.setattr(fresh.model_config, "params_dtype", torch.bfloat16)
+    bf16 = Actor(fresh.model_chunks, fresh.optimizer, fresh.scheduler, fresh.cfg)
+    assert bf16.ratio_tolerance == RATIO_TOLERANCE["bf16"]
+    given = Actor(fresh.model_chunks, fresh.optimizer, fresh.scheduler, fresh.cfg,
+                  ratio_tolerance=3e-3)
+    assert given.ratio_tolerance == 3e-3
+
+
+def test_tis_cap_without_rollout_logprobs_is_an_error(fresh, monkeypatch):
+    batch = make_batch()
+    batch.rollout_logprobs = None
+    batch.old_logprobs = fresh.logprobs(batch)
+    monkeypatch.setattr(fresh.cfg, "tis_cap", 2.0)
+    with pytest.raises(ValueError, match="grpo.tis_cap"):
+        fresh.update(batch)
+
+
 def test_nan_loss_skips_the_step_and_keeps_weights(fresh):
     batch = make_batch()
     batch.old_logprobs = fresh.logprobs(batch)

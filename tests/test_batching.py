@@ -30,6 +30,25 @@ def test_pack_without_samples_is_one_padding_row():
     assert "old_logprobs" in mb.per_token
 
 
+@pytest.mark.parametrize("multiple", [2, 16, 32])  # TP 2 with SP; FP8; FP8 with SP at TP 2
+def test_pack_pads_the_sequence_to_the_layouts_multiple_with_masked_columns(multiple):
+    batch = TrainBatch([[10, 11, 12], [20]], [[13, 14], [21, 22, 23]], [1.0, -1.0],
+                       old_logprobs=[torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -4.0, -5.0])])
+    plain = pack_micro_batch(batch, [0, 1])
+    padded = pack_micro_batch(batch, [0, 1], multiple_of=multiple)
+    width = padded.tokens.shape[1]
+    assert width % multiple == 0 and plain.tokens.shape[1] <= width < plain.tokens.shape[1] + multiple
+    extra = slice(plain.tokens.shape[1], width)
+    assert not padded.loss_mask[:, extra].any()
+    assert not padded.tokens[:, extra].any() and not padded.labels[:, extra].any()
+    assert not padded.per_token["old_logprobs"][:, extra].any()
+    for name in ("tokens", "labels", "loss_mask"):
+        assert torch.equal(getattr(padded, name)[:, :plain.tokens.shape[1]], getattr(plain, name))
+    assert padded.position_ids[0].tolist() == list(range(width))
+    empty = pack_micro_batch(batch, [], multiple_of=multiple)
+    assert empty.tokens.shape == (1, multiple) and not empty.loss_mask.any()
+
+
 def test_batch_validation_names_the_problem():
     with pytest.raises(ValueError, match="empty prompt"):
         TrainBatch([[]], [[1]])

@@ -35,6 +35,63 @@ def test_fp8_options_reach_transformer_config():
     assert transformer_config_from_hf(tiny_hf_config("llama"), _cfg()).fp8 is None
 
 
+@pytest.mark.parametrize("fields,expected", [
+    ({}, (None, None, None)),
+    (dict(recompute="selective"), ("selective", None, None)),
+    (dict(recompute="full"), ("full", "uniform", 1)),
+    (dict(recompute="full", recompute_method="block", recompute_num_layers=2), ("full", "block", 2)),
+])
+def test_recompute_options_reach_transformer_config(fields, expected):
+    config = transformer_config_from_hf(tiny_hf_config("llama"), _cfg(**fields))
+    assert (config.recompute_granularity, config.recompute_method,
+            config.recompute_num_layers) == expected
+
+
+@pytest.mark.parametrize("fields,forwards_per_layer", [
+    ({}, [1, 1]),
+    (dict(recompute="full", recompute_method="uniform", recompute_num_layers=1), [2, 2]),
+    (dict(recompute="full", recompute_method="block", recompute_num_layers=1), [2, 1]),
+])
+def test_full_recompute_reruns_the_chosen_layers_in_backward_with_equal_gradients(
+        fields, forwards_per_layer):
+    gradients = []
+    for model_fields in ({}, fields):
+        torch.manual_seed(0)
+        model = build_gpt_model(tiny_hf_config("llama"), _cfg(random_init=True, **model_fields))
+        calls = [0] * len(model.decoder.layers)
+        for i, layer in enumerate(model.decoder.layers):
+            layer.register_forward_hook(lambda *a, i=i, c=calls: c.__setitem__(i, c[i] + 1))
+        tokens = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+        positions = torch.arange(12).expand(2, -1)
+        model(tokens, positions, None, labels=tokens).sum().backward()
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert calls == forwards_per_layer
+    assert all(torch.allclose(gradients[0][n], g, atol=1e-6) for n, g in gradients[1].items())
+
+
+def test_sequence_parallel_reaches_transformer_config_and_marks_norm_weights():
+    """The local spec's norms (the layers' two and the final one) are marked for the SP
+    gradient all-reduce over TP; the Q/K norms, whose input is not sequence-sharded, are not."""
+    from masa_megatron.parallel import destroy_parallel
+
+    assert not transformer_config_from_hf(tiny_hf_config("qwen3"), _cfg()).sequence_parallel
+    init_parallel(ParallelConfig(sequence_parallel=True))   # TP 1 here: Megatron refuses SP
+    try:
+        with pytest.raises(ValueError, match="(?i)sequence.?parallel"):
+            transformer_config_from_hf(tiny_hf_config("qwen3"), _cfg())
+    finally:
+        destroy_parallel()
+        init_parallel(ParallelConfig())
+    model = build_gpt_model(tiny_hf_config("qwen3"), _cfg(random_init=True))
+    norms = {n: p for n, p in model.named_parameters() if "layernorm" in n}
+    assert any("final_layernorm" in n for n in norms) and any("q_layernorm" in n for n in norms)
+    assert all(hasattr(p, "sequence_parallel") for p in norms.values())   # built by TorchNorm
+    from masa_megatron.model.torch_norm import TorchNorm
+    model.config.sequence_parallel = True  # as at TP > 1 with SP (tests/test_actor_parallel.py)
+    assert TorchNorm(model.config, 64, eps=1e-6).weight.sequence_parallel
+    assert not TorchNorm(model.config, 16, eps=1e-6, sequence_sharded=False).weight.sequence_parallel
+
+
 def test_bf16_dtype():
     config = transformer_config_from_hf(tiny_hf_config("llama"), _cfg(dtype="bf16"))
     assert config.bf16 and config.params_dtype == torch.bfloat16

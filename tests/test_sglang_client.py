@@ -267,3 +267,27 @@ def test_flattened_broadcast_is_a_config_choice(echo, tmp_path):
     with pytest.raises(ValueError, match="load_format='zip'"):
         SGLangEngine(None, urls=[echo.url], weight_sync="broadcast",
                      sync_options={"load_format": "zip"})
+
+
+def test_from_config_launches_deterministic_servers_when_configured(monkeypatch, tmp_path):
+    """rollout.sglang_deterministic reaches the servers' command line
+    (--enable-deterministic-inference): without it per-request sampling seeds are ignored."""
+    import masa_megatron.rollout.sglang as sglang_module
+    from masa_megatron.config import ExperimentConfig
+    from masa_megatron.rollout.sglang_launch import server_command
+
+    launched = []
+
+    def record_and_stop(opts, num_servers, **kwargs):
+        launched.append(server_command(opts))
+        raise EngineError("launch recorded")
+
+    monkeypatch.setattr(sglang_module, "launch_servers", record_and_stop)
+    cfg = ExperimentConfig()
+    cfg.model.hf_path, cfg.trainer.output_dir = str(tmp_path), str(tmp_path)
+    cfg.rollout.engine = "sglang"
+    for deterministic in (True, False):
+        cfg.rollout.sglang_deterministic = deterministic
+        with pytest.raises(EngineError, match="launch recorded"):
+            SGLangEngine.from_config(None, cfg)
+    assert ["--enable-deterministic-inference" in cmd for cmd in launched] == [True, False]

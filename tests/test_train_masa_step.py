@@ -217,3 +217,36 @@ def test_trainer_hands_every_engine_the_whole_config(hf_folder, tmp_path):
         assert seen and seen[0] is cfg and seen[0].model.hf_path == str(hf_folder)
     finally:
         destroy_parallel()
+
+
+def test_ids_between_the_tokenizer_and_the_model_vocabulary_train_with_finite_loss(
+        tmp_path_factory, tmp_path):
+    """The engine samples over the model's vocabulary (config.json vocab_size, 151,936 for Qwen3),
+    which exceeds the tokenizer's (151,669): such ids must get finite log-probs and loss; only
+    Megatron's own padding beyond vocab_size stays at -inf."""
+    from masa_megatron.train.batching import TrainBatch
+
+    folder = tmp_path_factory.mktemp("tiny_policy_big_vocab")
+    texts = [t for v in SCRIPT.values() for t in v] + [p for _, p, _ in PROBLEMS]
+    tokenizer = make_tiny_tokenizer(texts * 4, vocab_size=400)
+    tokenizer.save_pretrained(str(folder))
+    model_vocab = len(tokenizer) + 37
+    make_tiny_hf_model(folder, "qwen3", vocab_size=model_vocab, max_position_embeddings=1024,
+                       bos_token_id=None, eos_token_id=tokenizer.eos_token_id)
+    rows = [{"prompt": [{"role": "user", "content": p}], "reward_model": {
+        "ground_truth": {"target": a}}} for _, p, a in PROBLEMS]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_cfg(folder, tmp_path, "grpo")
+    init_parallel(cfg.parallel, seed=cfg.model.seed)
+    try:
+        parts, _ = build_training(cfg, log=lambda m: None)
+        beyond_tokenizer = [len(tokenizer), len(tokenizer) + 5, model_vocab - 1]
+        batch = TrainBatch([[3, 4, 5], [6, 7]], [beyond_tokenizer, [8, model_vocab - 2]],
+                           advantages=[1.0, -1.0], group_ids=[0, 0])
+        logprob_metrics = parts.actor.compute_old_logprobs(batch)
+        assert all(bool(torch.isfinite(x).all()) for x in batch.old_logprobs)
+        assert math.isfinite(logprob_metrics["logprob/entropy_mean"])
+        metrics = parts.actor.update(batch, check_ratio=True)
+        assert metrics["train/skipped_step"] == 0 and math.isfinite(metrics["train/loss"])
+    finally:
+        destroy_parallel()

@@ -9,7 +9,14 @@ The vocabulary is padded so each TP rank holds an equal slice: padded = the smal
 `make_vocab_size_divisible_by * TP` that is >= vocab_size.
 
 Layer spec: "local" (Megatron-only modules; the only one that runs on CPU), "te" (Transformer
-Engine, needed for FP8), "auto" = te when CUDA and TE are present, else local.
+Engine, needed for FP8), "auto" = te when CUDA and TE are present, else local. Both support
+sequence parallelism (parallel.sequence_parallel, as set by `init_parallel`): the hidden states
+between the TP-parallel blocks are sharded along the sequence (s/TP rows per rank).
+
+Recomputation (model.recompute): "selective" recomputes core attention (nothing to save with
+fused/flash attention, which stores no s x s scores); "full" stores only each layer's input and
+recomputes the layer in backward: method "uniform" checkpoints groups of recompute_num_layers
+layers, "block" the first recompute_num_layers layers of each pipeline stage.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from masa_megatron.config import ModelConfig
 from masa_megatron.model.hf_config import (
     HFConfigLike, ModelLoadError, RopeSpec, decoder_shape, read_hf_config)
 from masa_megatron.model.registry import FamilySpec, family_for
+from masa_megatron.parallel import sequence_parallel_enabled
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -85,7 +93,12 @@ def transformer_config_from_hf(hf_config: HFConfigLike, model_cfg: ModelConfig):
     if model_cfg.fp8 is not None:
         fp8 = dict(fp8=model_cfg.fp8, fp8_recipe=model_cfg.fp8_recipe,
                    fp8_param=model_cfg.fp8_param)
-    recompute = dict(recompute_granularity="selective") if model_cfg.recompute_activations else {}
+    recompute = {}
+    if model_cfg.recompute == "selective":
+        recompute = dict(recompute_granularity="selective")
+    elif model_cfg.recompute == "full":
+        recompute = dict(recompute_granularity="full", recompute_method=model_cfg.recompute_method,
+                         recompute_num_layers=model_cfg.recompute_num_layers)
     return TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -106,6 +119,7 @@ def transformer_config_from_hf(hf_config: HFConfigLike, model_cfg: ModelConfig):
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
+        sequence_parallel=sequence_parallel_enabled(),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=model_cfg.dtype == "bf16",
@@ -124,18 +138,33 @@ def transformer_config_from_hf(hf_config: HFConfigLike, model_cfg: ModelConfig):
     )
 
 
-def _layer_spec(family: FamilySpec, spec_name: str):
+def _layer_spec(family: FamilySpec, spec_name: str, config, vp_stage: Optional[int]):
+    """TE: Megatron's layer spec. Local: a block spec of Megatron's local layers with SDPA core
+    attention and torch norms that support sequence parallelism (model/torch_norm.py), the final
+    norm included (Megatron would give the block its WrappedTorchNorm)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if spec_name == "te":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             qk_layernorm=family.qk_norm)
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
     from masa_megatron.model.sdpa_attention import SDPADotProductAttention
+    from masa_megatron.model.torch_norm import TorchNorm
 
     spec = gpt_layer_specs.get_gpt_layer_local_spec(
         qk_layernorm=family.qk_norm, normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
-    return spec
+    layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+    attention.core_attention = SDPADotProductAttention
+    layer.input_layernorm = layer.pre_mlp_layernorm = TorchNorm
+    if family.qk_norm:
+        attention.q_layernorm = attention.k_layernorm = ModuleSpec(
+            module=TorchNorm, params={"sequence_sharded": False})
+    return TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=TorchNorm)
 
 
 def llama3_inv_freq(head_dim: int, rope: RopeSpec) -> torch.Tensor:
@@ -193,7 +222,7 @@ def build_gpt_model(hf_config: HFConfigLike, model_cfg: ModelConfig, *,
         shape.vocab_size, model_cfg.make_vocab_size_divisible_by, config.tensor_model_parallel_size)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=_layer_spec(family, spec_name),
+        transformer_layer_spec=_layer_spec(family, spec_name, config, vp_stage),
         vocab_size=vocab,
         max_sequence_length=shape.max_position_embeddings,
         pre_process=pre_process,

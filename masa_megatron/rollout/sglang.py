@@ -205,6 +205,7 @@ class SGLangEngine(RolloutEngine):
             concurrency=cfg.sglang_concurrency, health_timeout_s=cfg.sglang_health_timeout_s,
             colocate=cfg.colocate, weight_sync=cfg.weight_sync,
             bucket_mb=cfg.weight_sync_bucket_mb, seed=cfg.seed,
+            deterministic=cfg.sglang_deterministic,
             sync_dir=f"{output_dir}/weight_sync" if output_dir else None)
         for name in ("request_timeout_s", "max_retries", "retry_backoff_s"):
             if hasattr(cfg, f"sglang_{name}"):

@@ -27,7 +27,14 @@ Its gradient reaches the backbone in the same optimizer step (joint meta-head tr
 
 Invariants. With `check_ratio=True`, before the first optimizer step max |exp(logp - old_logp) - 1|
 over the first mini-batch must stay within `ratio_tolerance` (old log-probs recomputed by the same
-model), else `RatioInvariantError`. A non-finite loss or gradient skips the optimizer step
+model), else `RatioInvariantError`. The tolerance defaults to `RATIO_TOLERANCE[dtype]` of the
+model's parameters: the two forwards see the same weights and tokens but different micro-batch
+shapes, so their logits may differ by rounding. In fp32 that is far below 1e-5. In 16-bit the
+logits are stored with unit roundoff u (bf16 2^-8, fp16 2^-11): one rounding flip of a confident
+token's logit z in [16, 32) moves it by one ulp = 32 u (bf16 0.125, fp16 0.0156), i.e. the ratio
+by exp(32 u) - 1 (bf16 0.133, fp16 0.0157); the tolerance is that rounded up (bf16 0.15, fp16
+0.02). Bugs the check exists for (a vocabulary or temperature mismatch, a packing shift, another
+model) move ratios by O(1). A non-finite loss or gradient skips the optimizer step
 (gradients dropped, LR schedule not advanced), reported as skipped_step.
 """
 from __future__ import annotations
@@ -56,6 +63,10 @@ PerTokenFn = Callable[[Tensor, Tensor], Tensor]
 PromptStateLoss = Callable[[Tensor, Tensor, Tensor], Tensor]  # (h [b, H], targets, normalisers)
 
 
+RATIO_TOLERANCE = {"fp32": 1e-5, "fp16": 2e-2, "bf16": 0.15}   # see the module docstring
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
 class RatioInvariantError(RuntimeError):
     """The first mini-batch's probability ratio is not 1: old log-probs do not match the model."""
 
@@ -65,7 +76,7 @@ class Actor:
 
     def __init__(self, model_chunks: Sequence[torch.nn.Module], optimizer: Any, scheduler: Any,
                  grpo_cfg: GRPOConfig, *, temperature: float = 1.0,
-                 vocab_size: Optional[int] = None, ratio_tolerance: float = 1e-5):
+                 vocab_size: Optional[int] = None, ratio_tolerance: Optional[float] = None):
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -75,17 +86,22 @@ class Actor:
             raise NotImplementedError("the actor does not split sequences (context parallel)")
         self.model_chunks = list(model_chunks)
         self.optimizer, self.scheduler, self.cfg = optimizer, scheduler, grpo_cfg
-        self.temperature, self.ratio_tolerance = float(temperature), float(ratio_tolerance)
+        self.temperature = float(temperature)
         hf = getattr(unwrap_model(self.model_chunks[0]), "masa_hf_config", None)
         self.vocab_size = vocab_size or (hf.get("vocab_size") if isinstance(hf, dict) else None)
         self.device = collective_device()      # micro-batches and collectives live here
         config = get_model_config(self.model_chunks[0])
+        self.ratio_tolerance = float(ratio_tolerance) if ratio_tolerance is not None \
+            else RATIO_TOLERANCE[_DTYPE_NAMES[config.params_dtype]]
         if ps.get_pipeline_model_parallel_world_size() > 1:
             config.variable_seq_lengths = True
         config.finalize_model_grads_func = finalize_model_grads
         if optimizer is not None:
             config.grad_scale_func = optimizer.scale_loss
         self.model_config = config
+        # micro-batch sequence length: s/TP rows per rank with SP, 16-divisible GEMMs with FP8
+        tp = ps.get_tensor_model_parallel_world_size()
+        self.sequence_multiple = (tp if config.sequence_parallel else 1) * (16 if config.fp8 else 1)
         self._forward_backward = get_forward_backward_func()
         self._dp_group = ps.get_data_parallel_group()
         self._dp_size = ps.get_data_parallel_world_size()
@@ -105,7 +121,8 @@ class Actor:
         lengths = batch.row_lengths()
         plan = plan_micro_batches([lengths[i] for i in indices], self.cfg.micro_batch_tokens)
         groups = [[indices[j] for j in g] for g in plan] or [[]]
-        return [pack_micro_batch(batch, g).to(self.device) for g in groups]
+        return [pack_micro_batch(batch, g, multiple_of=self.sequence_multiple).to(self.device)
+                for g in groups]
 
     def _run(self, micro: list[MicroBatch], per_token: PerTokenFn, loss_func: Callable, *,
              forward_only: bool, collect: bool = False) -> list:
@@ -150,14 +167,25 @@ class Actor:
     @contextmanager
     def _final_hidden_states(self, enabled: bool = True):
         """Yields a list that collects the decoder output [T, b, H] (after the final norm) of
-        every forward of the last model chunk, on the last stage only; pop it in loss_func."""
+        every forward of the last model chunk, on the last stage only; pop it in loss_func.
+        Under sequence parallelism each TP rank's output holds T/TP rows: they are all-gathered
+        (backward: each rank keeps its rows of the gradient, which every TP rank computes whole
+        from the same loss, as without SP)."""
         captured: list[Tensor] = []
         if not (enabled and self.is_last_stage):
             yield captured
             return
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        def whole(out: Tensor) -> Tensor:
+            out = out[0] if isinstance(out, tuple) else out
+            if self.model_config.sequence_parallel:
+                out = gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
+            return out
+
         decoder = unwrap_model(self.model_chunks[-1]).decoder
         hook = decoder.register_forward_hook(
-            lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+            lambda module, args, out: captured.append(whole(out)))
         try:
             yield captured
         finally:
@@ -358,6 +386,9 @@ class Actor:
         missing = self._global_counts([[float(getattr(batch, name) is None and len(batch) > 0)
                                         for name in optional]])[0]
         used = [name for name, m in zip(optional, missing.tolist()) if m == 0]
+        if cfg.tis_cap is not None and "rollout_logprobs" not in used:
+            raise ValueError(f"grpo.tis_cap={cfg.tis_cap} needs the rollout log-probs of every "
+                             f"sample (truncated importance sampling), but the batch has none")
         _, template = policy_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1),
                                   torch.ones(1, 1, dtype=torch.bool), **loss_kwargs,
                                   **{name: torch.zeros(1, 1) for name in used})

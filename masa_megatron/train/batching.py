@@ -9,8 +9,10 @@ Layout of one sample (prompt p_0..p_{P-1}, response y_0..y_{R-1}) as a row of th
 
 so the response log-prob log pi(y_j | p, y_<j) sits in column P - 1 + j. The last response token
 is never fed to the model (it predicts nothing we use). Rows are right-padded with token 0 to the
-micro-batch's longest row; causal attention keeps valid positions blind to the padding after them,
-and padding never enters a loss (mask False).
+micro-batch's longest row, rounded up to the multiple the parallel layout needs (TP with sequence
+parallelism: each rank holds s/TP rows of the sequence; 16 x that with FP8: Transformer Engine's
+GEMMs need a token dimension divisible by 16); causal attention keeps valid positions blind to
+the padding after them, and padding never enters a loss (mask False).
 
 Micro-batch planning: the memory of one forward/backward grows with the padded size
 num_rows x max_row_length, so rows are sorted longest first and packed greedily while
@@ -139,25 +141,29 @@ class MicroBatch:
 
 
 def pack_micro_batch(batch: TrainBatch, indices: Sequence[int],
-                     pad_to: Optional[int] = None) -> MicroBatch:
-    """Pad the samples `indices` of `batch` into one MicroBatch (width max length, or `pad_to`).
+                     pad_to: Optional[int] = None, multiple_of: int = 1) -> MicroBatch:
+    """Pad the samples `indices` of `batch` into one MicroBatch (width max length, or `pad_to`,
+    rounded up to a multiple of `multiple_of`).
 
-    With no indices, returns a one-row, one-column micro-batch with nothing valid in it: a rank
-    without samples still takes part in the collective forward/backward with it.
+    With no indices, returns a one-row micro-batch with nothing valid in it: a rank without
+    samples still takes part in the collective forward/backward with it.
     """
     indices = list(indices)
     targets = batch.prompt_targets
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of={multiple_of}: must be >= 1")
     if not indices:
-        zeros = torch.zeros(1, 1, dtype=torch.long)
+        zeros = torch.zeros(1, multiple_of, dtype=torch.long)
         return MicroBatch([], zeros, zeros.clone(), zeros.clone(),
-                          torch.zeros(1, 1, dtype=torch.bool), torch.zeros(1), [0], [0],
-                          {name: torch.zeros(1, 1) for name in PER_TOKEN_FIELDS
+                          torch.zeros(1, multiple_of, dtype=torch.bool), torch.zeros(1), [0], [0],
+                          {name: torch.zeros(1, multiple_of) for name in PER_TOKEN_FIELDS
                            if getattr(batch, name) is not None},
                           None if targets is None else torch.full((1, targets.shape[1]), math.nan))
     lengths = [max(len(batch.prompt_ids[i]) + len(batch.response_ids[i]) - 1, 1) for i in indices]
     width = max(lengths) if pad_to is None else pad_to
     if width < max(lengths):
         raise ValueError(f"pad_to={pad_to} is shorter than the longest row ({max(lengths)})")
+    width = -(-width // multiple_of) * multiple_of
     b = len(indices)
     tokens = torch.zeros(b, width, dtype=torch.long)
     labels = torch.zeros(b, width, dtype=torch.long)

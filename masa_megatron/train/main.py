@@ -54,7 +54,9 @@ def build_training(cfg: ExperimentConfig, *, log=print):
     steps = cfg.trainer.steps * cfg.grpo.mini_batches_per_step * cfg.grpo.ppo_epochs
     optimizer, scheduler = build_optimizer(chunks, cfg.optimizer, cfg.parallel, cfg.model.dtype,
                                            total_steps=steps)
-    vocab = len(tokenizer)
+    # the ids an engine can sample: the model's vocabulary (config.json), which may exceed the
+    # tokenizer's (Qwen3: 151,936 vs 151,669); only Megatron's padding beyond it is masked
+    vocab = model.masa_hf_config["vocab_size"]
     actor = Actor(chunks, optimizer, scheduler, cfg.grpo, temperature=cfg.rollout.temperature,
                   vocab_size=vocab, ratio_tolerance=cfg.trainer.ratio_tolerance)
     engine = get_engine_class(cfg.rollout.engine).from_config(   # the whole config: SGLang

@@ -29,18 +29,21 @@ ADAM = OptimizerConfig(name="adam", lr=1e-3, adam_eps=1e-3, weight_decay=0.01, c
                        warmup_steps=0)
 
 
-def setup_actor(tp: int = 1, pp: int = 1, *, opt_cfg: OptimizerConfig = SGD,
+def setup_actor(tp: int = 1, pp: int = 1, *, sp: bool = False, opt_cfg: OptimizerConfig = SGD,
                 micro_batch_tokens: int = 1 << 20, mini_batches: int = 2, seed: int = 1234,
-                temperature: float = 0.9, **grpo_overrides):
-    """init_parallel + builder + DDP + optimizer -> Actor (and the ParallelLayout)."""
+                temperature: float = 0.9, model_overrides: dict = None, **grpo_overrides):
+    """init_parallel + builder + DDP + optimizer -> Actor (and the ParallelLayout).
+    `sp`: sequence parallelism; `model_overrides`: ModelConfig fields (e.g. recompute)."""
     from masa_megatron.model import build_gpt_model
     from masa_megatron.parallel import init_parallel
     from masa_megatron.train.actor import Actor
     from masa_megatron.train.optim import build_optimizer, wrap_ddp
 
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              sequence_parallel=sp)
     layout = init_parallel(parallel, seed=seed)
-    model = build_gpt_model(HF_CONFIG, ModelConfig(hf_path="<dict>", random_init=True))
+    model = build_gpt_model(HF_CONFIG, ModelConfig(hf_path="<dict>", random_init=True,
+                                                   **(model_overrides or {})))
     chunks = wrap_ddp([model], parallel, opt_cfg.name)
     optimizer, scheduler = build_optimizer(chunks, opt_cfg, parallel, "fp32", total_steps=10)
     grpo = GRPOConfig(micro_batch_tokens=micro_batch_tokens, mini_batches_per_step=mini_batches,

@@ -4,7 +4,8 @@
             weights, log-probs, prompt hidden states, update metrics and updated weights; checks
             log-probs against a plain full-vocabulary log_softmax, the ratio invariant (fires on
             perturbed old log-probs, holds on recomputed ones), the NaN skip and sft_step.
-    layouts (2 processes): TP=2, then DP=2, then PP=2 (parallel state re-initialised in between).
+    layouts (2 processes): TP=2, then DP=2, then PP=2, then TP=2 with sequence parallelism and
+            full activation recomputation (parallel state re-initialised in between).
             Each loads the initial weights, takes this DP rank's groups (uneven tokens), uses a
             small micro-batch budget (several micro-batches of different shapes), and compares
             log-probs, hidden states, loss and updated weights (SGD and Adam) with the reference;
@@ -82,14 +83,14 @@ def plain_last_hidden(actor, prompts):
 
 
 def joint_head_update(out: Path, tp: int, pp: int, budget: int, mine: list[int],
-                      reference: bool) -> dict:
+                      reference: bool, **model) -> dict:
     """SGD update from the initial weights with the joint meta-head term (a fixed head,
     w = 0.5, NaN targets on some rows): loss and weights must equal the single process's."""
     import math
 
     from masa_megatron.masa.meta_head import JointHeadLoss, MetaHead
 
-    actor, _ = setup_actor(tp, pp, mini_batches=MINI_BATCHES, micro_batch_tokens=budget)
+    actor, _ = setup_actor(tp, pp, mini_batches=MINI_BATCHES, micro_batch_tokens=budget, **model)
     load_model(actor, out / "init")
     head = MetaHead(actor.model_config.hidden_size)
     gen = torch.Generator().manual_seed(0)
@@ -183,9 +184,15 @@ def run_reference(out: Path) -> dict:
 
 
 def run_layout(out: Path, tp: int, pp: int, budget: int, save: bool,
-               load_from: list[str]) -> dict:
-    actor, layout = setup_actor(tp, pp, mini_batches=MINI_BATCHES, micro_batch_tokens=budget)
-    name = f"tp{tp}_pp{pp}_dp{layout.dp_size}"
+               load_from: list[str], **model) -> dict:
+    """`model`: setup_actor's sp / model_overrides."""
+    actor, layout = setup_actor(tp, pp, mini_batches=MINI_BATCHES, micro_batch_tokens=budget,
+                                **model)
+    name = f"tp{tp}{'sp' if model.get('sp') else ''}_pp{pp}_dp{layout.dp_size}"
+    config = actor.model_config
+    check(config.sequence_parallel == bool(model.get("sp")), "sequence_parallel not applied")
+    recompute = (model.get("model_overrides") or {}).get("recompute", "none")
+    check((config.recompute_granularity or "none") == recompute, "recompute not applied")
     load_model(actor, out / "init")
     ordered, local = global_order()
     mine = local[layout.dp_rank] if layout.dp_size > 1 else list(range(len(ordered)))
@@ -222,7 +229,7 @@ def run_layout(out: Path, tp: int, pp: int, budget: int, save: bool,
     result["weights_vs_ref"] = max_abs_diff(updated, model_state(actor))
     check(result["weights_vs_ref"] <= TOL_WEIGHTS, f"updated weights differ: {result}")
     result.update(nan_step_is_skipped(actor, batch))
-    result.update(joint_head_update(out, tp, pp, budget, mine, reference=False))
+    result.update(joint_head_update(out, tp, pp, budget, mine, reference=False, **model))
     for other in load_from:
         actor.load_checkpoint(out / f"ckpt_{other}_sgd")
         restored = model_state(actor)
@@ -285,11 +292,14 @@ def adam_checkpoints(out: Path, tp: int, pp: int, name: str, mine: list[int], bu
     return result
 
 
-# (tp, pp, save checkpoints, load the checkpoints of) -- run in this order in one launch
+# (tp, pp, save checkpoints, load the checkpoints of[, setup_actor's sp / model_overrides])
+# -- run in this order in one launch
 LAYOUTS = {
     "tp2_pp1_dp1": (2, 1, True, []),
     "tp1_pp1_dp2": (1, 1, True, []),
     "tp1_pp2_dp1": (1, 2, False, ["tp2_pp1_dp1", "tp1_pp1_dp2"]),
+    "tp2sp_pp1_dp1": (2, 1, False, [], dict(sp=True, model_overrides=dict(
+        recompute="full", recompute_method="uniform", recompute_num_layers=2))),
 }
 
 
@@ -301,7 +311,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=list(LAYOUTS), choices=list(LAYOUTS))
     args = parser.parse_args()
     results = {"ref": run_reference(args.out)} if args.mode == "ref" else {
-        name: run_layout(args.out, *LAYOUTS[name][:2], args.budget, *LAYOUTS[name][2:])
+        name: run_layout(args.out, *LAYOUTS[name][:2], args.budget, *LAYOUTS[name][2:4],
+                         **(LAYOUTS[name][4] if len(LAYOUTS[name]) > 4 else {}))
         for name in args.only}
     for name, result in results.items():
         (args.out / f"{name}_rank{rank()}.json").write_text(json.dumps(result, indent=1))
