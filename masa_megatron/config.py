@@ -118,6 +118,9 @@ class MASAConfig:
     mode: str = "masa"
     meta_group_size: int = 8               # M meta rollouts per problem
     parser: str = "robust"                 # robust | reference
+    # notion reward: spec (drop notions in the problem; case-sensitive suffix rules) | reference
+    # (drop notions anywhere in the meta prompt; lower-cased suffix tests, only "series" exempt)
+    notion_rules: str = "spec"
     reward_base: float = 0.01
     max_source: str = "response"           # {MAX} in the meta prompt: response | prompt
     efficient_start_step: int = 80         # k
@@ -288,6 +291,7 @@ _CHOICES = {
     "grpo.old_logprobs": ("recompute", "policy"),
     "masa.mode": ("grpo", "masa", "masa_efficient"),
     "masa.parser": ("robust", "reference"),
+    "masa.notion_rules": ("spec", "reference"),
     "masa.max_source": ("response", "prompt"),
     "optimizer.name": ("adam", "sgd"),
     "optimizer.schedule": ("constant", "cosine"),

@@ -102,7 +102,7 @@ def eval_config(args: argparse.Namespace, hf_dir: str):
     return cfg
 
 
-def problem_record(item, stats, benchmark: str, head_pred=None) -> dict:
+def problem_record(item, stats, benchmark: str, head_pred=None, notion_rules: str = "spec") -> dict:
     """One results line: outcomes, parsed predictions, notion net counts, gating decision."""
     from masa_megatron.eval import metrics as M
     parsed_rates = [p.get("pass_rate") / 8 if M.is_number(p.get("pass_rate")) else None
@@ -110,11 +110,10 @@ def problem_record(item, stats, benchmark: str, head_pred=None) -> dict:
     parsed_lengths = [p.get("solution_length") if M.is_number(p.get("solution_length")) else None
                       for p in item.predictions]
     notions = next((p["math_notion"] for p in item.predictions if p.get("math_notion")), None)
-    from masa_megatron.rewards.meta import meta_reward
+    from masa_megatron.masa.scoring import score_metas
     record = {"benchmark": benchmark, "id": item.uid, "scores": stats.scores,
               "lengths": stats.lengths, "predicted_pass_rates": parsed_rates,
-              "meta_rewards": [meta_reward(p, stats.scores, stats.lengths, stats.texts,
-                                           item.problem)["score"] for p in item.predictions],
+              "meta_rewards": [m["score"] for m in score_metas(item, stats, 0.01, notion_rules)],
               "predicted_lengths": parsed_lengths,
               "notion_net": (M.notion_net_counts(notions, item.problem, stats.texts, stats.scores)
                              if notions is not None else None)}
@@ -150,7 +149,8 @@ class Evaluator:
                 self.tokenizer, p.problem, self.planner.prompts) for _, p in problems])
         items = self.planner.rollout(0, [(p.id, p.problem, p.answer) for _, p in problems], heads)
         stats = grade_solutions(items, self.tokenizer, lambda r, ref: grade_batch(r, ref))
-        return [problem_record(it, st, name, heads[i] if heads else None)
+        rules = self.planner.cfg.masa.notion_rules
+        return [problem_record(it, st, name, heads[i] if heads else None, rules)
                 for i, (it, st, (name, _)) in enumerate(zip(items, stats, problems))]
 
 

@@ -22,8 +22,9 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from masa_megatron.data.prompts import (PromptConfig, encode_messages, render_meta_prompt,
-                                        render_solution_prompt, solution_content)
+from masa_megatron.data.prompts import (PromptConfig, encode_messages, meta_messages,
+                                        render_meta_prompt, render_solution_prompt,
+                                        solution_content)
 from masa_megatron.masa.policies import MetaPrediction
 from masa_megatron.masa.predictors import resolve_predictor
 from masa_megatron.rewards.meta import parse_meta_prediction
@@ -40,6 +41,7 @@ class ProblemRollouts:
     uid: str
     solution_prompt_ids: list[int] = field(default_factory=list)
     meta_prompt_ids: list[int] = field(default_factory=list)
+    meta_prompt: str = ""          # the meta prompt's text (system + user message)
     solutions: list[Completion] = field(default_factory=list)
     metas: list[Completion] = field(default_factory=list)
     meta_texts: list[str] = field(default_factory=list)
@@ -133,7 +135,9 @@ class RolloutPlanner:
                 problem=problem, answer=answer, uid=uid, max_new_tokens=self.max_len,
                 solution_prompt_ids=render_solution_prompt(self.tokenizer, problem, self.prompts),
                 meta_prompt_ids=(render_meta_prompt(self.tokenizer, problem, self.prompts)
-                                 if mode != "grpo" else [])))
+                                 if mode != "grpo" else []),
+                meta_prompt="\n".join(m["content"] for m in meta_messages(problem, self.prompts))
+                if mode != "grpo" else ""))
         heads = list(head_predictions) if head_predictions is not None else [None] * len(items)
 
         if use_head and efficient:  # the head decides before anything is generated

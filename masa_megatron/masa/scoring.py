@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from masa_megatron.masa.planner import ProblemRollouts
-from masa_megatron.rewards.meta import meta_reward
+from masa_megatron.rewards.meta import meta_reward, notion_context
 from masa_megatron.rollout.base import FINISH_LENGTH
 
 SOLUTION, META = "solution", "meta"
@@ -76,9 +76,13 @@ def grade_solutions(items: Sequence[ProblemRollouts], tokenizer,
     return stats
 
 
-def score_metas(item: ProblemRollouts, stats: ProblemStats, base: float) -> list[dict]:
-    return [meta_reward(pred, stats.scores, stats.lengths, stats.texts, item.problem, base)
-            for pred in item.predictions]
+def score_metas(item: ProblemRollouts, stats: ProblemStats, base: float,
+                notion_rules: str = "spec") -> list[dict]:
+    """Self-alignment reward of each meta rollout; notions are dropped when found in the problem
+    (spec rules) or anywhere in the meta prompt (reference rules)."""
+    context = notion_context(item.problem, item.meta_prompt, notion_rules)
+    return [meta_reward(pred, stats.scores, stats.lengths, stats.texts, context, base,
+                        notion_rules) for pred in item.predictions]
 
 
 def build_samples(items: Sequence[ProblemRollouts], stats: Sequence[Optional[ProblemStats]],

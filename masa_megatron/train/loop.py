@@ -85,7 +85,7 @@ def run_step(parts: LoopParts, step: int) -> dict[str, float]:
                 new_items = parts.planner.rollout(step, triples, head_preds, round_=round_)
             with timer("score"):
                 new_stats = grade_solutions(new_items, parts.tokenizer, parts.grade_batch)
-                new_scores = [score_metas(it, st, cfg.masa.reward_base)
+                new_scores = [score_metas(it, st, cfg.masa.reward_base, cfg.masa.notion_rules)
                               if st is not None and it.trained and it.metas else None
                               for it, st in zip(new_items, new_stats)]
             items += new_items
