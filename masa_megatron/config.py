@@ -149,6 +149,7 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     reward: str = "math"                   # registered reward name or dotted path
+    solution_suffix: bool = True           # false: the solution prompt is the bare problem
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 from masa_megatron.data.prompts import (PromptConfig, encode_messages, meta_messages,
                                         render_meta_prompt, render_solution_prompt,
-                                        solution_content)
+                                        solution_prompt_text)
 from masa_megatron.masa.policies import MetaPrediction
 from masa_megatron.masa.predictors import resolve_predictor
 from masa_megatron.rewards.meta import parse_meta_prediction
@@ -61,7 +61,8 @@ def prompt_config_from(cfg) -> PromptConfig:
     """The prompt settings of an experiment config."""
     return PromptConfig(max_prompt_length=cfg.rollout.max_prompt_length,
                         max_response_length=cfg.rollout.max_response_length,
-                        max_source=cfg.masa.max_source)
+                        max_source=cfg.masa.max_source,
+                        suffix_solution_prompt=cfg.data.solution_suffix)
 
 
 def summarise_predictions(parsed: Sequence[dict], num_rollouts: int,
@@ -182,7 +183,7 @@ class RolloutPlanner:
         if not notions:
             return
         item.hint = ", ".join(str(n) for n in notions)
-        content = solution_content(item.problem, self.prompts) + HINT_PREFIX + item.hint + "."
+        content = solution_prompt_text(item.problem, self.prompts) + HINT_PREFIX + item.hint + "."
         item.solution_prompt_ids = encode_messages(
             self.tokenizer, [[{"role": "user", "content": content}]])[0]
 
