@@ -217,3 +217,24 @@ def test_trainer_hands_every_engine_the_whole_config(hf_folder, tmp_path):
         assert seen and seen[0] is cfg and seen[0].model.hf_path == str(hf_folder)
     finally:
         destroy_parallel()
+
+
+def test_audit_time_and_tokens_are_logged_apart_from_the_step(trainer):
+    """masa_efficient with every gated problem audited: time/audit holds the audited solutions'
+    generation (slowed by 0.5 s here) and time/step leaves it out; tokens/audit is apart from
+    tokens/total."""
+    import time as clock
+    parts, _ = trainer("masa_efficient", efficient_start_step=0, audit_fraction=1.0)
+    real = parts.planner.roll_out_audits
+
+    def slow(*args, **kwargs):
+        clock.sleep(0.5)
+        return real(*args, **kwargs)
+    parts.planner.roll_out_audits = slow
+    started = clock.perf_counter()
+    metrics = run_step(parts, 0)
+    wall = clock.perf_counter() - started
+    assert metrics["gating/audited"] >= 1 and metrics["tokens/audit"] > 0
+    assert metrics["time/audit"] >= 0.5
+    assert metrics["time/step"] <= wall - 0.5
+    assert metrics["tokens/total"] == metrics["tokens/solution"] + metrics["tokens/meta"]

@@ -181,11 +181,13 @@ def step_totals(items: Sequence[ProblemRollouts], stats, meta_scores, max_len: i
                 reference_parse: Optional[Callable[[str], dict]] = None) -> StepTotals:
     """The spec's section-9 quantities of this rank's problems, as additive totals."""
     t = StepTotals()
-    sol_tokens = sum(len(c.token_ids) for it in items for c in it.solutions)
+    sol_tokens = sum(len(c.token_ids) for it in items if not it.audited for c in it.solutions)
     meta_tokens = sum(len(c.token_ids) for it in items for c in it.metas)
     t.add("tokens/solution", sol_tokens, 0.0)
     t.add("tokens/meta", meta_tokens, 0.0)
-    t.add("tokens/total", sol_tokens + meta_tokens, 0.0)
+    t.add("tokens/total", sol_tokens + meta_tokens, 0.0)   # what the method costs: no audit
+    t.add("tokens/audit", sum(len(c.token_ids) for it in items if it.audited
+                              for c in it.solutions), 0.0)
     for it, st, ms in zip(items, stats, meta_scores):
         t.add("gating/fraction", float(it.gated))
         if st is not None and it.trained:
