@@ -8,6 +8,7 @@
     rewards   = grader on solutions, self-alignment reward on metas       (masa/scoring.py)
     samples   = trained problems only; dynamic sampling drops flat groups
     advantages= GRPO within each group (solution and meta groups apart)   (algo/advantages.py)
+    balance   = optionally re-deal samples over DP ranks by tokens         (train/dist.py)
     old logp  = actor forward (separate from the update)                   (train/actor.py)
     update    = PPO loss, one optimizer step per mini-batch                (train/actor.py)
                 (+ masa.head_loss_weight x meta-head loss through the backbone, when > 0)
@@ -110,6 +111,8 @@ def run_step(parts: LoopParts, step: int) -> dict[str, float]:
         advantages = grpo_advantages(rewards, [s.group_id for s in samples], eps=cfg.grpo.adv_eps)
         train_batch = parts.actor.make_batch(samples, advantages)
         train_batch.prompt_targets = joint_head_targets(parts, samples, stats)
+        if cfg.grpo.balance_sequences:   # the reference's token balancing across DP ranks
+            train_batch = parts.dp.balance_sequences(train_batch)
         logprob_metrics = {}
         if cfg.grpo.old_logprobs == "recompute":
             with timer("logprob"):
