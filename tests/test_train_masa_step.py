@@ -238,3 +238,21 @@ def test_audit_time_and_tokens_are_logged_apart_from_the_step(trainer):
     assert metrics["time/audit"] >= 0.5
     assert metrics["time/step"] <= wall - 0.5
     assert metrics["tokens/total"] == metrics["tokens/solution"] + metrics["tokens/meta"]
+
+
+def test_loop_scores_metas_with_the_configured_notion_rules(trainer, monkeypatch):
+    """masa.notion_rules reaches the loop's meta scoring; the balancing switch re-deals samples
+    (one rank: the same batch) before the update."""
+    import masa_megatron.train.loop as loop
+    seen = []
+    real = loop.score_metas
+
+    def spy(item, stats, base, rules="spec"):
+        seen.append(rules)
+        return real(item, stats, base, rules)
+    monkeypatch.setattr(loop, "score_metas", spy)
+    parts, updates = trainer("masa", notion_rules="reference")
+    parts.cfg.grpo.balance_sequences = True
+    run_step(parts, 0)
+    assert seen and set(seen) == {"reference"}
+    assert len(updates[0]) == 24
