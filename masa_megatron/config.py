@@ -104,7 +104,13 @@ class GRPOConfig:
     tis_cap: Optional[float] = None        # truncated importance sampling vs rollout log-probs
     adv_eps: float = 1e-6
     ppo_epochs: int = 1
-    mini_batches_per_step: int = 1
+    mini_batches_per_step: int = 1         # equal consecutive parts of the step's samples
+    # > 0: mini-batches of this many sequences over all DP ranks instead, the last one shorter
+    # with its loss scaled by its share (the reference: 128 prompts x n = 2048; train/batching.py)
+    mini_batch_sequences: int = 0
+    # reorder sequences across DP ranks into equal counts with balanced tokens before
+    # mini-batching (the reference's balance_batch); needs computed advantages only
+    balance_sequences: bool = False
     # recompute: a no-grad forward before the update gives old_logp (also logs entropy and the
     # trainer-vs-engine gap). policy: old_logp = the update's own logp, detached (ratio exactly
     # 1; the same gradient, one forward less); only with one optimizer step per RL step.
@@ -120,6 +126,9 @@ class MASAConfig:
     mode: str = "masa"
     meta_group_size: int = 8               # M meta rollouts per problem
     parser: str = "robust"                 # robust | reference
+    # notion reward: spec (drop notions in the problem; case-sensitive suffix rules) | reference
+    # (drop notions anywhere in the meta prompt; lower-cased suffix tests, only "series" exempt)
+    notion_rules: str = "spec"
     reward_base: float = 0.01
     max_source: str = "response"           # {MAX} in the meta prompt: response | prompt
     efficient_start_step: int = 80         # k
@@ -148,6 +157,7 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     reward: str = "math"                   # registered reward name or dotted path
+    solution_suffix: bool = True           # false: the solution prompt is the bare problem
 
 
 @dataclass
@@ -171,6 +181,8 @@ class TrainerConfig:
     eval_n: int = 4                        # solutions per held-out problem
     eval_meta_n: int = 4                   # meta rollouts per held-out problem (any mode)
     eval_temperature: float = 1.0
+    eval_top_p: Optional[float] = None     # None: rollout.top_p
+    eval_subset: int = 0                   # > 0: a fixed seeded sample of this many problems
     max_consecutive_nonfinite: int = 3
     check_ratio_invariant: bool = True
     ratio_tolerance: Optional[float] = None  # None: by model.dtype (train/actor.RATIO_TOLERANCE)
@@ -292,6 +304,7 @@ _CHOICES = {
     "grpo.old_logprobs": ("recompute", "policy"),
     "masa.mode": ("grpo", "masa", "masa_efficient"),
     "masa.parser": ("robust", "reference"),
+    "masa.notion_rules": ("spec", "reference"),
     "masa.max_source": ("response", "prompt"),
     "optimizer.name": ("adam", "sgd"),
     "optimizer.schedule": ("constant", "cosine"),
@@ -320,6 +333,7 @@ _RANGES = {
     "grpo.kl_coef": (0.0, None),
     "grpo.ppo_epochs": (1, None),
     "grpo.mini_batches_per_step": (1, None),
+    "grpo.mini_batch_sequences": (0, None),
     "grpo.micro_batch_tokens": (1, None),
     "grpo.dynamic_sampling_max_rounds": (1, None),
     "masa.meta_group_size": (1, None),
@@ -341,6 +355,7 @@ _RANGES = {
     "trainer.eval_n": (1, None),
     "trainer.eval_meta_n": (0, None),
     "trainer.eval_temperature": (0.0, None),
+    "trainer.eval_subset": (0, None),
     "checkpoint.save_every": (0, None),
     "checkpoint.keep_last": (1, None),
     "logging.log_every": (1, None),
@@ -370,6 +385,41 @@ def _check_predictor(masa: MASAConfig) -> None:
     _fail("masa.predictor", masa.predictor, why)
 
 
+def sequences_per_step(cfg: ExperimentConfig) -> int:
+    """The most sequences one RL step trains: problems x (G + M, or G in grpo mode)."""
+    per_problem = cfg.grpo.group_size + (cfg.masa.meta_group_size if cfg.masa.mode != "grpo"
+                                         else 0)
+    return cfg.data.prompt_batch_size * per_problem
+
+
+def optimizer_steps_per_rl_step(cfg: ExperimentConfig) -> int:
+    """Optimizer steps of a full RL step (fewer when problems are gated or dropped)."""
+    g = cfg.grpo
+    minis = (-(-sequences_per_step(cfg) // g.mini_batch_sequences) if g.mini_batch_sequences
+             else g.mini_batches_per_step)
+    return minis * g.ppo_epochs
+
+
+def _check_sequence_mini_batches(cfg: ExperimentConfig) -> None:
+    g = cfg.grpo
+    if not g.mini_batch_sequences:
+        return
+    if g.mini_batches_per_step != 1:
+        _fail("grpo.mini_batch_sequences", g.mini_batch_sequences,
+              f"set it or grpo.mini_batches_per_step (= {g.mini_batches_per_step}), not both")
+    if g.old_logprobs == "policy" and optimizer_steps_per_rl_step(cfg) > 1:
+        _fail("grpo.old_logprobs", "policy", f"needs one optimizer step per RL step, but "
+              f"{sequences_per_step(cfg)} sequences per step exceed grpo.mini_batch_sequences="
+              f"{g.mini_batch_sequences}")
+    p = cfg.parallel
+    if p.world_size:
+        dp = p.world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+                              * p.context_parallel_size)
+        if dp and g.mini_batch_sequences % dp:
+            _fail("grpo.mini_batch_sequences", g.mini_batch_sequences,
+                  f"not divisible by the data-parallel size {dp}")
+
+
 def validate_static(cfg: ExperimentConfig) -> None:
     """Checks that need nothing but the config. Raises ConfigError on the first failure."""
     for name, choices in _CHOICES.items():
@@ -395,6 +445,7 @@ def validate_static(cfg: ExperimentConfig) -> None:
             != (1, 1):
         _fail("grpo.old_logprobs", "policy", "needs grpo.ppo_epochs = 1 and "
               "grpo.mini_batches_per_step = 1 (later optimizer steps need the pre-update log-probs)")
+    _check_sequence_mini_batches(cfg)
     if cfg.grpo.dual_clip is not None and cfg.grpo.dual_clip <= 1.0:
         _fail("grpo.dual_clip", cfg.grpo.dual_clip, "dual clip constant must be > 1")
     if cfg.grpo.tis_cap is not None and cfg.grpo.tis_cap <= 0:
@@ -425,6 +476,8 @@ def validate_static(cfg: ExperimentConfig) -> None:
     if cfg.rollout.weight_sync != "disk" and cfg.rollout.engine == "embedded":
         _fail("rollout.weight_sync", cfg.rollout.weight_sync,
               "the embedded engine shares the trainer's weights; only 'disk' (a no-op) applies")
+    if cfg.trainer.eval_top_p is not None and not 0 < cfg.trainer.eval_top_p <= 1:
+        _fail("trainer.eval_top_p", cfg.trainer.eval_top_p, "must be in (0, 1]")
     if cfg.trainer.eval_every and not cfg.data.eval_files:
         _fail("trainer.eval_every", cfg.trainer.eval_every, "set data.eval_files to evaluate")
     for i, path in enumerate(cfg.data.train_files):
@@ -456,6 +509,9 @@ def validate_environment(cfg: ExperimentConfig, world_size: Optional[int] = None
         if world_size % mp:
             _fail("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size,
                   f"TP x PP x CP = {mp} does not divide the world size {world_size}")
+        if cfg.grpo.mini_batch_sequences % (world_size // mp):
+            _fail("grpo.mini_batch_sequences", cfg.grpo.mini_batch_sequences,
+                  f"not divisible by the data-parallel size {world_size // mp}")
         if torch.cuda.is_available() and torch.cuda.device_count() < 1:
             _fail("parallel", world_size, "no CUDA devices visible")
     model_path = Path(cfg.model.hf_path)

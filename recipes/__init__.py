@@ -3,7 +3,7 @@
     from recipes import get_recipe, list_recipes
     cfg = get_recipe("qwen3_8b_masa_efficient_1n8g")     # a fresh ExperimentConfig
 
-Names: `qwen3_<size>_<method>_<scale>[_fp8]` (recipes/qwen3.py) and `tiny_cpu_<method>`
+Names: `qwen3_<size>_<method>[_paper]_<scale>[_fp8]` (recipes/qwen3.py) and `tiny_cpu_<method>`
 (recipes/tiny.py). `masa recipes` prints the table with layouts and memory estimates. Recipes are
 starting points: override any field with `key=value` (`masa train --recipe NAME key=value ...`).
 """

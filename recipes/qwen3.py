@@ -1,8 +1,11 @@
-"""Qwen3 Base recipes: {1.7B, 4B, 8B, 14B} x {grpo, masa, masa_efficient} x {bf16, fp8}.
+"""Qwen3 Base recipes: {1.7B, 4B, 8B, 14B} x {grpo, masa, masa_efficient} x {bf16, fp8, paper}.
 
 One table row per model size (`LAYOUTS`) and one factory (`qwen3_recipe`) make the grid; recipe
 names are `qwen3_<size>_<method>_<scale>[_fp8]`, e.g. `qwen3_8b_masa_efficient_1n8g`, where the
-scale counts all nodes of 8 x 80 GB GPUs (training plus rollout).
+scale counts all nodes of 8 x 80 GB GPUs (training plus rollout), and
+`qwen3_<size>_<method>_paper_<scale>` for the paper reproduction (`apply_paper_choices`: the
+authors' released code's batching, parser, notion rules and in-loop validation, no audit; M = 8
+as in the paper, where the released script used 16). docs/reproducing.md lists every choice.
 
 Hyperparameters follow spec/MASA.md section 7: 128 problems per step, G = 16 solution and M = 8
 meta rollouts, AdamW lr 1e-6, weight decay 0.1, 20 warm-up steps then constant, grad clip 1.0,
@@ -26,9 +29,11 @@ attention).
 The fp8 variants keep the layout and add FP8 compute (Transformer Engine, "hybrid" = E4M3
 forward / E5M2 backward, tensor-wise current scaling) and, since the rollouts stay bf16, truncated
 importance sampling against the rollout log-probs (grpo.tis_cap = FP8_TIS_CAP).
+The paper variants are bf16 only, as the paper's runs were.
 
 Placeholders to override: `model.hf_path` (default `/models/Qwen3-<size>-Base`, a Hugging Face
-checkpoint folder) and `data.train_files` (default `/data/deepscaler/train.parquet`).
+checkpoint folder), `data.train_files` (default `/data/deepscaler/train.parquet`) and, in the
+paper variants, `data.eval_files` (default `/data/math/test.parquet`, the MATH test set).
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ from masa_megatron.memory_estimator import ModelArch
 
 MODELS_ROOT = "/models"
 TRAIN_FILES = ["/data/deepscaler/train.parquet"]
+MATH_TEST_FILES = ["/data/math/test.parquet"]
+PAPER_EVAL_SUBSET = 500     # in-loop validation sample; 0 = the whole MATH test set (5,000)
 METHODS = ("grpo", "masa", "masa_efficient")
 GPUS_PER_NODE = 8
 # FP8 training against bf16 rollouts: tokens are weighted by min(exp(old_logp - rollout_logp), C)
@@ -98,8 +105,9 @@ LAYOUTS = {
 }
 
 
-def recipe_name(size: str, method: str, fp8: bool) -> str:
-    return f"qwen3_{size}_{method}_{LAYOUTS[size].scale}{'_fp8' if fp8 else ''}"
+def recipe_name(size: str, method: str, fp8: bool, paper: bool = False) -> str:
+    return (f"qwen3_{size}_{method}{'_paper' if paper else ''}_{LAYOUTS[size].scale}"
+            f"{'_fp8' if fp8 else ''}")
 
 
 def apply_reference_hyperparameters(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -116,10 +124,27 @@ def apply_reference_hyperparameters(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-def qwen3_recipe(size: str, method: str, fp8: bool = False) -> ExperimentConfig:
-    """The recipe for one Qwen3 Base size, training method and precision."""
+def apply_paper_choices(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Every behaviour of the authors' released code where it differs from the spec's defaults
+    (docs/reproducing.md has the table with sources)."""
+    g = cfg.grpo
+    g.mini_batch_sequences = 128 * g.group_size       # verl: 128 prompts x n per optimizer step
+    g.balance_sequences = True                        # verl's balance_batch across DP ranks
+    m = cfg.masa
+    m.parser, m.notion_rules, m.audit_fraction = "reference", "reference", 0.0
+    cfg.data.eval_files = list(MATH_TEST_FILES)       # in-loop validation as the reference ran it
+    t = cfg.trainer
+    t.eval_every, t.eval_n, t.eval_meta_n = 5, 1, 0
+    t.eval_temperature, t.eval_top_p, t.eval_subset = 1.0, 0.7, PAPER_EVAL_SUBSET
+    return cfg
+
+
+def qwen3_recipe(size: str, method: str, fp8: bool = False, paper: bool = False
+                 ) -> ExperimentConfig:
+    """The recipe for one Qwen3 Base size, training method and precision; `paper` adds the
+    released code's choices (`apply_paper_choices`)."""
     layout, arch = LAYOUTS[size], ARCHS[size]
-    name = recipe_name(size, method, fp8)
+    name = recipe_name(size, method, fp8, paper)
     cfg = apply_reference_hyperparameters(ExperimentConfig(name=name))
     cfg.masa.mode = method
     cfg.data.train_files = list(TRAIN_FILES)
@@ -148,10 +173,12 @@ def qwen3_recipe(size: str, method: str, fp8: bool = False) -> ExperimentConfig:
     cfg.grpo.micro_batch_tokens = layout.micro_batch_tokens
     cfg.trainer.output_dir = f"runs/{name}"
     cfg.logging.tensorboard = True
-    return cfg
+    return apply_paper_choices(cfg) if paper else cfg
 
 
 def qwen3_recipes() -> dict[str, tuple]:
     """name -> (factory arguments, architecture, layout) for the whole grid."""
-    return {recipe_name(size, method, fp8): ((size, method, fp8), ARCHS[size], LAYOUTS[size])
-            for size in LAYOUTS for method in METHODS for fp8 in (False, True)}
+    variants = ((False, False), (True, False), (False, True))    # (fp8, paper)
+    return {recipe_name(size, method, fp8, paper): ((size, method, fp8, paper), ARCHS[size],
+                                                    LAYOUTS[size])
+            for size in LAYOUTS for method in METHODS for fp8, paper in variants}

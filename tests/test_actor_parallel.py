@@ -81,3 +81,21 @@ def test_distributed_adam_and_checkpoint_resume(results, layout):
             for other in LAYOUTS[:2]:
                 assert got[f"sgd_from_{other}_weights"] <= 1e-6
                 assert got[f"adam_from_{other}"] <= 1e-6
+
+
+@pytest.mark.slow
+def test_sequence_mini_batches_count_sequences_over_data_parallel_ranks(tmp_path):
+    """grpo.mini_batch_sequences at DP=2 with uneven ranks: the chunks of both ranks form each
+    mini-batch and the loss scale is its global share (hand-computed in the script)."""
+    from masa_megatron.parallel import free_port
+
+    script = Path(__file__).parent / "dist_scripts" / "actor_sequence_minis.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", str(script), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=560,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for r in (0, 1):
+        got = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert got["optimizer_steps"] == 3
+        assert got["loss"] == pytest.approx(got["by_hand"], rel=1e-5, abs=1e-6)

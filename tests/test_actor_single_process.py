@@ -274,3 +274,44 @@ def test_an_empty_batch_takes_part_without_samples(fresh):
     fresh.compute_old_logprobs(empty)
     metrics = fresh.update(empty)
     assert metrics["train/token_count"] == 0 and metrics["train/loss"] == 0.0
+
+
+def test_mini_batches_by_sequence_count_scale_the_short_one_by_its_share(fresh):
+    """grpo.mini_batch_sequences=2 on 3 samples: two optimizer steps, on samples {0, 1} and on
+    {2} with its loss scaled by 1/2 (the reference's 2,048 + 1,024 case in small). With the LR
+    at 0 the weights never move, the ratio is 1 and the token-mean loss of a mini-batch is
+    -sum_i A_i R_i / sum_i R_i (R_i response tokens), so by hand:
+    loss = (-(A0 R0 + A1 R1) / (R0 + R1) - 0.5 A2) / 2 and the mean gradient norm is
+    (|g01| + 0.5 |g2|) / 2, with |g01| and |g2| from updates on {0, 1} and on {2} alone."""
+    cfg = fresh.cfg
+    saved = cfg.mini_batches_per_step, cfg.mini_batch_sequences, cfg.old_logprobs
+    groups = fresh.optimizer.param_groups
+    lrs = [(g["max_lr"], g["min_lr"]) for g in groups]
+    try:
+        for group in groups:
+            group["max_lr"] = group["min_lr"] = 0.0
+        cfg.mini_batches_per_step, cfg.old_logprobs = 1, "recompute"
+        full = make_batch().subset([0, 1, 2])
+
+        def update(batch, size):
+            cfg.mini_batch_sequences = size
+            batch.old_logprobs = fresh.logprobs(batch)
+            return fresh.update(batch)
+        out = update(full, 2)
+        assert out["train/optimizer_steps"] == 2
+        a, r = full.advantages.tolist(), [len(x) for x in full.response_ids]
+        by_hand = (-(a[0] * r[0] + a[1] * r[1]) / (r[0] + r[1]) - 0.5 * a[2]) / 2
+        assert out["train/loss"] == pytest.approx(by_hand, rel=1e-5, abs=1e-6)
+        g01 = update(full.subset([0, 1]), 2)["train/grad_norm"]
+        g2 = update(full.subset([2]), 1)["train/grad_norm"]
+        assert out["train/grad_norm"] == pytest.approx((g01 + 0.5 * g2) / 2, rel=1e-4)
+        cfg.mini_batch_sequences = 0            # the default: today's equal split, unscaled
+        cfg.mini_batches_per_step = 2
+        full.old_logprobs = fresh.logprobs(full)
+        equal = fresh.update(full)
+        by_hand = (-(a[0] * r[0] + a[1] * r[1]) / (r[0] + r[1]) - a[2]) / 2
+        assert equal["train/loss"] == pytest.approx(by_hand, rel=1e-5, abs=1e-6)
+    finally:
+        cfg.mini_batches_per_step, cfg.mini_batch_sequences, cfg.old_logprobs = saved
+        for group, (high, low) in zip(groups, lrs):
+            group["max_lr"], group["min_lr"] = high, low

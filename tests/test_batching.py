@@ -4,7 +4,8 @@ import random
 import pytest
 import torch
 
-from masa_megatron.train.batching import (TrainBatch, pack_micro_batch, plan_micro_batches,
+from masa_megatron.train.batching import (TrainBatch, balanced_partition, pack_micro_batch,
+                                          plan_micro_batches, sequence_mini_batches,
                                           split_for_data_parallel, split_mini_batches)
 
 
@@ -127,3 +128,40 @@ def test_prompt_targets_follow_their_rows():
     assert torch.isnan(pack_micro_batch(batch, []).prompt_targets).all()
     with pytest.raises(ValueError, match="prompt_targets"):
         TrainBatch([[1]], [[2]], prompt_targets=[0.5])
+
+
+# ----------------------------------------------------------------- mini-batches by sequence count
+@pytest.mark.parametrize("counts, size, chunks, scales", [
+    # the reference (verl, 128 prompts x n = 2,048 sequences per optimizer step):
+    ([3072], 2048, [(0, 2048), (2048, 3072)], [1.0, 0.5]),     # MASA, M = 8: 2,048 + 1,024
+    ([4096], 2048, [(0, 2048), (2048, 4096)], [1.0, 1.0]),     # MASA, M = 16: two equal
+    ([2048], 2048, [(0, 2048)], [1.0]),                         # GRPO: one
+    # 8 data-parallel ranks of 384 (3,072 in all): 256 + 128 on each rank
+    ([384] * 8, 2048, [(0, 256), (256, 384)], [1.0, 0.5]),
+    # unequal ranks (a gated problem): the global count of each chunk sets its scale
+    ([5, 3], 4, [(0, 2), (2, 4), (4, 5)], [1.0, 0.75, 0.25]),
+])
+def test_mini_batches_by_sequence_count(counts, size, chunks, scales):
+    plans = sequence_mini_batches(counts, size)
+    for rank, n in enumerate(counts):
+        local = [list(range(min(a, n), min(b, n))) for a, b in chunks]
+        assert plans[rank][0] == local
+        assert plans[rank][1] == pytest.approx(scales)
+
+
+def test_mini_batch_size_must_divide_over_the_ranks():
+    with pytest.raises(ValueError, match="divisible"):
+        sequence_mini_batches([3, 3], 5)
+
+
+def test_balanced_partition_has_equal_counts_and_near_equal_tokens():
+    # verl's documented example: [10, 1, 5, 3] into 2 equal-size parts -> [[0, 1], [2, 3]]
+    assert balanced_partition([10, 1, 5, 3], 2) == [[0, 1], [2, 3]]
+    rng = random.Random(0)
+    weights = [rng.randint(1, 8000) for _ in range(3072)]
+    parts = balanced_partition(weights, 8)
+    assert sorted(i for p in parts for i in p) == list(range(3072))
+    assert {len(p) for p in parts} == {384} and all(p == sorted(p) for p in parts)
+    loads = [sum(weights[i] for i in p) for p in parts]
+    assert max(loads) - min(loads) <= max(weights)
+    assert [len(p) for p in balanced_partition([1] * 7, 3)] == [3, 2, 2]

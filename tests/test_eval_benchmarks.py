@@ -6,9 +6,11 @@ import pytest
 from masa_megatron.errors import UserError
 from masa_megatron.eval.benchmarks import (
     BENCHMARKS,
+    PAPER_SUITES,
     Problem,
     default_data_dir,
     load_benchmark,
+    parse_field_overrides,
     read_problems,
 )
 
@@ -91,3 +93,40 @@ def test_errors_name_the_problem(tmp_path):
     (tmp_path / "junk.parquet").write_text("not parquet")
     with pytest.raises(UserError, match="junk.parquet"):
         load_benchmark(str(tmp_path / "junk.parquet"))
+
+
+def test_answer_and_problem_fields_read_any_schema(tmp_path):
+    """Named fields are used when a row has them; a one-item list answer (OlympiadBench's
+    final_answer) is its item; rows without them fall back to the verl/flat rules."""
+    rows = [{"question": "1+2?", "final_answer": ["3"]},
+            {"question": "2+2?", "final_answer": "4"},
+            {"problem": "3+3?", "answer": "6"},                 # flat row: the default rules
+            {"question": "x?", "final_answer": []}]             # empty list: malformed
+    path = tmp_path / "olympiad.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    bench = read_problems(path, problem_field="question", answer_field="final_answer")
+    assert [(p.problem, p.answer) for p in bench.problems] == [("1+2?", "3"), ("2+2?", "4"),
+                                                               ("3+3?", "6")]
+    assert bench.n_skipped == 1
+    assert read_problems(path).n_skipped == 3            # no fields named: only the flat row
+
+
+def test_paper_suites_resolve_or_say_how_to_obtain_them(shared_data, tmp_path):
+    assert set(PAPER_SUITES) == {"aime24", "aime25", "amc23", "math500", "minerva",
+                                 "olympiadbench"}
+    aime25 = load_benchmark("aime25", data_dir=shared_data, limit=1)   # the shipped aime2025
+    assert aime25.name == "aime25" and aime25.problems[0].answer == "70"
+    with pytest.raises(UserError, match=r"minerva\.(jsonl|parquet).*reproducing"):
+        load_benchmark("minerva", data_dir=shared_data)
+    (tmp_path / "minerva.jsonl").write_text(json.dumps({"question": "q", "answer": "1"}) + "\n")
+    minerva = load_benchmark("minerva", data_dir=tmp_path)
+    assert [(p.id, p.problem, p.answer) for p in minerva.problems] == [("minerva/0", "q", "1")]
+
+
+def test_field_overrides_per_benchmark():
+    assert parse_field_overrides(None) == {}
+    assert parse_field_overrides("answer") == {"*": "answer"}
+    assert parse_field_overrides("minerva=answer,olympiadbench=final_answer") == {
+        "minerva": "answer", "olympiadbench": "final_answer"}
+    with pytest.raises(UserError, match="--answer-field"):
+        parse_field_overrides("a=,b=c", "--answer-field")

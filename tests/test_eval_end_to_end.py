@@ -63,3 +63,23 @@ def test_resumed_eval_equals_uninterrupted(policy, policy_dir, tmp_path, shared_
     assert by_id(resumed) == by_id(full)
     assert json.loads((interrupted / "report.json").read_text()) == \
         json.loads((tmp_path / "full" / "report.json").read_text())
+
+
+def test_reference_protocol_eval_on_amc23_writes_its_report(policy, policy_dir, tmp_path,
+                                                            shared_data):
+    """`masa eval --protocol reference`: bare problem prompts, the Qwen-Math answer fallback,
+    the paper's amc23 suite name; a few problems, small max tokens."""
+    from masa_megatron.eval.run import eval_config
+    args = _parse([str(policy_dir), "--benchmarks", "amc23", "--protocol", "reference",
+                   "--limit", "3", "--n", "2", "--meta-n", "2", "--max-tokens", "6",
+                   "--max-prompt-tokens", "4000", "--problems-per-batch", "3",
+                   "--out", str(tmp_path / "ref"), "--data-dir", str(shared_data),
+                   "--no-progress"])
+    assert (args.suffix, args.answer_fallback) == ("off", "qwen_math")
+    assert eval_config(args, policy_dir).data.solution_suffix is False
+    report = evaluate(policy, args, log=lambda m: None)
+    for name in REPORT_FILES:
+        assert (tmp_path / "ref" / name).stat().st_size > 0, name
+    records = [json.loads(line) for line in (tmp_path / "ref" / "results.jsonl").open()]
+    assert [r["id"] for r in records] == ["amc23/0", "amc23/1", "amc23/2"]
+    assert report["benchmarks"]["amc23"]["n_problems"] == 3

@@ -14,8 +14,9 @@ from masa_megatron.config import ExperimentConfig
 from masa_megatron.data.tiny_tokenizer import make_tiny_tokenizer
 from masa_megatron.masa.planner import HINT_PREFIX, RolloutPlanner
 from masa_megatron.masa.policies import (CUTOFF, GATING, MetaPrediction, resolve_policies)
-from masa_megatron.masa.scoring import (build_samples, drop_zero_variance_groups, grade_solutions,
-                                        relabel_for_cloning, score_metas, step_totals)
+from masa_megatron.masa.scoring import (ProblemStats, build_samples, drop_zero_variance_groups,
+                                        grade_solutions, relabel_for_cloning, score_metas,
+                                        step_totals)
 from masa_megatron.rewards.math import grade_batch
 from tests.support.scripted_engine import ScriptedEngine
 
@@ -217,3 +218,39 @@ def test_out_of_tree_gating_policy_by_dotted_path():
     cfg = make_cfg(gating=f"{__name__}.never_gate")
     gate, _ = resolve_policies(cfg.masa)
     assert gate is never_gate
+
+
+def test_reference_notion_rules_score_against_the_whole_meta_prompt(tokenizer):
+    """masa.notion_rules=reference: a notion named in the meta prompt's instructions ("JSON
+    object") is dropped; under the spec only the problem's notions are. Texts: correct
+    "a JSON object", wrong "nothing" -> spec 1.0 (net +1), reference 0.0 (nothing left)."""
+    cfg = make_cfg(mode="masa")
+    items, _ = plan(tokenizer, cfg)
+    item = items[0]
+    assert "JSON object" in item.meta_prompt and item.problem in item.meta_prompt
+    item.predictions = [{"math_notion": ["JSON objects"]}]
+    stats = ProblemStats([1.0, 0.0], [5, 5], ["a JSON object", "nothing"])
+    assert score_metas(item, stats, 0.01)[0]["notion"] == 1.0
+    assert score_metas(item, stats, 0.01, "reference")[0]["notion"] == 0.0
+
+
+def test_audit_tokens_are_reported_apart_from_the_efficiency_totals(tokenizer):
+    """P2 (all 4 metas predict 8/8) is gated and audited: its 4 solutions of
+    len("multiply \\boxed{42}" tokens) + EOS count in tokens/audit, not in tokens/solution or
+    tokens/total; the audited solutions are generated in a call of their own."""
+    cfg = make_cfg(mode="masa_efficient", efficient_start_step=0, audit_fraction=1.0)
+    engine = ScriptedEngine(tokenizer, SCRIPT)
+    planner = RolloutPlanner(cfg, tokenizer, engine, *resolve_policies(cfg.masa))
+    items = planner.rollout(0, PROBLEMS, audit=False)
+    assert items[1].audited and not items[1].solutions
+    calls = len(engine.requests)
+    planner.roll_out_audits(0, items)
+    assert len(engine.requests) == calls + 1 and len(items[1].solutions) == 4
+    stats, metas = score(items, tokenizer)
+    totals = step_totals(items, stats, metas, max_len=64).finalize()
+    per_audit = len(tokenizer.encode(SCRIPT[(P2, "solution")][0], add_special_tokens=False)) + 1
+    kept = sum(len(c.token_ids) for j in (0, 2) for c in items[j].solutions)
+    metas_tokens = sum(len(c.token_ids) for it in items for c in it.metas)
+    assert totals["tokens/audit"] == 4 * per_audit
+    assert totals["tokens/solution"] == kept
+    assert totals["tokens/total"] == kept + metas_tokens

@@ -115,3 +115,18 @@ def test_filter_uses_the_solution_prompt_when_no_meta_rollouts_are_made(tokenize
     config = PromptConfig(max_prompt_length=solution_len)
     assert filter_by_prompt_length([PROBLEM], tokenizer, config) == ([], 1)
     assert filter_by_prompt_length([PROBLEM], tokenizer, config, with_meta=False) == ([PROBLEM], 0)
+
+
+def test_raw_problem_solution_prompt_keeps_the_meta_prompt():
+    """data.solution_suffix=false (the reference's evaluation): the solution prompt is the bare
+    problem; the meta prompt is still the trained one, suffix included."""
+    from masa_megatron.config import ExperimentConfig
+    from masa_megatron.masa.planner import prompt_config_from
+
+    cfg = ExperimentConfig()
+    assert prompt_config_from(cfg).suffix_solution_prompt is True       # default: today's prompt
+    cfg.data.solution_suffix = False
+    raw = prompt_config_from(cfg)
+    assert solution_messages(PROBLEM, raw) == [{"role": "user", "content": PROBLEM}]
+    assert meta_content(PROBLEM, raw) == EXPECTED_META_USER
+    assert solution_messages(PROBLEM) == [{"role": "user", "content": solution_content(PROBLEM)}]

@@ -29,7 +29,10 @@ def test_grid_has_every_size_method_and_precision():
     expected = {recipe_name(size, method, fp8)
                 for size in ("1p7b", "4b", "8b", "14b") for method in METHODS
                 for fp8 in (False, True)}
-    assert expected <= set(GPU_RECIPES) and len(GPU_RECIPES) == 24
+    paper = {recipe_name(size, method, False, paper=True)
+             for size in ("1p7b", "4b", "8b", "14b") for method in METHODS}
+    assert expected | paper == set(GPU_RECIPES) and len(GPU_RECIPES) == 36
+    assert "qwen3_8b_masa_paper_1n8g" in paper
     assert "qwen3_8b_masa_efficient_1n8g" in expected
     assert {"tiny_cpu_grpo", "tiny_cpu_masa", "tiny_cpu_masa_efficient"} == set(CPU_RECIPES)
 

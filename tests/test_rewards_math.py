@@ -238,3 +238,27 @@ boxed_junk = st.builds(lambda a, b, c: f"{a}\\boxed{{{b}}}{c}", junk, junk, junk
 @given(st.lists(st.one_of(junk, boxed_junk), min_size=1, max_size=6), junk)
 def test_random_text_never_raises(responses, reference):
     assert set(grade_batch(responses, [reference] * len(responses), timeout_s=2)) <= {0.0, 1.0}
+
+
+# ----------------------------------------------------------------------------- answer fallback
+@pytest.mark.parametrize("response, reference, spec, qwen_math", [
+    # no \boxed{}: the spec's grader scores 0; the Qwen-Math fallback takes the text after the
+    # last "the answer is" / "final answer is", else the last number (commas removed)
+    ("Adding them, the answer is 42.", "42", 0.0, 1.0),
+    ("So the final answer is $\\frac{1}{2}$.", "\\frac{1}{2}", 0.0, 1.0),
+    ("First 3 apples, then 1,024 more: 1,027 in all", "1027", 0.0, 1.0),
+    ("The total is 12, or -5 after the refund", "-5", 0.0, 1.0),
+    ("No number here at all.", "7", 0.0, 0.0),
+    # a box wins over the fallback under both settings
+    ("The answer is 3. Checking again: \\boxed{4}", "4", 1.0, 1.0),
+    ("The answer is 3. Checking again: \\boxed{4}", "3", 0.0, 0.0),
+])
+def test_answer_fallback_grades_unboxed_answers(response, reference, spec, qwen_math):
+    assert grade_batch([response], [reference], timeout_s=10) == [spec]
+    assert grade_batch([response], [reference], timeout_s=10, fallback="none") == [spec]
+    assert grade_batch([response], [reference], timeout_s=10, fallback="qwen_math") == [qwen_math]
+
+
+def test_unknown_answer_fallback_is_an_error():
+    with pytest.raises(ValueError, match="fallback"):
+        grade_batch(["x"], ["1"], fallback="last_line")

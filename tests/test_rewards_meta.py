@@ -262,3 +262,45 @@ def test_unparseable_or_empty_prediction_scores_zero():
 def test_mismatched_rollout_lists_are_an_error():
     with pytest.raises(ValueError):
         meta_reward({"pass_rate": 4}, [1, 0], [10], ["a", "b"], "problem")
+
+
+# ----------------------------------------------------------------------------- notion rule sets
+@pytest.mark.parametrize("phrase, spec, reference", [
+    # spec: suffixes tested case-sensitively, any phrase ending in "series" exempt;
+    # reference (released reward code): suffixes tested on the lower-cased phrase, only the
+    # word "series" itself exempt, the cut applied to the phrase as written
+    ("Taylor series", "Taylor series", "Taylor sery"),
+    ("FORMULAS", "FORMULAS", "FORMULA"),
+    ("series", "series", "series"),
+    ("IDENTITIES", "IDENTITIES", "IDENTITy"),  # the reference appends a lower-case "y"
+    ("BOXES", "BOXES", "BOX"),
+    ("class", "class", "class"),
+    ("Vieta's formulas", "Vieta's formula", "Vieta's formula"),
+])
+def test_singularize_under_both_rule_sets(phrase, spec, reference):
+    assert singularize(phrase) == spec
+    assert singularize(phrase, "spec") == spec
+    assert singularize(phrase, "reference") == reference
+
+
+def test_reference_rules_drop_notions_found_anywhere_in_the_meta_prompt():
+    """Spec: only notions in the problem are dropped; reference: notions in the whole meta prompt
+    (its instructions mention "pass_rate" and "JSON object")."""
+    problem = "Sum the FORMULA terms."
+    meta_prompt = "Return a JSON object ... pass_rate ... Problem: " + problem
+    notions = ["JSON objects", "FORMULAS", "Taylor series"]
+    assert normalize_notions(notions, problem) == ["JSON object", "FORMULAS", "Taylor series"]
+    assert normalize_notions(notions, meta_prompt, "reference") == ["Taylor sery"]
+
+
+def test_notion_reward_under_both_rule_sets():
+    """Hand-computed: texts mention "Taylor series" (correct) and "FORMULA" (wrong).
+    spec: notions {"Taylor series": net +1, "FORMULAS": net 0 (case-sensitive, no cut)} -> 1/2;
+    reference: {"Taylor sery": net 0, "FORMULA": net -1} -> 0."""
+    prediction = {"math_notion": ["Taylor series", "FORMULAS"]}
+    responses = ["expand the Taylor series", "apply the FORMULA"]
+    args = (prediction, [1, 0], [10, 20], responses, "Find the limit.")
+    assert meta_reward(*args)["notion"] == 0.5
+    assert meta_reward(*args, notion_rules="reference")["notion"] == 0.0
+    with pytest.raises(ValueError, match="notion rules"):
+        meta_reward(*args, notion_rules="nope")

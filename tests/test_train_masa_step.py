@@ -250,3 +250,42 @@ def test_ids_between_the_tokenizer_and_the_model_vocabulary_train_with_finite_lo
         assert metrics["train/skipped_step"] == 0 and math.isfinite(metrics["train/loss"])
     finally:
         destroy_parallel()
+
+
+def test_audit_time_and_tokens_are_logged_apart_from_the_step(trainer):
+    """masa_efficient with every gated problem audited: time/audit holds the audited solutions'
+    generation (slowed by 0.5 s here) and time/step leaves it out; tokens/audit is apart from
+    tokens/total."""
+    import time as clock
+    parts, _ = trainer("masa_efficient", efficient_start_step=0, audit_fraction=1.0)
+    real = parts.planner.roll_out_audits
+
+    def slow(*args, **kwargs):
+        clock.sleep(0.5)
+        return real(*args, **kwargs)
+    parts.planner.roll_out_audits = slow
+    started = clock.perf_counter()
+    metrics = run_step(parts, 0)
+    wall = clock.perf_counter() - started
+    assert metrics["gating/audited"] >= 1 and metrics["tokens/audit"] > 0
+    assert metrics["time/audit"] >= 0.5
+    assert metrics["time/step"] <= wall - 0.5
+    assert metrics["tokens/total"] == metrics["tokens/solution"] + metrics["tokens/meta"]
+
+
+def test_loop_scores_metas_with_the_configured_notion_rules(trainer, monkeypatch):
+    """masa.notion_rules reaches the loop's meta scoring; the balancing switch re-deals samples
+    (one rank: the same batch) before the update."""
+    import masa_megatron.train.loop as loop
+    seen = []
+    real = loop.score_metas
+
+    def spy(item, stats, base, rules="spec"):
+        seen.append(rules)
+        return real(item, stats, base, rules)
+    monkeypatch.setattr(loop, "score_metas", spy)
+    parts, updates = trainer("masa", notion_rules="reference")
+    parts.cfg.grpo.balance_sequences = True
+    run_step(parts, 0)
+    assert seen and set(seen) == {"reference"}
+    assert len(updates[0]) == 24

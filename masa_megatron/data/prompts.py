@@ -1,6 +1,8 @@
 """Solution and meta prompts (spec section 2), rendered with the tokenizer's chat template.
 
-solution prompt = [user: problem + SOLUTION_SUFFIX]                      (suffix added once)
+solution prompt = [user: problem + SOLUTION_SUFFIX]                      (suffix added once;
+                  the bare problem when `suffix_solution_prompt` is off, as the reference's
+                  evaluation prompts were)
 meta prompt     = [system: META_SYSTEM, user: META_USER_TEMPLATE with {MAX} and
                    {PROBLEM} = the full solution-prompt content substituted]
 {MAX} = max response length (default) or max prompt length (the reference code's choice).
@@ -32,12 +34,15 @@ Messages = list[dict[str, str]]
 
 @dataclass(frozen=True)
 class PromptConfig:
-    """Prompt settings. `max_source` picks what {MAX} in the meta prompt stands for."""
+    """Prompt settings. `max_source` picks what {MAX} in the meta prompt stands for;
+    `suffix_solution_prompt` off leaves the solution prompt the bare problem (the meta prompt's
+    {PROBLEM} keeps the suffix: it is the prompt the meta rollouts were trained on)."""
 
     max_prompt_length: int = 2048
     max_response_length: int = 8192
     max_source: Literal["response", "prompt"] = "response"
     solution_suffix: str = SOLUTION_SUFFIX
+    suffix_solution_prompt: bool = True
     meta_system: str = META_SYSTEM
     meta_user_template: str = META_USER_TEMPLATE
 
@@ -59,8 +64,13 @@ def solution_content(problem: str, config: PromptConfig = PromptConfig()) -> str
     return problem + suffix
 
 
+def solution_prompt_text(problem: str, config: PromptConfig = PromptConfig()) -> str:
+    """The solution prompt's user message: problem + suffix, or the bare problem."""
+    return solution_content(problem, config) if config.suffix_solution_prompt else problem
+
+
 def solution_messages(problem: str, config: PromptConfig = PromptConfig()) -> Messages:
-    return [{"role": "user", "content": solution_content(problem, config)}]
+    return [{"role": "user", "content": solution_prompt_text(problem, config)}]
 
 
 def meta_content(problem: str, config: PromptConfig = PromptConfig()) -> str:

@@ -60,7 +60,8 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="masa eval", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="HF folder or training checkpoint folder")
     p.add_argument("--benchmarks", default="aime2025,amc23,math_test500",
-                   help="comma-separated names (aime2025, amc23, math_test, math_test500) or "
+                   help="comma-separated names (aime2025, math_test, math_test500; the paper's "
+                        "aime24, aime25, amc23, math500, minerva, olympiadbench) or "
                         ".parquet/.jsonl paths")
     p.add_argument("--n", type=int, default=32, help="solutions per problem")
     p.add_argument("--meta-n", type=int, default=8, help="meta rollouts per problem (0: none)")
@@ -75,6 +76,20 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="folder of the benchmark files")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parser", choices=("robust", "reference"), default="robust")
+    p.add_argument("--protocol", choices=("spec", "reference"), default="spec",
+                   help="defaults of --suffix and --answer-fallback: spec (on, none) or the "
+                        "authors' evaluation (off, qwen_math)")
+    p.add_argument("--suffix", choices=("on", "off"), default=None,
+                   help="append the training instruction to the solution prompt")
+    p.add_argument("--answer-fallback", choices=("none", "qwen_math"), default=None,
+                   help="grading without \\boxed{}: none (score 0) or qwen_math ('the answer "
+                        "is ...', else the last number)")
+    p.add_argument("--notion-rules", choices=("spec", "reference"), default="spec",
+                   help="notion reward rules of the reported meta rewards")
+    p.add_argument("--problem-field", default=None,
+                   help="column of the problem text in non-verl files: FIELD or NAME=FIELD,...")
+    p.add_argument("--answer-field", default=None,
+                   help="column of the answer in non-verl files: FIELD or NAME=FIELD,...")
     p.add_argument("--out", default="runs/eval", help="output folder (results + report)")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size (under torchrun)")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size (under torchrun)")
@@ -85,6 +100,9 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
             raise UserError(f"--{name.replace('_', '-')} = {getattr(args, name)}: must be >= 1")
     if args.meta_n < 0:
         raise UserError(f"--meta-n = {args.meta_n}: must be >= 0")
+    reference = args.protocol == "reference"
+    args.suffix = args.suffix or ("off" if reference else "on")
+    args.answer_fallback = args.answer_fallback or ("qwen_math" if reference else "none")
     return args
 
 
@@ -96,13 +114,14 @@ def eval_config(args: argparse.Namespace, hf_dir: str):
     cfg.masa.mode = "masa" if args.meta_n > 0 else "grpo"
     cfg.grpo.group_size, cfg.masa.meta_group_size = args.n, max(args.meta_n, 1)
     cfg.masa.parser, cfg.masa.max_source = args.parser, args.max_source
+    cfg.masa.notion_rules, cfg.data.solution_suffix = args.notion_rules, args.suffix == "on"
     r = cfg.rollout
     r.temperature, r.top_p, r.seed = args.temperature, args.top_p, args.seed
     r.max_response_length, r.max_prompt_length = args.max_tokens, args.max_prompt_tokens
     return cfg
 
 
-def problem_record(item, stats, benchmark: str, head_pred=None) -> dict:
+def problem_record(item, stats, benchmark: str, head_pred=None, notion_rules: str = "spec") -> dict:
     """One results line: outcomes, parsed predictions, notion net counts, gating decision."""
     from masa_megatron.eval import metrics as M
     parsed_rates = [p.get("pass_rate") / 8 if M.is_number(p.get("pass_rate")) else None
@@ -110,11 +129,10 @@ def problem_record(item, stats, benchmark: str, head_pred=None) -> dict:
     parsed_lengths = [p.get("solution_length") if M.is_number(p.get("solution_length")) else None
                       for p in item.predictions]
     notions = next((p["math_notion"] for p in item.predictions if p.get("math_notion")), None)
-    from masa_megatron.rewards.meta import meta_reward
+    from masa_megatron.masa.scoring import score_metas
     record = {"benchmark": benchmark, "id": item.uid, "scores": stats.scores,
               "lengths": stats.lengths, "predicted_pass_rates": parsed_rates,
-              "meta_rewards": [meta_reward(p, stats.scores, stats.lengths, stats.texts,
-                                           item.problem)["score"] for p in item.predictions],
+              "meta_rewards": [m["score"] for m in score_metas(item, stats, 0.01, notion_rules)],
               "predicted_lengths": parsed_lengths,
               "notion_net": (M.notion_net_counts(notions, item.problem, stats.texts, stats.scores)
                              if notions is not None else None)}
@@ -129,14 +147,16 @@ def problem_record(item, stats, benchmark: str, head_pred=None) -> dict:
 class Evaluator:
     """Rollouts, grades and per-problem records for a list of problems, on a given engine.
 
-    `head_predict(prompt_ids_list) -> [(p, log length)] | None` adds meta-head predictions.
-    Used by `masa eval` and by the trainer's in-loop evaluation (the same prompts, parser, seeds).
+    `head_predict(prompt_ids_list) -> [(p, log length)] | None` adds meta-head predictions;
+    `answer_fallback` is the grader's (rewards.math). Used by `masa eval` and by the trainer's
+    in-loop evaluation (the same prompts, parser, seeds).
     """
 
-    def __init__(self, engine, tokenizer, cfg, head_predict=None):
+    def __init__(self, engine, tokenizer, cfg, head_predict=None, answer_fallback: str = "none"):
         from masa_megatron.masa.planner import RolloutPlanner
         from masa_megatron.masa.policies import resolve_policies
         self.tokenizer, self.head_predict = tokenizer, head_predict
+        self.answer_fallback = answer_fallback
         self.planner = RolloutPlanner(cfg, tokenizer, engine, *resolve_policies(cfg.masa))
 
     def records(self, problems) -> list[dict]:
@@ -149,8 +169,10 @@ class Evaluator:
             heads = self.head_predict([render_solution_prompt(
                 self.tokenizer, p.problem, self.planner.prompts) for _, p in problems])
         items = self.planner.rollout(0, [(p.id, p.problem, p.answer) for _, p in problems], heads)
-        stats = grade_solutions(items, self.tokenizer, lambda r, ref: grade_batch(r, ref))
-        return [problem_record(it, st, name, heads[i] if heads else None)
+        stats = grade_solutions(items, self.tokenizer,
+                                lambda r, ref: grade_batch(r, ref, fallback=self.answer_fallback))
+        rules = self.planner.cfg.masa.notion_rules
+        return [problem_record(it, st, name, heads[i] if heads else None, rules)
                 for i, (it, st, (name, _)) in enumerate(zip(items, stats, problems))]
 
 
@@ -165,7 +187,7 @@ def head_predictor(actor, head):
 
 def evaluate(policy, args: argparse.Namespace, *, log=print) -> dict:
     """Generate, grade and record every pending problem; write the report. Returns the report."""
-    from masa_megatron.eval.benchmarks import load_benchmarks
+    from masa_megatron.eval.benchmarks import load_benchmarks, parse_field_overrides
     from masa_megatron.eval.report import ResultsStore, write_report
     from masa_megatron.metrics import Progress, is_logging_rank
     from masa_megatron.rollout.embedded import EmbeddedEngine
@@ -180,9 +202,11 @@ def evaluate(policy, args: argparse.Namespace, *, log=print) -> dict:
         from masa_megatron.train.actor import Actor
         predict = head_predictor(Actor([model], None, None, GRPOConfig(),
                                        vocab_size=len(tokenizer)), head)
-    evaluator = Evaluator(engine, tokenizer, cfg, predict)
-    benchmarks = load_benchmarks([b for b in args.benchmarks.split(",") if b],
-                                 data_dir=args.data_dir, limit=args.limit)
+    evaluator = Evaluator(engine, tokenizer, cfg, predict, args.answer_fallback)
+    benchmarks = load_benchmarks(
+        [b for b in args.benchmarks.split(",") if b], data_dir=args.data_dir, limit=args.limit,
+        problem_fields=parse_field_overrides(args.problem_field, "--problem-field"),
+        answer_fields=parse_field_overrides(args.answer_field, "--answer-field"))
     out = Path(args.out)
     writer = is_logging_rank()
     store = ResultsStore(out / "results.jsonl")

@@ -7,6 +7,8 @@ Modes:
   1. the M meta rollouts of every problem, parsed into a `MetaPrediction`;
   2. gating (skip predicted zero-variance problems, except an audited fraction that is rolled out
      anyway and not trained) and early cutoff (per-request max_new_tokens) for the solutions.
+     Audited solutions are generated in a call of their own (`roll_out_audits`), so that the
+     loop times them apart from the step (they measure the gate; they are not MASA's cost).
   With a predictor whose head decides (`masa.predictor=head`, predictors.py) the meta-head's
   predictions (computed by the actor before generation) drive gating and cutoff instead, so
   gated problems skip their meta rollouts too.
@@ -22,8 +24,9 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from masa_megatron.data.prompts import (PromptConfig, encode_messages, render_meta_prompt,
-                                        render_solution_prompt, solution_content)
+from masa_megatron.data.prompts import (PromptConfig, encode_messages, meta_messages,
+                                        render_meta_prompt, render_solution_prompt,
+                                        solution_prompt_text)
 from masa_megatron.masa.policies import MetaPrediction
 from masa_megatron.masa.predictors import resolve_predictor
 from masa_megatron.rewards.meta import parse_meta_prediction
@@ -40,6 +43,7 @@ class ProblemRollouts:
     uid: str
     solution_prompt_ids: list[int] = field(default_factory=list)
     meta_prompt_ids: list[int] = field(default_factory=list)
+    meta_prompt: str = ""          # the meta prompt's text (system + user message)
     solutions: list[Completion] = field(default_factory=list)
     metas: list[Completion] = field(default_factory=list)
     meta_texts: list[str] = field(default_factory=list)
@@ -59,7 +63,8 @@ def prompt_config_from(cfg) -> PromptConfig:
     """The prompt settings of an experiment config."""
     return PromptConfig(max_prompt_length=cfg.rollout.max_prompt_length,
                         max_response_length=cfg.rollout.max_response_length,
-                        max_source=cfg.masa.max_source)
+                        max_source=cfg.masa.max_source,
+                        suffix_solution_prompt=cfg.data.solution_suffix)
 
 
 def summarise_predictions(parsed: Sequence[dict], num_rollouts: int,
@@ -119,8 +124,9 @@ class RolloutPlanner:
     # -------------------------------------------------------------- the step
     def rollout(self, step: int, problems: Sequence[tuple[str, str, str]],
                 head_predictions: Optional[Sequence[tuple[float, float]]] = None,
-                round_: int = 0) -> list[ProblemRollouts]:
-        """problems: (uid, problem text, reference answer). head_predictions: (p, log length)."""
+                round_: int = 0, audit: bool = True) -> list[ProblemRollouts]:
+        """problems: (uid, problem text, reference answer). head_predictions: (p, log length).
+        With `audit` off, audited problems get their solutions only from `roll_out_audits`."""
         cfg = self.cfg
         mode, masa_cfg, G, M = cfg.masa.mode, cfg.masa, cfg.grpo.group_size, cfg.masa.meta_group_size
         efficient = mode == "masa_efficient" and step >= masa_cfg.efficient_start_step
@@ -133,7 +139,9 @@ class RolloutPlanner:
                 problem=problem, answer=answer, uid=uid, max_new_tokens=self.max_len,
                 solution_prompt_ids=render_solution_prompt(self.tokenizer, problem, self.prompts),
                 meta_prompt_ids=(render_meta_prompt(self.tokenizer, problem, self.prompts)
-                                 if mode != "grpo" else [])))
+                                 if mode != "grpo" else []),
+                meta_prompt="\n".join(m["content"] for m in meta_messages(problem, self.prompts))
+                if mode != "grpo" else ""))
         heads = list(head_predictions) if head_predictions is not None else [None] * len(items)
 
         if use_head and efficient:  # the head decides before anything is generated
@@ -153,9 +161,8 @@ class RolloutPlanner:
                         self._add_hint(item)
         jobs = []
         for item in items:
-            if not item.gated or item.audited:
-                jobs.append((item, "solutions", item.solution_prompt_ids, self._sampling(
-                    G, item.max_new_tokens, self._seed(step, item.uid, 0, round_))))
+            if not item.gated:
+                jobs.append(self._solution_job(step, item, round_))
             if mode != "grpo" and not metas_first and not item.gated:
                 jobs.append((item, "metas", item.meta_prompt_ids, self._sampling(
                     M, self.max_len, self._seed(step, item.uid, 1, round_))))
@@ -166,7 +173,18 @@ class RolloutPlanner:
                     self._parse_metas(item, head)
                 elif head is not None:
                     item.prediction.head_pass_rate, item.prediction.head_log_length = head
+        if audit:
+            self.roll_out_audits(step, items, round_)
         return items
+
+    def roll_out_audits(self, step: int, items: Sequence[ProblemRollouts], round_: int = 0) -> None:
+        """The solutions of audited (gated, not trained) problems, in one generation call."""
+        self._generate([self._solution_job(step, item, round_) for item in items
+                        if item.audited and not item.solutions])
+
+    def _solution_job(self, step: int, item: ProblemRollouts, round_: int):
+        return (item, "solutions", item.solution_prompt_ids, self._sampling(
+            self.cfg.grpo.group_size, item.max_new_tokens, self._seed(step, item.uid, 0, round_)))
 
     def _decide(self, item: ProblemRollouts, rng: random.Random, group_size: int) -> None:
         item.gated = bool(self.gate(item.prediction, self.cfg.masa, group_size))
@@ -178,7 +196,7 @@ class RolloutPlanner:
         if not notions:
             return
         item.hint = ", ".join(str(n) for n in notions)
-        content = solution_content(item.problem, self.prompts) + HINT_PREFIX + item.hint + "."
+        content = solution_prompt_text(item.problem, self.prompts) + HINT_PREFIX + item.hint + "."
         item.solution_prompt_ids = encode_messages(
             self.tokenizer, [[{"role": "user", "content": content}]])[0]
 

@@ -20,7 +20,7 @@ import torch
 
 from masa_megatron.masa.planner import ProblemRollouts
 from masa_megatron.parallel import run_on_model_parallel_source
-from masa_megatron.rewards.meta import meta_reward
+from masa_megatron.rewards.meta import meta_reward, notion_context
 from masa_megatron.rollout.base import FINISH_LENGTH
 
 SOLUTION, META = "solution", "meta"
@@ -88,9 +88,13 @@ def grade_solutions(items: Sequence[ProblemRollouts], tokenizer,
     return stats
 
 
-def score_metas(item: ProblemRollouts, stats: ProblemStats, base: float) -> list[dict]:
-    return [meta_reward(pred, stats.scores, stats.lengths, stats.texts, item.problem, base)
-            for pred in item.predictions]
+def score_metas(item: ProblemRollouts, stats: ProblemStats, base: float,
+                notion_rules: str = "spec") -> list[dict]:
+    """Self-alignment reward of each meta rollout; notions are dropped when found in the problem
+    (spec rules) or anywhere in the meta prompt (reference rules)."""
+    context = notion_context(item.problem, item.meta_prompt, notion_rules)
+    return [meta_reward(pred, stats.scores, stats.lengths, stats.texts, context, base,
+                        notion_rules) for pred in item.predictions]
 
 
 def build_samples(items: Sequence[ProblemRollouts], stats: Sequence[Optional[ProblemStats]],
@@ -189,11 +193,13 @@ def step_totals(items: Sequence[ProblemRollouts], stats, meta_scores, max_len: i
                 reference_parse: Optional[Callable[[str], dict]] = None) -> StepTotals:
     """The spec's section-9 quantities of this rank's problems, as additive totals."""
     t = StepTotals()
-    sol_tokens = sum(len(c.token_ids) for it in items for c in it.solutions)
+    sol_tokens = sum(len(c.token_ids) for it in items if not it.audited for c in it.solutions)
     meta_tokens = sum(len(c.token_ids) for it in items for c in it.metas)
     t.add("tokens/solution", sol_tokens, 0.0)
     t.add("tokens/meta", meta_tokens, 0.0)
-    t.add("tokens/total", sol_tokens + meta_tokens, 0.0)
+    t.add("tokens/total", sol_tokens + meta_tokens, 0.0)   # what the method costs: no audit
+    t.add("tokens/audit", sum(len(c.token_ids) for it in items if it.audited
+                              for c in it.solutions), 0.0)
     for it, st, ms in zip(items, stats, meta_scores):
         t.add("gating/fraction", float(it.gated))
         if st is not None and it.trained:

@@ -1,6 +1,12 @@
 """Solution reward: s = 1 if the last brace-balanced \\boxed{...} (or \\fbox{...}) of a response is
 mathematically equivalent to the reference answer, else 0.
 
+Answer fallback (`ANSWER_FALLBACKS`), for a response with no usable box: "none" (the spec: score
+0) or "qwen_math" (the Qwen2.5-Math evaluation's extraction, which the authors' evaluation used):
+the text after the last "he answer is", else after the last "final answer is", else the last
+number matched by -?\\d*\\.?\\d+ once commas are removed; then line breaks are joined, a leading
+":" and trailing "." / "/" dropped, and surrounding "$" stripped.
+
 Equivalence is decided by math-verify (`verify(parse(reference), parse(answer))`). Parsing and
 comparison of model output can take unbounded time (e.g. \\boxed{9^{9^{9^{9^{9}}}}}), so every
 comparison runs in the time-limited worker processes of `grading_pool` (an item still running
@@ -16,6 +22,9 @@ from typing import Sequence
 from masa_megatron.rewards.grading_pool import get_pool
 
 DEFAULT_TIMEOUT_S = 5.0
+ANSWER_FALLBACKS = ("none", "qwen_math")
+_LAST_NUMBER = re.compile(r"-?\d*\.?\d+")
+_ANSWER_PHRASES = ("he answer is", "final answer is")
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _ESCAPED_CHAR = re.compile(r"\\.", re.DOTALL)
@@ -64,6 +73,34 @@ def _balanced_group(text: str, open_index: int) -> str | None:
     return None
 
 
+def fallback_answer(text: str) -> str | None:
+    """The Qwen-Math-style answer of a response without a box (see the module docstring)."""
+    if not isinstance(text, str):
+        return None
+    phrase = next((p for p in _ANSWER_PHRASES if p in text), None)
+    if phrase is not None:
+        answer = text.split(phrase)[-1].strip()
+    else:
+        numbers = _LAST_NUMBER.findall(text.replace(",", ""))
+        answer = numbers[-1] if numbers else ""
+    answer = re.sub(r"\n\s*", "", answer)
+    answer = answer[1:] if answer.startswith(":") else answer
+    answer = answer.rstrip("./").strip().strip("$").strip()
+    return answer or None
+
+
+def extract_answer(text: str, fallback: str = "none") -> str | None:
+    """The answer graded in a response: its last box, else (fallback "qwen_math") the
+    Qwen-Math-style answer; None when there is none."""
+    if fallback not in ANSWER_FALLBACKS:
+        raise ValueError(f"unknown answer fallback {fallback!r}; expected one of "
+                         f"{', '.join(ANSWER_FALLBACKS)}")
+    boxed = last_boxed_content(text)
+    if boxed is None and fallback == "qwen_math":
+        return fallback_answer(text)
+    return boxed
+
+
 # ----------------------------------------------------------------------------- worker side
 def _boxed_configs():
     from math_verify import LatexExtractionConfig
@@ -104,11 +141,13 @@ def verify_answer(answer: str, reference: str) -> float:
 
 # ----------------------------------------------------------------------------- public API
 def grade_batch(responses: Sequence[str], references: Sequence[str],
-                timeout_s: float = DEFAULT_TIMEOUT_S, workers: int | None = None) -> list[float]:
+                timeout_s: float = DEFAULT_TIMEOUT_S, workers: int | None = None,
+                fallback: str = "none") -> list[float]:
     """Solution rewards s_i in {0.0, 1.0} for each (response, reference) pair, graded in parallel.
 
     Each comparison gets at most `timeout_s` seconds of a worker; `workers` caps the processes used
-    (default: available cores). Never raises on model output.
+    (default: available cores); `fallback` grades responses without a box (module docstring).
+    Never raises on model output.
     """
     if len(responses) != len(references):
         raise ValueError(f"{len(responses)} responses but {len(references)} references")
@@ -117,7 +156,7 @@ def grade_batch(responses: Sequence[str], references: Sequence[str],
     for i, (response, reference) in enumerate(zip(responses, references)):
         if isinstance(reference, (int, float)) and not isinstance(reference, bool):
             reference = str(reference)
-        answer = last_boxed_content(response)
+        answer = extract_answer(response, fallback)
         if answer is None or not answer.strip() or not isinstance(reference, str) or not reference.strip():
             continue
         jobs.append((answer, reference))

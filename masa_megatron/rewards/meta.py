@@ -8,6 +8,7 @@ solution rollouts of the same problem (scores s_i in {0,1}, token lengths L_i, t
     r_len   = 1 if C and min(C) < l < max(C) (strict), else 0;   0 if l is not an int
     r_notion = mean_n [net(n) > 0],  net(n) = #{s_i=1, n in O_i} - #{s_i=0, n in O_i}
               over the normalised, singularised notions not contained in the problem text
+              (rule sets "spec" and "reference": see `singularize` and `notion_context`)
     r_meta  = (r_notion + r_diff + r_len) / 3
 
 Parsed predictions only hold well-typed fields: `pass_rate` / `solution_length` only when they are
@@ -22,6 +23,7 @@ from typing import Any, Sequence
 
 META_KEYS = ("math_notion", "pass_rate", "solution_length")
 PARSE_MODES = ("robust", "reference")
+NOTION_RULES = ("spec", "reference")
 
 # Bounds on the robust parser's work: JSON decoding attempts and characters decoded in total.
 _MAX_DECODE_ATTEMPTS = 20_000
@@ -151,25 +153,43 @@ def _decode_at(decoder: json.JSONDecoder, text: str, start: int, budget: int):
 
 
 # ----------------------------------------------------------------------------- reward
-def singularize(phrase: str) -> str:
-    """Crude suffix rules: ies->y (not "series"); ches/shes/xes/zes/oes drop 2; s drops 1 unless
-    the phrase ends in "ss" or "series". Applied to the end of the phrase, case-sensitively
-    (the "series" exception ignores case)."""
-    if phrase.lower().endswith("series"):
-        return phrase
-    if phrase.endswith("ies"):
+def singularize(phrase: str, rules: str = "spec") -> str:
+    """Crude suffix rules: ies->y; ches/shes/xes/zes/oes drop 2; s drops 1 unless the phrase ends
+    in "ss". Rule sets (`NOTION_RULES`):
+    - "spec": suffixes tested on the phrase as written (case-sensitive); any phrase ending in
+      "series" (any case) is left alone;
+    - "reference" (the released reward code): suffixes tested on the lower-cased phrase, only the
+      word "series" itself is exempt ("Taylor series" -> "Taylor sery"); the cut is applied to
+      the phrase as written ("FORMULAS" -> "FORMULA")."""
+    _check_rules(rules)
+    if rules == "spec":
+        if phrase.lower().endswith("series"):
+            return phrase
+        test = phrase
+    else:
+        test = phrase.lower()
+        if test == "series":
+            return phrase
+    if test.endswith("ies"):
         return phrase[:-3] + "y"
-    if phrase.endswith(("ches", "shes", "xes", "zes", "oes")):
+    if test.endswith(("ches", "shes", "xes", "zes", "oes")):
         return phrase[:-2]
-    if phrase.endswith("s") and not phrase.endswith("ss"):
+    if test.endswith("s") and not test.endswith("ss"):
         return phrase[:-1]
     return phrase
 
 
-def normalize_notions(notions: Any, problem: str) -> list[str] | None:
+def _check_rules(rules: str) -> None:
+    if rules not in NOTION_RULES:
+        raise ValueError(f"unknown notion rules {rules!r}; expected one of {NOTION_RULES}")
+
+
+def normalize_notions(notions: Any, context: str, rules: str = "spec") -> list[str] | None:
     """Notion phrases to score: split a comma string (strip spaces and brackets), keep a list,
-    wrap anything else; singularise; drop phrases contained in the problem text; deduplicate.
-    None when malformed (a non-string phrase)."""
+    wrap anything else; singularise (`rules`); drop phrases contained in `context`; deduplicate.
+    `context` is the problem text under the spec's rules and the whole meta prompt under the
+    reference's (the caller passes it: `notion_context`). None when malformed (a non-string
+    phrase)."""
     if isinstance(notions, str) and "," in notions:
         phrases = [part.strip(" []") for part in notions.split(",")]
     elif isinstance(notions, list):
@@ -178,22 +198,30 @@ def normalize_notions(notions: Any, problem: str) -> list[str] | None:
         phrases = [notions]
     if not all(isinstance(phrase, str) for phrase in phrases):
         return None
-    problem = problem if isinstance(problem, str) else ""
+    context = context if isinstance(context, str) else ""
     kept: dict[str, None] = {}
     for phrase in phrases:
-        singular = singularize(phrase)
-        if singular not in problem:
+        singular = singularize(phrase, rules)
+        if singular not in context:
             kept[singular] = None
     return list(kept)
+
+
+def notion_context(problem: str, meta_prompt: str, rules: str = "spec") -> str:
+    """The text whose notions are not rewarded: the problem (spec) or the whole meta prompt
+    (reference)."""
+    _check_rules(rules)
+    return problem if rules == "spec" else meta_prompt
 
 
 def _is_correct(score: float) -> bool:
     return score > 0.5
 
 
-def notion_reward(notions: Any, scores: Sequence[float], responses: Sequence[str], problem: str) -> float:
+def notion_reward(notions: Any, scores: Sequence[float], responses: Sequence[str], context: str,
+                  rules: str = "spec") -> float:
     """r_notion = mean over remaining notions n of [net(n) > 0]; 0 if none remain or malformed."""
-    phrases = normalize_notions(notions, problem)
+    phrases = normalize_notions(notions, context, rules)
     if not phrases:
         return 0.0
     texts = [(_is_correct(s), o if isinstance(o, str) else "") for s, o in zip(scores, responses)]
@@ -227,17 +255,21 @@ def length_reward(solution_length: Any, scores: Sequence[float], lengths: Sequen
 
 
 def meta_reward(prediction: dict, scores: Sequence[float], lengths: Sequence[int],
-                responses: Sequence[str], problem: str, base: float = 0.01) -> dict:
+                responses: Sequence[str], problem: str, base: float = 0.01,
+                notion_rules: str = "spec") -> dict:
     """{"score": r_meta, "notion": r_notion, "difficulty": r_diff, "length": r_len} for one parsed
     prediction against the problem's solution rollouts (a score counts as correct when > 0.5).
-    An empty or non-dict prediction scores 0 everywhere."""
+    `problem` is the text whose notions are dropped (`notion_context`). An empty or non-dict
+    prediction scores 0 everywhere."""
+    _check_rules(notion_rules)
     if not (len(scores) == len(lengths) == len(responses)):
         raise ValueError(f"scores/lengths/responses differ in length: "
                          f"{len(scores)}/{len(lengths)}/{len(responses)}")
     zero = {"score": 0.0, "notion": 0.0, "difficulty": 0.0, "length": 0.0}
     if not isinstance(prediction, dict) or not prediction:
         return zero
-    r_notion = notion_reward(prediction.get("math_notion"), scores, responses, problem)
+    r_notion = notion_reward(prediction.get("math_notion"), scores, responses, problem,
+                             notion_rules)
     r_diff = difficulty_reward(prediction.get("pass_rate"), scores, base)
     r_len = length_reward(prediction.get("solution_length"), scores, lengths)
     return {"score": (r_notion + r_diff + r_len) / 3, "notion": r_notion,

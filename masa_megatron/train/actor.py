@@ -18,6 +18,11 @@ the number of micro-batches n_mb, and DDP averages gradients over DP (scales by 
 sum); the loss handed to Megatron is therefore multiplied by n_mb * DP, which makes the final
 gradient exactly the single-process, single-micro-batch gradient.
 
+Mini-batches. Either grpo.mini_batches_per_step equal consecutive parts of this rank's samples,
+or, with grpo.mini_batch_sequences = S, the reference's mini-batches of S sequences over all DP
+ranks (batching.sequence_mini_batches): a short last mini-batch of s sequences has its loss
+multiplied by s / S, as verl's dynamic batch size does (3,072 sequences: 2,048 + 1,024 x 0.5).
+
 Prompt-state loss. When the batch carries `prompt_targets` [N, k], the update adds
 `prompt_state_loss(h, targets, normalisers)` to each micro-batch's policy loss, where h [b, H] is
 the final hidden state (after the final norm, with grad) at each row's last prompt token, i.e.
@@ -53,7 +58,8 @@ from masa_megatron.compat.cpu import hot_path
 from masa_megatron.config import GRPOConfig
 from masa_megatron.parallel import collective_device
 from masa_megatron.train.batching import (MicroBatch, TrainBatch, pack_micro_batch,
-                                          plan_micro_batches, split_mini_batches)
+                                          plan_micro_batches, sequence_mini_batches,
+                                          split_mini_batches)
 from masa_megatron.train.optim import load_train_state, save_train_state, unwrap_model
 from masa_megatron.train.vocab_parallel import (scaled_vocab_logits, vocab_parallel_entropy,
                                                 vocab_parallel_logprobs)
@@ -105,6 +111,7 @@ class Actor:
         self._forward_backward = get_forward_backward_func()
         self._dp_group = ps.get_data_parallel_group()
         self._dp_size = ps.get_data_parallel_world_size()
+        self._dp_rank = ps.get_data_parallel_rank()
         self._pp_group = ps.get_pipeline_model_parallel_group()
         self._pp_size = ps.get_pipeline_model_parallel_world_size()
         self._last_stage_rank = ps.get_pipeline_model_parallel_last_rank()
@@ -225,6 +232,19 @@ class Actor:
             values = torch.where(is_max, maxed, summed)
         values = self._broadcast_tensor(values)
         return dict(zip(keys, values.tolist()))
+
+    def _mini_batches(self, batch: TrainBatch) -> tuple[list[list[int]], list[float]]:
+        """This rank's sample indices per mini-batch and each mini-batch's loss scale: equal
+        parts (grpo.mini_batches_per_step, scale 1) or, with grpo.mini_batch_sequences, chunks
+        of that many sequences over all DP ranks (batching.sequence_mini_batches)."""
+        size = self.cfg.mini_batch_sequences
+        if not size:
+            minis = split_mini_batches(len(batch), self.cfg.mini_batches_per_step)
+            return minis, [1.0] * len(minis)
+        mine = [[0.0] * self._dp_size]
+        mine[0][self._dp_rank] = float(len(batch))
+        counts = [int(n) for n in self._global_counts(mine)[0].tolist()]
+        return sequence_mini_batches(counts, size)[self._dp_rank]
 
     def _global_counts(self, counts: list[list[float]]) -> Tensor:
         out = torch.tensor(counts, dtype=torch.float64, device=self.device)
@@ -368,9 +388,9 @@ class Actor:
         from_policy = batch.old_logprobs is None and cfg.old_logprobs == "policy"
         if batch.old_logprobs is None and not from_policy:
             raise ValueError("batch.old_logprobs is None: call compute_old_logprobs(batch) first")
-        if from_policy and (cfg.ppo_epochs, cfg.mini_batches_per_step) != (1, 1):
+        minis, scales = self._mini_batches(batch)
+        if from_policy and (cfg.ppo_epochs, len(minis)) != (1, 1):
             raise ValueError("old_logprobs='policy' needs one optimizer step per update")
-        minis = split_mini_batches(len(batch), cfg.mini_batches_per_step)
         targets = batch.prompt_targets
         if targets is not None and self.is_last_stage and self.prompt_state_loss is None:
             raise ValueError("the batch has prompt_targets but the actor has no prompt_state_loss")
@@ -401,7 +421,7 @@ class Actor:
                     norms = counts[index, 2:].to(self.device, torch.float32)
 
                     def loss_of(mb: MicroBatch, logprobs: Tensor, tokens=tokens, seqs=seqs,
-                                norms=norms):
+                                norms=norms, scale=scales[index]):
                         extra = {name: mb.per_token.get(name, torch.zeros_like(logprobs))
                                  for name in used}  # absent only on a padding-only micro-batch
                         old = logprobs.detach() if from_policy else mb.per_token["old_logprobs"]
@@ -413,7 +433,7 @@ class Actor:
                             term = self.prompt_state_loss(hidden, mb.prompt_targets, norms)
                             metrics["prompt_state_loss"] = term.detach().to(torch.float64)
                             loss = loss + term
-                        return loss, metrics
+                        return loss * scale, metrics
 
                     steps.append(self._train_step(self._micro_batches(batch, samples), loss_of,
                                                   keys, check_ratio and not steps))

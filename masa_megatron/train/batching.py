@@ -249,6 +249,49 @@ def split_mini_batches(num_samples: int, num_mini_batches: int) -> list[list[int
     return chunks
 
 
+def sequence_mini_batches(counts: Sequence[int], size: int) -> list[tuple[list[list[int]],
+                                                                       list[float]]]:
+    """Mini-batches of `size` sequences over all data-parallel ranks (the reference's
+    ppo_mini_batch_size x n with verl's dynamic batch size).
+
+    counts[r] = the samples of DP rank r. Each rank cuts its samples, in order, into consecutive
+    chunks of size / DP (the last one shorter); mini-batch k is the k-th chunk of every rank, and
+    its loss is scaled by its share of a full one: scale_k = (sequences in it over all ranks) /
+    size. So 3,072 sequences give 2,048 (scale 1) + 1,024 (scale 0.5), 4,096 two full ones.
+    Every rank gets the same number of mini-batches (some chunks empty when ranks differ).
+    Returns, per rank, (chunks of its sample indices, scales).
+    """
+    dp = len(counts)
+    if size < 1 or size % dp:
+        raise ValueError(f"mini-batch size {size} is not divisible by the {dp} data-parallel "
+                         f"ranks")
+    local = size // dp
+    num = max(1, max(math.ceil(n / local) for n in counts))
+    bounds = [(k * local, (k + 1) * local) for k in range(num)]
+    scales = [sum(max(0, min(b, n) - a) for n in counts) / size for a, b in bounds]
+    return [([list(range(min(a, n), min(b, n))) for a, b in bounds], list(scales))
+            for n in counts]
+
+
+def balanced_partition(weights: Sequence[int], num_parts: int) -> list[list[int]]:
+    """Indices 0..n-1 in `num_parts` parts of equal count (the first n mod k one larger) with
+    near-equal weight sums, each part in index order (the reference balances sequence lengths
+    across DP ranks this way before mini-batching; verl uses Karmarkar-Karp, this is greedy:
+    heaviest first into the lightest part that has room)."""
+    if num_parts < 1:
+        raise ValueError(f"num_parts={num_parts}: must be >= 1")
+    base, extra = divmod(len(weights), num_parts)
+    room = [base + (1 if p < extra else 0) for p in range(num_parts)]
+    heap = [(0, p) for p in range(num_parts) if room[p]]
+    parts: list[list[int]] = [[] for _ in range(num_parts)]
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        load, p = heapq.heappop(heap)
+        parts[p].append(i)
+        if len(parts[p]) < room[p]:
+            heapq.heappush(heap, (load + weights[i], p))
+    return [sorted(part) for part in parts]
+
+
 __all__ = [
-    "TrainBatch", "MicroBatch", "pack_micro_batch", "plan_micro_batches",
-    "split_for_data_parallel", "split_mini_batches", "PER_TOKEN_FIELDS"]
+    "TrainBatch", "MicroBatch", "pack_micro_batch", "plan_micro_batches", "balanced_partition",
+    "sequence_mini_batches", "split_for_data_parallel", "split_mini_batches", "PER_TOKEN_FIELDS"]

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from masa_megatron.masa.scoring import StepTotals, step_totals
 from masa_megatron.parallel import collective_device
+from masa_megatron.train.batching import TrainBatch, balanced_partition
 
 
 @dataclass
@@ -40,6 +41,43 @@ class DataParallelInfo:
         value = torch.tensor([1.0 if flag else 0.0], device=collective_device())
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
         return bool(value.item())
+
+    def balance_sequences(self, batch: TrainBatch) -> TrainBatch:
+        """The reference's balance_batch: the step's samples of all DP ranks (rank 0's first, in
+        order) re-dealt into equal counts with balanced tokens (P + R - 1 per sample,
+        `balanced_partition`), each rank's share in that global order. Call after advantages,
+        before old log-probs. Group ids get a per-rank offset so they stay distinct."""
+        if batch.old_logprobs is not None or batch.ref_logprobs is not None:
+            raise ValueError("balance the samples before computing old/reference log-probs")
+        if self.size == 1:
+            return batch
+        mine = {"prompt_ids": batch.prompt_ids, "response_ids": batch.response_ids,
+                "advantages": batch.advantages.tolist(), "group_ids": batch.group_ids,
+                "rollout_logprobs": None if batch.rollout_logprobs is None
+                else [t.tolist() for t in batch.rollout_logprobs],
+                "prompt_targets": None if batch.prompt_targets is None
+                else batch.prompt_targets.tolist()}
+        gathered: list = [None] * self.size
+        dist.all_gather_object(gathered, mine, group=self.group)
+        gathered = [g for g in gathered if g["prompt_ids"]]
+        whole: dict[str, list] = {key: [] for key in mine}
+        offset = 0
+        for part in gathered:
+            groups = part["group_ids"] or [0] * len(part["prompt_ids"])
+            whole["group_ids"] += [g + offset for g in groups]
+            offset += max(groups) + 1
+            for key in ("prompt_ids", "response_ids", "advantages", "rollout_logprobs",
+                        "prompt_targets"):
+                whole[key] = None if whole[key] is None or part[key] is None \
+                    else whole[key] + part[key]
+        merged = TrainBatch(
+            whole["prompt_ids"], whole["response_ids"], whole["advantages"],
+            rollout_logprobs=None if whole["rollout_logprobs"] is None
+            else [torch.tensor(v, dtype=torch.float32) for v in whole["rollout_logprobs"]],
+            group_ids=whole["group_ids"],
+            prompt_targets=None if whole["prompt_targets"] is None
+            else torch.tensor(whole["prompt_targets"], dtype=torch.float32))
+        return merged.subset(balanced_partition(merged.row_lengths(), self.size)[self.rank])
 
     def reduce_step_metrics(self, items, stats, meta_scores, cfg,
                             reference_parse: Optional[Any] = None) -> dict[str, float]:

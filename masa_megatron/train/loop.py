@@ -3,9 +3,12 @@
     problems  = sampler -> this data-parallel rank's share
     head      = actor prompt-only forward -> meta-head predictions        (masa.predictor head/both)
     rollouts  = planner: meta / solution generation, gating, cutoff       (masa/planner.py)
+    audit     = solutions of audited gated problems (measured, not trained; time/audit and
+                tokens/audit, left out of time/step and tokens/total)
     rewards   = grader on solutions, self-alignment reward on metas       (masa/scoring.py)
     samples   = trained problems only; dynamic sampling drops flat groups
     advantages= GRPO within each group (solution and meta groups apart)   (algo/advantages.py)
+    balance   = optionally re-deal samples over DP ranks by tokens         (train/dist.py)
     old logp  = actor forward (separate from the update)                   (train/actor.py)
     update    = PPO loss, one optimizer step per mini-batch                (train/actor.py)
                 (+ masa.head_loss_weight x meta-head loss through the backbone, when > 0)
@@ -82,10 +85,13 @@ def run_step(parts: LoopParts, step: int) -> dict[str, float]:
             with timer("meta_head"):
                 head_preds = predict_heads(parts, [p.problem for p in batch])
             with timer("generate"):
-                new_items = parts.planner.rollout(step, triples, head_preds, round_=round_)
+                new_items = parts.planner.rollout(step, triples, head_preds, round_=round_,
+                                                  audit=False)
+            with timer("audit"):
+                parts.planner.roll_out_audits(step, new_items, round_)
             with timer("score"):
                 new_stats = grade_solutions(new_items, parts.tokenizer, parts.grade_batch)
-                new_scores = [score_metas(it, st, cfg.masa.reward_base)
+                new_scores = [score_metas(it, st, cfg.masa.reward_base, cfg.masa.notion_rules)
                               if st is not None and it.trained and it.metas else None
                               for it, st in zip(new_items, new_stats)]
             items += new_items
@@ -105,6 +111,8 @@ def run_step(parts: LoopParts, step: int) -> dict[str, float]:
         advantages = grpo_advantages(rewards, [s.group_id for s in samples], eps=cfg.grpo.adv_eps)
         train_batch = parts.actor.make_batch(samples, advantages)
         train_batch.prompt_targets = joint_head_targets(parts, samples, stats)
+        if cfg.grpo.balance_sequences:   # the reference's token balancing across DP ranks
+            train_batch = parts.dp.balance_sequences(train_batch)
         logprob_metrics = {}
         if cfg.grpo.old_logprobs == "recompute":
             with timer("logprob"):
@@ -127,6 +135,7 @@ def run_step(parts: LoopParts, step: int) -> dict[str, float]:
     metrics.update(head_metrics)
     metrics.update(bc_metrics)
     metrics.update(timer.times)
+    metrics["time/step"] -= metrics["time/audit"]   # the gate's measurement is not the step's cost
     metrics["dynamic_sampling/dropped_groups"] = dropped
     metrics["samples/trained"] = len(samples)
     _check_finite(parts, train_metrics)

@@ -10,8 +10,11 @@ from typing import Optional
 
 import torch
 
-from masa_megatron.config import (ExperimentConfig, load_config, to_yaml, validate_environment)
+from masa_megatron.config import (ExperimentConfig, load_config, optimizer_steps_per_rl_step,
+                                  to_yaml, validate_environment)
 from masa_megatron.errors import UserError
+
+EVAL_SUBSET_SEED = 0
 
 
 def build_training(cfg: ExperimentConfig, *, log=print):
@@ -51,7 +54,7 @@ def build_training(cfg: ExperimentConfig, *, log=print):
     if resume_from is None and not cfg.model.random_init:
         load_hf_weights(model, cfg.model.hf_path, progress=is_logging_rank())
     chunks = wrap_ddp([model], cfg.parallel, cfg.optimizer.name)
-    steps = cfg.trainer.steps * cfg.grpo.mini_batches_per_step * cfg.grpo.ppo_epochs
+    steps = cfg.trainer.steps * optimizer_steps_per_rl_step(cfg)
     optimizer, scheduler = build_optimizer(chunks, cfg.optimizer, cfg.parallel, cfg.model.dtype,
                                            total_steps=steps)
     # the ids an engine can sample: the model's vocabulary (config.json), which may exceed the
@@ -118,11 +121,13 @@ def build_training(cfg: ExperimentConfig, *, log=print):
 
 
 def build_evaluator(cfg: ExperimentConfig, engine, tokenizer, actor, head):
-    """In-loop evaluation on data.eval_files: trainer.eval_n solutions and eval_meta_n meta
-    rollouts per problem (meta rollouts in every mode, so a GRPO run is a control for MASA)."""
+    """In-loop evaluation on data.eval_files (or a fixed seeded sample of trainer.eval_subset of
+    them): trainer.eval_n solutions and eval_meta_n meta rollouts per problem (meta rollouts in
+    every mode, so a GRPO run is a control for MASA), at trainer.eval_temperature and
+    eval_top_p."""
     import copy
 
-    from masa_megatron.eval.benchmarks import read_problems
+    from masa_megatron.eval.benchmarks import read_problems, seeded_sample
     from masa_megatron.eval.run import Evaluator, head_predictor
     from masa_megatron.masa.predictors import head_in_use
     eval_cfg = copy.deepcopy(cfg)
@@ -131,8 +136,14 @@ def build_evaluator(cfg: ExperimentConfig, engine, tokenizer, actor, head):
     eval_cfg.grpo.group_size = cfg.trainer.eval_n
     eval_cfg.masa.meta_group_size = max(1, cfg.trainer.eval_meta_n)
     eval_cfg.rollout.temperature = cfg.trainer.eval_temperature
+    if cfg.trainer.eval_top_p is not None:
+        eval_cfg.rollout.top_p = cfg.trainer.eval_top_p
     problems = [(bench.name, p) for path in cfg.data.eval_files
                 for bench in [read_problems(path)] for p in bench.problems]
+    if cfg.trainer.eval_subset:   # fixed across steps and runs: seed EVAL_SUBSET_SEED
+        keep = {p.id for p in seeded_sample([p for _, p in problems], cfg.trainer.eval_subset,
+                                            EVAL_SUBSET_SEED)}
+        problems = [(name, p) for name, p in problems if p.id in keep]
     predict = (head_predictor(actor, head.head if head is not None else None)
                if head_in_use(cfg.masa) else None)
     return Evaluator(engine, tokenizer, eval_cfg, predict), problems
