@@ -228,3 +228,13 @@ def test_an_empty_batch_takes_part_without_samples(fresh):
     fresh.compute_old_logprobs(empty)
     metrics = fresh.update(empty)
     assert metrics["train/token_count"] == 0 and metrics["train/loss"] == 0.0
+
+
+def test_step_summary_keeps_a_nan_max_as_nan():
+    from masa_megatron.train.actor import _summarize_steps
+    step = {"ratio_dev_max": float("nan"), "token_count": 4.0, "seq_count": 1.0, "loss": 0.1,
+            "grad_norm": 1.0, "skipped_step": 0, "lr": 1e-3}
+    later = dict(step, ratio_dev_max=0.5)
+    for steps in ([step], [step, later], [later, step]):
+        assert math.isnan(_summarize_steps(steps, "train")["train/ratio_dev_max"]), steps
+    assert _summarize_steps([later], "train")["train/ratio_dev_max"] == 0.5

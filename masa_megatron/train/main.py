@@ -85,7 +85,7 @@ def build_training(cfg: ExperimentConfig, *, log=print):
     parts = LoopParts(
         cfg=cfg, tokenizer=tokenizer, problems=problems, sampler=sampler, planner=planner,
         actor=actor, engine=engine, grade_batch=get_batch_reward(cfg.data.reward),
-        sinks=open_sinks(cfg.logging, out_dir, cfg.name, config=None) if logging_rank else None,
+        sinks=None,                                  # opened below, once the start step is known
         dp=DataParallelInfo.from_megatron(), head=head, checkpoints=checkpoints,
         progress=Progress(cfg.trainer.steps, cfg.name, enabled=cfg.logging.progress and
                           logging_rank),
@@ -105,6 +105,8 @@ def build_training(cfg: ExperimentConfig, *, log=print):
         start = common["step"]
         parts.progress.step = parts.progress._s0 = start
         engine.update_weights(actor.model_chunks, version=start)
+    if logging_rank:   # rows of the steps about to be rerun are dropped: one row per step
+        parts.sinks = open_sinks(cfg.logging, out_dir, cfg.name, config=None, resume_step=start)
     return parts, start
 
 
