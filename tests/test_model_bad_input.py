@@ -123,3 +123,18 @@ def test_converter_reports_a_bad_checkpoint_folder(tmp_path, capsys):
                                 str(tmp_path / "hf")])
     assert code == 1 and "masa_model.json" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("tp, field", [(3, "num_attention_heads=4"), (4, "num_key_value_heads=2")])
+def test_tensor_parallel_size_that_does_not_divide_the_heads_is_one_config_error(
+        tiny, monkeypatch, tp, field):
+    from masa_megatron.model import builder
+    monkeypatch.setattr(builder, "_parallel_sizes", lambda: (tp, 1, 1))
+    with pytest.raises(ModelLoadError, match=rf"{field} is not divisible by the tensor-parallel "
+                                             rf"size {tp}"):
+        builder.transformer_config_from_hf(tiny, ModelConfig(hf_path=str(tiny)))
+
+
+def test_model_load_errors_are_user_errors():
+    from masa_megatron.errors import UserError
+    assert issubclass(ModelLoadError, UserError)

@@ -56,6 +56,17 @@ def _parallel_sizes() -> tuple[int, int, int]:
             ps.get_pipeline_model_parallel_world_size(), ps.get_context_parallel_world_size())
 
 
+def _check_layout(shape, tp: int, pp: int) -> None:
+    """One ModelLoadError (before Megatron asserts on every rank) when the layout cannot split
+    the model: heads and KV heads over TP, layers over PP."""
+    for name, count, size, kind in (("num_attention_heads", shape.num_heads, tp, "tensor"),
+                                    ("num_key_value_heads", shape.num_kv_heads, tp, "tensor"),
+                                    ("num_hidden_layers", shape.num_layers, pp, "pipeline")):
+        if count % size:
+            raise ModelLoadError(f"config.json: {name}={count} is not divisible by the "
+                                 f"{kind}-parallel size {size}")
+
+
 def _leave_uninitialised(tensor: torch.Tensor) -> None:
     """Init method for weights about to be loaded: leave the memory as allocated."""
 
@@ -79,6 +90,7 @@ def transformer_config_from_hf(hf_config: HFConfigLike, model_cfg: ModelConfig):
     family = family_for(cfg)
     shape = decoder_shape(cfg)
     tp, pp, cp = _parallel_sizes()
+    _check_layout(shape, tp, pp)
     dtype = _DTYPES[model_cfg.dtype]
     cuda = torch.cuda.is_available()
     fp8 = {}
@@ -176,13 +188,6 @@ def build_gpt_model(hf_config: HFConfigLike, model_cfg: ModelConfig, *,
     shape = decoder_shape(cfg)
     spec_name = resolve_layer_spec(model_cfg.layer_spec)
     config = transformer_config_from_hf(cfg, model_cfg)
-    if shape.num_layers % config.pipeline_model_parallel_size:
-        raise ModelLoadError(f"config.json: num_hidden_layers={shape.num_layers} is not divisible "
-                             f"by pipeline_model_parallel_size={config.pipeline_model_parallel_size}")
-    if shape.num_kv_heads % config.tensor_model_parallel_size:
-        raise ModelLoadError(f"config.json: num_key_value_heads={shape.num_kv_heads} is not "
-                             f"divisible by tensor_model_parallel_size="
-                             f"{config.tensor_model_parallel_size}")
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) \
             if ps.model_parallel_is_initialized() else True

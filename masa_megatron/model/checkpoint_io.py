@@ -38,6 +38,19 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_HF_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def checkpoint_dtype(meta: dict) -> str:
+    """The parameter dtype a checkpoint was saved in (fp32 | bf16 | fp16): `params_dtype` of
+    `masa_model.json`, else (checkpoints written before it was recorded) its HF config's dtype."""
+    if meta.get("params_dtype"):
+        return meta["params_dtype"]
+    hf = meta.get("hf_config") or {}
+    return _HF_DTYPE_NAMES.get(str(hf.get("torch_dtype") or hf.get("dtype")), "fp32")
+
+
 def _model_meta(model) -> dict:
     from megatron.core import package_info
     from megatron.core import parallel_state as ps
@@ -49,6 +62,7 @@ def _model_meta(model) -> dict:
         "family": gpt.masa_family,
         "layer_spec": gpt.masa_layer_spec,
         "padded_vocab_size": gpt.vocab_size,
+        "params_dtype": _DTYPE_NAMES.get(next(gpt.parameters()).dtype, "fp32"),
         "tensor_model_parallel_size": tp,
         "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
         "megatron_core_version": package_info.__version__,

@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from masa_megatron.errors import UserError
+
 HFConfigLike = Union[str, Path, dict, Any]
 
 
-class ModelLoadError(RuntimeError):
-    """A checkpoint or config that cannot be used; the message names the file and tensor."""
+class ModelLoadError(UserError, RuntimeError):
+    """A checkpoint or config that cannot be used; the message names the file and tensor (the
+    `masa` command prints it as one line, exit code 2)."""
 
 
 @dataclass(frozen=True)

@@ -60,8 +60,8 @@ def build_training(cfg: ExperimentConfig, *, log=print):
         model, cfg, vocab_size=vocab, eos_token_ids=[tokenizer.eos_token_id])
 
     problems, skipped = [], 0
-    for path in cfg.data.train_files:
-        bench = read_problems(path)
+    for i, path in enumerate(cfg.data.train_files):
+        bench = read_problems(path, what=f"data.train_files[{i}]")
         problems += bench.problems
         skipped += bench.n_skipped
     problems, too_long = filter_by_prompt_length(
@@ -124,8 +124,9 @@ def build_evaluator(cfg: ExperimentConfig, engine, tokenizer, actor, head):
     eval_cfg.grpo.group_size = cfg.trainer.eval_n
     eval_cfg.masa.meta_group_size = max(1, cfg.trainer.eval_meta_n)
     eval_cfg.rollout.temperature = cfg.trainer.eval_temperature
-    problems = [(bench.name, p) for path in cfg.data.eval_files
-                for bench in [read_problems(path)] for p in bench.problems]
+    problems = [(bench.name, p) for i, path in enumerate(cfg.data.eval_files)
+                for bench in [read_problems(path, what=f"data.eval_files[{i}]")]
+                for p in bench.problems]
     predict = (head_predictor(actor, head.head if head is not None else None)
                if head_in_use(cfg.masa) else None)
     return Evaluator(engine, tokenizer, eval_cfg, predict), problems
