@@ -54,6 +54,15 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def broadcast_from_rank0(obj):
+    """Rank 0's `obj` on every rank (itself when torch.distributed is not running)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -9,7 +9,9 @@ problem: n solution rollouts (graded by the project's grader) and, unless --meta
 rollouts (parsed; text predictions) — the same prompts and parser as training. One JSON line per
 finished problem goes to `<out>/results.jsonl`; an interrupted evaluation continues where it
 stopped (sampling seeds depend on the problem id, not on the batch, so a resumed run equals an
-uninterrupted one). The report (`report.json`, `summary.md`, plots) is written at the end.
+uninterrupted one). `<out>/manifest.json` (eval/manifest.py) records the model, benchmark files and
+settings; a run whose own differ stops naming them (`--restart` discards the old results).
+The report (`report.json`, `summary.md`, plots) is written at the end.
 
 Runs in one process, or under torchrun for tensor/pipeline parallel generation (rank 0 writes).
 """
@@ -79,6 +81,9 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size (under torchrun)")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size (under torchrun)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the results already in --out (by default a run continues them, "
+                        "and stops if they come from another model, benchmark file or setting)")
     args = p.parse_args(argv)
     for name in ("n", "max_tokens", "problems_per_batch"):
         if getattr(args, name) < 1:
@@ -168,6 +173,7 @@ def evaluate(policy, args: argparse.Namespace, *, log=print) -> dict:
     from masa_megatron.eval.benchmarks import load_benchmarks
     from masa_megatron.eval.report import ResultsStore, write_report
     from masa_megatron.metrics import Progress, is_logging_rank
+    from masa_megatron.parallel import broadcast_from_rank0
     from masa_megatron.rollout.embedded import EmbeddedEngine
 
     model, tokenizer, hf_dir, head = policy
@@ -185,6 +191,16 @@ def evaluate(policy, args: argparse.Namespace, *, log=print) -> dict:
                                  data_dir=args.data_dir, limit=args.limit)
     out = Path(args.out)
     writer = is_logging_rank()
+    refused = None
+    if writer:
+        from masa_megatron.eval.manifest import build_manifest, claim_output
+        try:
+            claim_output(out, build_manifest(args, benchmarks), args.restart)
+        except UserError as err:
+            refused = str(err)
+    refused = broadcast_from_rank0(refused)     # every rank stops, not only rank 0
+    if refused:
+        raise UserError(refused)
     store = ResultsStore(out / "results.jsonl")
     done = store.completed_ids()
     pending = [(b.name, p) for b in benchmarks for p in b.problems if p.id not in done]
