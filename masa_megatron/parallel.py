@@ -83,8 +83,12 @@ def _init_process_group(backend: str, timeout_minutes: int) -> None:
 
 def init_parallel(parallel: ParallelConfig, *, seed: int = 1234, timeout_minutes: int = 30,
                   backend: Optional[str] = None) -> ParallelLayout:
-    """Initialise torch.distributed (if needed) and Megatron's model-parallel groups."""
+    """Initialise torch.distributed (if needed) and Megatron's model-parallel groups. Under
+    torchrun the rank ends when its launcher dies (lifecycle.end_with_launcher)."""
     from masa_megatron.compat import apply_cpu_compat
+    from masa_megatron.lifecycle import end_with_launcher
+
+    end_with_launcher()
 
     cuda = torch.cuda.is_available()
     if not cuda:

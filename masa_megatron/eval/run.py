@@ -228,11 +228,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from masa_megatron.config import ParallelConfig
     from masa_megatron.parallel import destroy_parallel, init_parallel
 
+    from masa_megatron.lifecycle import output_lock
+
     args = _parse(argv)
-    init_parallel(ParallelConfig(tensor_model_parallel_size=args.tp,
-                                 pipeline_model_parallel_size=args.pp))
-    try:
-        evaluate(load_policy(args.model), args)
-    finally:
-        destroy_parallel()
+    with output_lock(args.out, "--out"):
+        init_parallel(ParallelConfig(tensor_model_parallel_size=args.tp,
+                                     pipeline_model_parallel_size=args.pp))
+        try:
+            evaluate(load_policy(args.model), args)
+        finally:
+            destroy_parallel()
     return 0

@@ -160,9 +160,6 @@ def save_checkpoint(parts, step: int) -> None:
 
 def run_training(config: Optional[str], overrides: list[str], recipe: Optional[str] = None,
                  log=print) -> int:
-    from masa_megatron.parallel import destroy_parallel, init_parallel
-    from masa_megatron.train.loop import run_loop
-
     base = None
     if recipe:
         from recipes import get_recipe
@@ -170,6 +167,20 @@ def run_training(config: Optional[str], overrides: list[str], recipe: Optional[s
     cfg = load_config(config, overrides, base=base)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate_environment(cfg, world_size=world)
+    import contextlib
+
+    from masa_megatron.lifecycle import output_lock
+    with contextlib.ExitStack() as held:   # two runs never share an output or checkpoint folder
+        held.enter_context(output_lock(cfg.trainer.output_dir, "trainer.output_dir"))
+        if cfg.checkpoint.dir:
+            held.enter_context(output_lock(cfg.checkpoint.dir, "checkpoint.dir"))
+        return _train(cfg, world, log)
+
+
+def _train(cfg: ExperimentConfig, world: int, log) -> int:
+    from masa_megatron.parallel import destroy_parallel, init_parallel
+    from masa_megatron.train.loop import run_loop
+
     init_parallel(cfg.parallel, seed=cfg.model.seed)
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
