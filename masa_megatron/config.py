@@ -181,6 +181,8 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: str = "auto"                   # auto | none | a checkpoint path
     dir: Optional[str] = None              # default: <output_dir>/checkpoints
+    fallback_on_corrupt: bool = False      # resume=auto: a damaged newest checkpoint is set
+                                           # aside and the previous complete one resumed
 
 
 @dataclass

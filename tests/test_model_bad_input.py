@@ -121,7 +121,7 @@ def test_failed_export_leaves_no_output_folder(tiny, tmp_path, monkeypatch):
 def test_converter_reports_a_bad_checkpoint_folder(tmp_path, capsys):
     code = megatron_to_hf_main(["--ckpt", str(tmp_path / "nothing"), "--out",
                                 str(tmp_path / "hf")])
-    assert code == 1 and "masa_model.json" in capsys.readouterr().err
+    assert code == 2 and "masa_model.json" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
 
 
@@ -138,3 +138,16 @@ def test_tensor_parallel_size_that_does_not_divide_the_heads_is_one_config_error
 def test_model_load_errors_are_user_errors():
     from masa_megatron.errors import UserError
     assert issubclass(ModelLoadError, UserError)
+
+
+def test_mcore2hf_of_a_truncated_shard_names_the_checkpoint_and_the_shard(tiny, tmp_path, capsys):
+    from masa_megatron.model.convert_cli import hf_to_megatron_main
+    ckpt = tmp_path / "mcore"
+    assert hf_to_megatron_main(["--hf", str(tiny), "--out", str(ckpt)]) == 0
+    shard = sorted(ckpt.glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    capsys.readouterr()
+    assert megatron_to_hf_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"checkpoint {ckpt} is damaged: shard {shard.name} has 1000 bytes" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "hf").exists()

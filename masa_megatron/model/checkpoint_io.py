@@ -120,6 +120,41 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def check_dist_checkpoint(ckpt_dir: str | Path, owner: Optional[str | Path] = None) -> None:
+    """ModelLoadError naming the checkpoint (`owner`, default `ckpt_dir`; files are named
+    relative to it) and the shard when its index (`.metadata`) is unreadable, or a shard it lists
+    is missing or shorter than the byte ranges the index puts in it (a truncated write). Cheap:
+    reads the index and stats the shards, not their data."""
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ckpt_dir = Path(ckpt_dir)
+    owner = Path(owner) if owner is not None else ckpt_dir
+    rel = ckpt_dir.relative_to(owner).as_posix() + "/" if ckpt_dir != owner else ""
+
+    def damaged(what: str) -> ModelLoadError:
+        return ModelLoadError(f"checkpoint {owner} is damaged: {what}")
+
+    if not (ckpt_dir / ".metadata").is_file():
+        raise damaged(f"its index {rel}.metadata is missing")
+    try:
+        index = FileSystemReader(str(ckpt_dir)).read_metadata()
+    except (EOFError, OSError, ValueError, pickle.UnpicklingError, AttributeError) as err:
+        raise damaged(f"its index {rel}.metadata cannot be read ({type(err).__name__})") from None
+    needed: dict[str, int] = {}
+    for info in (index.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = ckpt_dir / name
+        if not shard.is_file():
+            raise damaged(f"shard {rel}{name} is missing")
+        if shard.stat().st_size < size:
+            raise damaged(f"shard {rel}{name} has {shard.stat().st_size} bytes, its index "
+                          f"needs {size}")
+
+
 def load_dist_checkpoint(models, ckpt_dir: str | Path) -> None:
     """Load a model checkpoint saved at any TP/PP into this rank's model (collective).
 
@@ -134,6 +169,7 @@ def load_dist_checkpoint(models, ckpt_dir: str | Path) -> None:
             f"{Path(ckpt_dir) / META_NAME}: the checkpoint's padded vocabulary has "
             f"{meta['padded_vocab_size']} rows, the model {model.vocab_size}; build the model "
             f"with padded_vocab={meta['padded_vocab_size']}")
+    check_dist_checkpoint(ckpt_dir)
     request = model.sharded_state_dict()
     state = dist_checkpointing.load(request, str(ckpt_dir))
     # a training checkpoint also holds optimizer and scheduler state: keep the model's entries

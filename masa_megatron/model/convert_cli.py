@@ -128,11 +128,13 @@ def megatron_to_hf_main(argv: Optional[list[str]] = None) -> int:
         from masa_megatron.config import ModelConfig
         from masa_megatron.model.builder import build_gpt_model
         from masa_megatron.model.checkpoint_io import (
-            HF_SUBDIR, checkpoint_dtype, load_dist_checkpoint, read_checkpoint_meta)
+            HF_SUBDIR, check_dist_checkpoint, checkpoint_dtype, load_dist_checkpoint,
+            read_checkpoint_meta)
         from masa_megatron.model.hf_io import export_hf_checkpoint
 
         _refuse_existing(args.out, args.overwrite)
         meta = read_checkpoint_meta(args.ckpt)
+        check_dist_checkpoint(args.ckpt)
         dtype = args.dtype or checkpoint_dtype(meta)
         source = args.hf_config or args.ckpt / HF_SUBDIR
         hf_config = source if args.hf_config else meta["hf_config"]

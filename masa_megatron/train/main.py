@@ -32,7 +32,8 @@ def build_training(cfg: ExperimentConfig, *, log=print):
     from masa_megatron.rewards.registry import get_batch_reward
     from masa_megatron.rollout.base import get_engine_class
     from masa_megatron.train.actor import Actor
-    from masa_megatron.train.checkpoint import CheckpointManager, load_trainer_state
+    from masa_megatron.train.checkpoint import (CheckpointManager, check_saved_checkpoint,
+                                                load_trainer_state)
     from masa_megatron.train.dist import DataParallelInfo
     from masa_megatron.train.loop import LoopParts
     from masa_megatron.train.optim import build_optimizer, wrap_ddp
@@ -40,8 +41,8 @@ def build_training(cfg: ExperimentConfig, *, log=print):
     out_dir = Path(cfg.trainer.output_dir)
     checkpoints = CheckpointManager(cfg.checkpoint.dir or out_dir / "checkpoints",
                                     cfg.checkpoint.keep_last, log=log if is_logging_rank() else
-                                    (lambda m: None))
-    resume_from = checkpoints.resolve(cfg.checkpoint.resume)
+                                    (lambda m: None), verify=check_saved_checkpoint)
+    resume_from = checkpoints.resolve(cfg.checkpoint.resume, cfg.checkpoint.fallback_on_corrupt)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
     # a checkpoint saved at another TP has another padded vocabulary: build with its size
     padded = (read_checkpoint_meta(resume_from / "model")["padded_vocab_size"]
