@@ -37,21 +37,9 @@ def test_checkpoint_queue_manager_exits_when_the_trainer_is_killed():
     assert not alive, f"still running after the trainer died: {[p.pid for p in alive]}"
 
 
-_HOLDER = """
-import os, sys, time
-from masa_megatron.lifecycle import FolderLock
-with FolderLock(sys.argv[1], "trainer.output_dir"):
-    if len(sys.argv) > 2 and os.fork() == 0:   # a forked helper that outlives its parent
-        time.sleep(60)
-        os._exit(0)
-    print("locked", flush=True)
-    time.sleep(600)
-"""
-
-
 def _start_holder(folder, *extra):
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder), *extra], cwd=REPO,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.lock_holder", str(folder),
+                             *extra], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc
 

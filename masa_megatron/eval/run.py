@@ -29,9 +29,8 @@ def load_policy(model_path: str | Path, model_cfg=None):
     """(model, tokenizer, hf_dir, meta_head or None) from an HF folder or training checkpoint.
 
     Call after `parallel.init_parallel`; every rank of the model-parallel group calls it."""
-    from transformers import AutoTokenizer
-
     from masa_megatron.config import ModelConfig
+    from masa_megatron.data.chat_tokenizer import load_chat_tokenizer
     from masa_megatron.masa.meta_head import HEAD_FILE, load_meta_head
     from masa_megatron.model import build_gpt_model, load_hf_weights
     from masa_megatron.model.checkpoint_io import (HF_SUBDIR, load_dist_checkpoint,
@@ -47,13 +46,13 @@ def load_policy(model_path: str | Path, model_cfg=None):
         raise UserError(f"model '{path}': neither a Hugging Face folder (config.json) nor a "
                         f"training checkpoint (model/{HF_SUBDIR}/config.json)")
     model_cfg.hf_path = str(hf_dir)
+    tokenizer = load_chat_tokenizer(hf_dir, "model")
     padded = read_checkpoint_meta(ckpt)["padded_vocab_size"] if ckpt is not None else None
     model = build_gpt_model(str(hf_dir), model_cfg, padded_vocab=padded)
     if ckpt is None:
         load_hf_weights(model, hf_dir)
     else:
         load_dist_checkpoint(model, ckpt)
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     head = load_meta_head(path) if (path / HEAD_FILE).is_file() else None
     return model, tokenizer, hf_dir, head
 

@@ -16,8 +16,7 @@ from masa_megatron.errors import UserError
 
 def build_training(cfg: ExperimentConfig, *, log=print):
     """Model, optimizer, actor, engine, data, planner, head, checkpoints -> (LoopParts, start)."""
-    from transformers import AutoTokenizer
-
+    from masa_megatron.data.chat_tokenizer import load_chat_tokenizer
     from masa_megatron.data.prompts import filter_by_prompt_length
     from masa_megatron.data.sampler import ResumableSampler
     from masa_megatron.eval.benchmarks import read_problems
@@ -43,7 +42,20 @@ def build_training(cfg: ExperimentConfig, *, log=print):
                                     cfg.checkpoint.keep_last, log=log if is_logging_rank() else
                                     (lambda m: None), verify=check_saved_checkpoint)
     resume_from = checkpoints.resolve(cfg.checkpoint.resume, cfg.checkpoint.fallback_on_corrupt)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+    tokenizer = load_chat_tokenizer(cfg.model.hf_path, "model.hf_path")
+    problems, skipped = [], 0
+    for i, path in enumerate(cfg.data.train_files):
+        bench = read_problems(path, what=f"data.train_files[{i}]")
+        problems += bench.problems
+        skipped += bench.n_skipped
+    problems, too_long = filter_by_prompt_length(
+        problems, tokenizer, prompt_config_from(cfg), problem_of=lambda p: p.problem,
+        with_meta=cfg.masa.mode != "grpo")
+    if is_logging_rank():
+        log(f"data: {len(problems)} training problems ({skipped} malformed rows skipped, "
+            f"{too_long} dropped for a prompt over {cfg.rollout.max_prompt_length} tokens)")
+    if not problems:
+        raise UserError("data.train_files: no usable training problems")
     # a checkpoint saved at another TP has another padded vocabulary: build with its size
     padded = (read_checkpoint_meta(resume_from / "model")["padded_vocab_size"]
               if resume_from is not None else None)
@@ -60,19 +72,6 @@ def build_training(cfg: ExperimentConfig, *, log=print):
     engine = get_engine_class(cfg.rollout.engine).from_config(   # the whole config: SGLang
         model, cfg, vocab_size=vocab, eos_token_ids=[tokenizer.eos_token_id])
 
-    problems, skipped = [], 0
-    for i, path in enumerate(cfg.data.train_files):
-        bench = read_problems(path, what=f"data.train_files[{i}]")
-        problems += bench.problems
-        skipped += bench.n_skipped
-    problems, too_long = filter_by_prompt_length(
-        problems, tokenizer, prompt_config_from(cfg), problem_of=lambda p: p.problem,
-        with_meta=cfg.masa.mode != "grpo")
-    if is_logging_rank():
-        log(f"data: {len(problems)} training problems ({skipped} malformed rows skipped, "
-            f"{too_long} dropped for a prompt over {cfg.rollout.max_prompt_length} tokens)")
-    if not problems:
-        raise UserError("data.train_files: no usable training problems")
     sampler = ResumableSampler(len(problems), cfg.data.prompt_batch_size, cfg.data.seed,
                                cfg.data.shuffle)
     planner = RolloutPlanner(cfg, tokenizer, engine, *resolve_policies(cfg.masa))
