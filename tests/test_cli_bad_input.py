@@ -205,10 +205,11 @@ def test_tensor_parallel_size_that_does_not_divide_the_heads_is_a_config_error(f
     """Under torchrun each rank says it in one line instead of a Megatron assertion (torchrun
     itself then reports the failed ranks)."""
     from masa_megatron.model.tiny import make_tiny_hf_model
+    from masa_megatron.parallel import free_port
     model = tmp_path / "three_heads"
     make_tiny_hf_model(model, "qwen3", num_attention_heads=3, num_key_value_heads=3)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port=0", "-m", "masa_megatron.cli", "convert", "hf2mcore", "--hf",
+           f"--master_port={free_port()}", "-m", "masa_megatron.cli", "convert", "hf2mcore", "--hf",
            str(model), "--out", str(tmp_path / "mcore"), "--tp", "2"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=LIMIT_S,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})

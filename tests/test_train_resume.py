@@ -77,6 +77,10 @@ def run(cmd, env=None, timeout=600):
         return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
 
 
+def logged_steps(out):
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def metrics_by_step(out):
     rows = {}
     for line in (out / "metrics.jsonl").read_text().splitlines():
@@ -123,6 +127,7 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(workdir, full_run):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
 
+    assert logged_steps(killed) == list(range(1, 7)), "one metrics row per step after a resume"
     a, b = metrics_by_step(full), metrics_by_step(killed)
     for step in (4, 5, 6):
         assert a[step] == b[step], f"step {step} metrics differ"
@@ -146,6 +151,7 @@ def test_crash_while_saving_resumes_from_previous_checkpoint(workdir):
     assert "ignoring incomplete write(s) .tmp-step_000004" in log
     assert "resuming from" in log and "step_000003" in log
     assert (out / "checkpoints" / "step_000006" / "COMPLETE").is_file()
+    assert logged_steps(out) == list(range(1, 7)), "step 4 was logged by both runs"
 
 
 def test_tp2_checkpoint_resumes_at_tp1(workdir, full_run):
