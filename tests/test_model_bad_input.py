@@ -151,3 +151,14 @@ def test_mcore2hf_of_a_truncated_shard_names_the_checkpoint_and_the_shard(tiny, 
     err = capsys.readouterr().err.strip()
     assert f"checkpoint {ckpt} is damaged: shard {shard.name} has 1000 bytes" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "hf").exists()
+
+
+def test_train_config_whose_tp_cannot_split_the_heads_fails_before_any_rank_starts(tiny):
+    from masa_megatron.config import ExperimentConfig, validate_environment
+    from masa_megatron.errors import UserError
+    cfg = ExperimentConfig()
+    cfg.model.hf_path = str(tiny)
+    cfg.parallel.tensor_model_parallel_size = 3
+    with pytest.raises(UserError, match=r"parallel.tensor_model_parallel_size' = 3: .*config.json: "
+                                        r"num_attention_heads=4 is not divisible"):
+        validate_environment(cfg)

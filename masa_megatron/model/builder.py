@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from masa_megatron.compat.cpu import trim_host_memory
 from masa_megatron.config import ModelConfig
 from masa_megatron.model.hf_config import (
-    HFConfigLike, ModelLoadError, RopeSpec, decoder_shape, read_hf_config)
+    HFConfigLike, ModelLoadError, RopeSpec, decoder_shape, parallel_layout_problem, read_hf_config)
 from masa_megatron.model.registry import FamilySpec, family_for
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,17 +56,6 @@ def _parallel_sizes() -> tuple[int, int, int]:
             ps.get_pipeline_model_parallel_world_size(), ps.get_context_parallel_world_size())
 
 
-def _check_layout(shape, tp: int, pp: int) -> None:
-    """One ModelLoadError (before Megatron asserts on every rank) when the layout cannot split
-    the model: heads and KV heads over TP, layers over PP."""
-    for name, count, size, kind in (("num_attention_heads", shape.num_heads, tp, "tensor"),
-                                    ("num_key_value_heads", shape.num_kv_heads, tp, "tensor"),
-                                    ("num_hidden_layers", shape.num_layers, pp, "pipeline")):
-        if count % size:
-            raise ModelLoadError(f"config.json: {name}={count} is not divisible by the "
-                                 f"{kind}-parallel size {size}")
-
-
 def _leave_uninitialised(tensor: torch.Tensor) -> None:
     """Init method for weights about to be loaded: leave the memory as allocated."""
 
@@ -90,7 +79,9 @@ def transformer_config_from_hf(hf_config: HFConfigLike, model_cfg: ModelConfig):
     family = family_for(cfg)
     shape = decoder_shape(cfg)
     tp, pp, cp = _parallel_sizes()
-    _check_layout(shape, tp, pp)
+    problem = parallel_layout_problem(shape, tp, pp)
+    if problem is not None:
+        raise ModelLoadError(f"config.json: {problem[1]}")
     dtype = _DTYPES[model_cfg.dtype]
     cuda = torch.cuda.is_available()
     fp8 = {}

@@ -122,3 +122,15 @@ def decoder_shape(cfg: dict) -> DecoderShape:
         )
     except KeyError as err:
         raise ModelLoadError(f"config.json: required key {err} is missing") from None
+
+
+def parallel_layout_problem(shape: DecoderShape, tp: int, pp: int) -> Optional[tuple[str, str]]:
+    """(kind, why) when the layout cannot split the model (attention and KV heads over TP,
+    layers over PP; kind "tensor" or "pipeline"), else None. Checked before Megatron, which
+    would assert on every rank."""
+    for name, count, size, kind in (("num_attention_heads", shape.num_heads, tp, "tensor"),
+                                    ("num_key_value_heads", shape.num_kv_heads, tp, "tensor"),
+                                    ("num_hidden_layers", shape.num_layers, pp, "pipeline")):
+        if count % size:
+            return kind, f"{name}={count} is not divisible by the {kind}-parallel size {size}"
+    return None
