@@ -8,6 +8,7 @@
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,3 +164,20 @@ def test_tp2_checkpoint_resumes_at_tp1(workdir, full_run):
     rows = metrics_by_step(out)
     assert sorted(rows) == [4, 5]
     assert all(isinstance(rows[s]["train/loss"], float) for s in rows)
+
+
+def test_damaged_newest_checkpoint_stops_the_resume_unless_fallback_is_allowed(workdir, full_run):
+    out = workdir / "damaged"
+    shutil.copytree(full_run, out)
+    shard = sorted((out / "checkpoints" / "step_000006" / "model").glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    refused = run(train_command(workdir, out))
+    assert refused.returncode != 0 and "masa: error: checkpoint" in refused.stderr
+    assert f"step_000006 is damaged: shard model/{shard.name}" in refused.stderr
+    assert "checkpoint.fallback_on_corrupt=true to resume from step_000005" in refused.stderr
+    resumed = run(train_command(workdir, out, 2, "checkpoint.fallback_on_corrupt=true"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "falling back to step_000005" in resumed.stdout + resumed.stderr
+    assert (out / "checkpoints" / ".damaged-step_000006").is_dir()
+    assert (out / "checkpoints" / "step_000006" / "COMPLETE").is_file()
+    assert logged_steps(out) == list(range(1, 7))

@@ -225,9 +225,8 @@ def evaluate(policy, args: argparse.Namespace, *, log=print) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from masa_megatron.config import ParallelConfig
-    from masa_megatron.parallel import destroy_parallel, init_parallel
-
     from masa_megatron.lifecycle import output_lock
+    from masa_megatron.parallel import destroy_parallel, init_parallel
 
     args = _parse(argv)
     with output_lock(args.out, "--out"):
