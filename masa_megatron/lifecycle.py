@@ -1,4 +1,5 @@
-"""Child processes that must not outlive their parent (Linux; best effort elsewhere)."""
+"""Process lifetimes: helpers that must not outlive their parent, torchrun ranks that end with
+their launcher, and the lock a run holds on its output folder (Linux; best effort elsewhere)."""
 from __future__ import annotations
 
 import ctypes
@@ -44,11 +45,14 @@ def end_with_launcher(poll_s: float = 0.5) -> None:
     torchrun starts each rank in its own session, so killing the launcher's process group
     leaves the ranks running (still writing checkpoints and metrics). A watchdog thread
     (`exit_with_parent`, which unlike PR_SET_PDEATHSIG does not depend on which launcher thread
-    started the rank) ends the rank within `poll_s` of the launcher's death. Idempotent."""
+    started the rank) ends the rank within `poll_s` of the launcher's death. The `masa` command
+    calls it first thing, and init_parallel again (idempotent)."""
     global _WATCHING_LAUNCHER
     if _WATCHING_LAUNCHER or "TORCHELASTIC_RUN_ID" not in os.environ:
         return
     _WATCHING_LAUNCHER = True
+    if os.getppid() == 1:                    # the launcher died before the watch started
+        os._exit(0)
     exit_with_parent(os.getppid(), poll_s)
 
 
