@@ -125,6 +125,8 @@ PASSTHROUGH = {"demo": "demo_args", "eval": "eval_args", "convert": "convert_arg
 
 
 def main(argv: list[str] | None = None) -> int:
+    from masa_megatron.lifecycle import end_with_launcher
+    end_with_launcher()                 # under torchrun: this rank ends when torchrun does
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and argv[0] in PASSTHROUGH and not {"-h", "--help"} & set(argv[:1 + (argv[0] == "convert")]):

@@ -195,6 +195,8 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: str = "auto"                   # auto | none | a checkpoint path
     dir: Optional[str] = None              # default: <output_dir>/checkpoints
+    fallback_on_corrupt: bool = False      # resume=auto: a damaged newest checkpoint is set
+                                           # aside and the previous complete one resumed
 
 
 @dataclass
@@ -517,6 +519,14 @@ def validate_environment(cfg: ExperimentConfig, world_size: Optional[int] = None
     model_path = Path(cfg.model.hf_path)
     if not (model_path / "config.json").is_file():
         _fail("model.hf_path", cfg.model.hf_path, "no config.json in that folder")
+    from masa_megatron.model.hf_config import (decoder_shape, parallel_layout_problem,
+                                               read_hf_config)
+    p = cfg.parallel
+    problem = parallel_layout_problem(decoder_shape(read_hf_config(model_path)),
+                                      p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    if problem is not None:
+        name = f"{problem[0]}_model_parallel_size"
+        _fail(f"parallel.{name}", getattr(p, name), f"{model_path / 'config.json'}: {problem[1]}")
     for i, f in enumerate(cfg.data.train_files):
         if not Path(f).is_file():
             _fail(f"data.train_files[{i}]", f, "file does not exist")

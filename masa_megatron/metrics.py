@@ -33,11 +33,21 @@ def _plain(value):
 
 
 class JsonlSink:
-    """Appends `{"step": s, **metrics}` lines to `path`."""
+    """Appends `{"step": s, **metrics}` lines to `path`.
 
-    def __init__(self, path: str | Path):
+    `resume_step=s`: a run that continues from step s's checkpoint (0: a fresh start) first drops
+    the rows it will write again (step > s; every row when s = 0), so the file holds one row per
+    step. The file is rewritten atomically (temporary file, then rename)."""
+
+    def __init__(self, path: str | Path, resume_step: Optional[int] = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            keep_through = resume_step if resume_step > 0 else -1
+            rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= keep_through]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            os.replace(tmp, self.path)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -50,9 +60,11 @@ class JsonlSink:
 
 
 class TensorBoardSink:
-    def __init__(self, log_dir: str | Path):
+    def __init__(self, log_dir: str | Path, resume_step: Optional[int] = None):
+        """`resume_step=s > 0` purges events after step s written by an earlier, crashed run."""
         from torch.utils.tensorboard import SummaryWriter
-        self._writer = SummaryWriter(log_dir=str(log_dir))
+        purge = resume_step + 1 if resume_step else None
+        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         for name, value in metrics.items():
@@ -91,14 +103,15 @@ class MultiSink:
 
 
 def open_sinks(logging_cfg, out_dir: str | Path, run_name: str = "masa",
-               config: Optional[dict] = None) -> MultiSink:
-    """The sinks `logging_cfg` (a LoggingConfig) asks for, writing under `out_dir`."""
+               config: Optional[dict] = None, resume_step: Optional[int] = None) -> MultiSink:
+    """The sinks `logging_cfg` (a LoggingConfig) asks for, writing under `out_dir`;
+    `resume_step`: the step the run starts from (see JsonlSink; W&B rows cannot be withdrawn)."""
     out_dir = Path(out_dir)
     sinks: list[MetricsSink] = []
     if logging_cfg.jsonl:
-        sinks.append(JsonlSink(out_dir / "metrics.jsonl"))
+        sinks.append(JsonlSink(out_dir / "metrics.jsonl", resume_step))
     if logging_cfg.tensorboard:
-        sinks.append(TensorBoardSink(out_dir / "tensorboard"))
+        sinks.append(TensorBoardSink(out_dir / "tensorboard", resume_step))
     if logging_cfg.wandb_project:
         sinks.append(WandbSink(logging_cfg.wandb_project, run_name, config))
     return MultiSink(sinks)

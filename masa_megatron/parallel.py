@@ -66,6 +66,15 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def broadcast_from_rank0(obj):
+    """Rank 0's `obj` on every rank (itself when torch.distributed is not running)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -86,8 +95,12 @@ def _init_process_group(backend: str, timeout_minutes: int) -> None:
 
 def init_parallel(parallel: ParallelConfig, *, seed: int = 1234, timeout_minutes: int = 30,
                   backend: Optional[str] = None) -> ParallelLayout:
-    """Initialise torch.distributed (if needed) and Megatron's model-parallel groups."""
+    """Initialise torch.distributed (if needed) and Megatron's model-parallel groups. Under
+    torchrun the rank ends when its launcher dies (lifecycle.end_with_launcher)."""
     from masa_megatron.compat import apply_cpu_compat
+    from masa_megatron.lifecycle import end_with_launcher
+
+    end_with_launcher()
 
     cuda = torch.cuda.is_available()
     if not cuda:

@@ -315,3 +315,13 @@ def test_mini_batches_by_sequence_count_scale_the_short_one_by_its_share(fresh):
         cfg.mini_batches_per_step, cfg.mini_batch_sequences, cfg.old_logprobs = saved
         for group, (high, low) in zip(groups, lrs):
             group["max_lr"], group["min_lr"] = high, low
+
+
+def test_step_summary_keeps_a_nan_max_as_nan():
+    from masa_megatron.train.actor import _summarize_steps
+    step = {"ratio_dev_max": float("nan"), "token_count": 4.0, "seq_count": 1.0, "loss": 0.1,
+            "grad_norm": 1.0, "skipped_step": 0, "lr": 1e-3}
+    later = dict(step, ratio_dev_max=0.5)
+    for steps in ([step], [step, later], [later, step]):
+        assert math.isnan(_summarize_steps(steps, "train")["train/ratio_dev_max"]), steps
+    assert _summarize_steps([later], "train")["train/ratio_dev_max"] == 0.5

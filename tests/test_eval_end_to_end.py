@@ -1,10 +1,12 @@
 """`masa eval` end to end on a tiny random model and 10 real problems from the shared files."""
 import json
+import shutil
 
 import pytest
 
 from masa_megatron.data.tiny_tokenizer import make_tiny_tokenizer
 from masa_megatron.eval.benchmarks import load_benchmark
+from masa_megatron.errors import UserError
 from masa_megatron.eval.run import _parse, evaluate, load_policy
 from masa_megatron.model.tiny import make_tiny_hf_model
 from masa_megatron.config import ParallelConfig
@@ -32,11 +34,11 @@ def policy(policy_dir):
     destroy_parallel()
 
 
-def args_for(policy_dir, out, shared_data):
+def args_for(policy_dir, out, shared_data, *extra):
     return _parse([str(policy_dir), "--benchmarks", "amc23", "--limit", "10", "--n", "3",
                    "--meta-n", "2", "--max-tokens", "6", "--max-prompt-tokens", "4000",
                    "--temperature", "1.0", "--problems-per-batch", "4", "--out", str(out),
-                   "--data-dir", str(shared_data), "--no-progress"])
+                   "--data-dir", str(shared_data), "--no-progress", *extra])
 
 
 def test_eval_writes_every_report_file(policy, policy_dir, tmp_path, shared_data):
@@ -55,6 +57,7 @@ def test_resumed_eval_equals_uninterrupted(policy, policy_dir, tmp_path, shared_
     full = (tmp_path / "full" / "results.jsonl").read_text().splitlines()
     interrupted = tmp_path / "part"
     interrupted.mkdir()
+    shutil.copy(tmp_path / "full" / "manifest.json", interrupted / "manifest.json")
     # 4 problems finished, the 5th cut mid-line by the crash
     (interrupted / "results.jsonl").write_text("\n".join(full[:4]) + "\n" + full[4][:40])
     evaluate(policy, args_for(policy_dir, interrupted, shared_data), log=lambda m: None)
@@ -83,3 +86,43 @@ def test_reference_protocol_eval_on_amc23_writes_its_report(policy, policy_dir, 
     records = [json.loads(line) for line in (tmp_path / "ref" / "results.jsonl").open()]
     assert [r["id"] for r in records] == ["amc23/0", "amc23/1", "amc23/2"]
     assert report["benchmarks"]["amc23"]["n_problems"] == 3
+
+
+QUICK = ("--limit", "2", "--meta-n", "0")
+
+
+def test_eval_into_a_folder_of_another_model_stops_naming_the_model(policy, policy_dir, tmp_path,
+                                                                     shared_data):
+    out = tmp_path / "out"
+    evaluate(policy, args_for(policy_dir, out, shared_data, *QUICK), log=lambda m: None)
+    other = tmp_path / "other_model"
+    shutil.copytree(policy_dir, other)
+    make_tiny_hf_model(other, "qwen3", seed=5, vocab_size=len(policy[1]),
+                       max_position_embeddings=4096, bos_token_id=None,
+                       eos_token_id=policy[1].eos_token_id)
+    before = (out / "results.jsonl").read_text()
+    with pytest.raises(UserError, match=rf"--out {out}: its results come from another "
+                                        rf"evaluation \(model: "):
+        evaluate(policy, args_for(other, out, shared_data, *QUICK), log=lambda m: None)
+    assert (out / "results.jsonl").read_text() == before
+
+
+def test_eval_with_other_settings_stops_naming_them_unless_restart(policy, policy_dir, tmp_path,
+                                                                   shared_data):
+    out = tmp_path / "out"
+    evaluate(policy, args_for(policy_dir, out, shared_data, *QUICK), log=lambda m: None)
+    with pytest.raises(UserError, match=r"--n: 3 -> 4; --temperature: 1.0 -> 0.5\)"):
+        evaluate(policy, args_for(policy_dir, out, shared_data, *QUICK, "--n", "4",
+                                  "--temperature", "0.5"), log=lambda m: None)
+    evaluate(policy, args_for(policy_dir, out, shared_data, *QUICK, "--n", "4", "--restart"),
+             log=lambda m: None)
+    records = [json.loads(line) for line in (out / "results.jsonl").open()]
+    assert len(records) == 2 and all(len(r["scores"]) == 4 for r in records)
+
+
+def test_results_without_a_manifest_are_not_reused(policy, policy_dir, tmp_path, shared_data):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.jsonl").write_text(json.dumps({"id": "amc23/0", "scores": [1.0]}) + "\n")
+    with pytest.raises(UserError, match="without manifest.json"):
+        evaluate(policy, args_for(policy_dir, out, shared_data, *QUICK), log=lambda m: None)

@@ -42,3 +42,31 @@ def test_progress_disabled_prints_nothing():
     Progress(total=2, stream=stream, enabled=False).update(1, {"x": 1.0})
     assert stream.getvalue() == ""
 
+
+
+def test_resumed_jsonl_sink_keeps_one_row_per_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    sink = JsonlSink(path)
+    for step in range(5):          # the crashed run logged steps 0-4; its checkpoint is step 3
+        sink.log(step, {"x": float(step)})
+    sink.close()
+    with open(path, "a") as f:
+        f.write('{"step": 5, "x"')  # cut mid-line by the crash
+    sink = JsonlSink(path, resume_step=3)
+    sink.log(4, {"x": 40.0})
+    sink.close()
+    rows = read_jsonl(path)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[-1]["x"] == 40.0
+
+
+def test_fresh_start_into_an_old_folder_drops_the_old_rows(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    sink = JsonlSink(path)
+    for step in range(3):
+        sink.log(step, {"x": 1.0})
+    sink.close()
+    sink = JsonlSink(path, resume_step=0)
+    sink.log(0, {"x": 2.0})
+    sink.close()
+    assert read_jsonl(path) == [{"step": 0, "x": 2.0}]

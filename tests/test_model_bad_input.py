@@ -121,5 +121,44 @@ def test_failed_export_leaves_no_output_folder(tiny, tmp_path, monkeypatch):
 def test_converter_reports_a_bad_checkpoint_folder(tmp_path, capsys):
     code = megatron_to_hf_main(["--ckpt", str(tmp_path / "nothing"), "--out",
                                 str(tmp_path / "hf")])
-    assert code == 1 and "masa_model.json" in capsys.readouterr().err
+    assert code == 2 and "masa_model.json" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("tp, field", [(3, "num_attention_heads=4"), (4, "num_key_value_heads=2")])
+def test_tensor_parallel_size_that_does_not_divide_the_heads_is_one_config_error(
+        tiny, monkeypatch, tp, field):
+    from masa_megatron.model import builder
+    monkeypatch.setattr(builder, "_parallel_sizes", lambda: (tp, 1, 1))
+    with pytest.raises(ModelLoadError, match=rf"{field} is not divisible by the tensor-parallel "
+                                             rf"size {tp}"):
+        builder.transformer_config_from_hf(tiny, ModelConfig(hf_path=str(tiny)))
+
+
+def test_model_load_errors_are_user_errors():
+    from masa_megatron.errors import UserError
+    assert issubclass(ModelLoadError, UserError)
+
+
+def test_mcore2hf_of_a_truncated_shard_names_the_checkpoint_and_the_shard(tiny, tmp_path, capsys):
+    from masa_megatron.model.convert_cli import hf_to_megatron_main
+    ckpt = tmp_path / "mcore"
+    assert hf_to_megatron_main(["--hf", str(tiny), "--out", str(ckpt)]) == 0
+    shard = sorted(ckpt.glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    capsys.readouterr()
+    assert megatron_to_hf_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"checkpoint {ckpt} is damaged: shard {shard.name} has 1000 bytes" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "hf").exists()
+
+
+def test_train_config_whose_tp_cannot_split_the_heads_fails_before_any_rank_starts(tiny):
+    from masa_megatron.config import ExperimentConfig, validate_environment
+    from masa_megatron.errors import UserError
+    cfg = ExperimentConfig()
+    cfg.model.hf_path = str(tiny)
+    cfg.parallel.tensor_model_parallel_size = 3
+    with pytest.raises(UserError, match=r"parallel.tensor_model_parallel_size' = 3: .*config.json: "
+                                        r"num_attention_heads=4 is not divisible"):
+        validate_environment(cfg)

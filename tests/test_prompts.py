@@ -130,3 +130,24 @@ def test_raw_problem_solution_prompt_keeps_the_meta_prompt():
     assert solution_messages(PROBLEM, raw) == [{"role": "user", "content": PROBLEM}]
     assert meta_content(PROBLEM, raw) == EXPECTED_META_USER
     assert solution_messages(PROBLEM) == [{"role": "user", "content": solution_content(PROBLEM)}]
+
+
+def test_model_folder_without_tokenizer_or_chat_template_is_refused_at_start(tmp_path):
+    from masa_megatron.data.chat_tokenizer import load_chat_tokenizer
+    from masa_megatron.errors import UserError
+    from masa_megatron.model.tiny import make_tiny_hf_model
+
+    bare = tmp_path / "bare"
+    make_tiny_hf_model(bare, "qwen3")
+    with pytest.raises(UserError, match=rf"model.hf_path {bare}: no tokenizer"):
+        load_chat_tokenizer(bare, "model.hf_path")
+    plain = tmp_path / "plain"
+    tokenizer = make_tiny_tokenizer(["one two three"], vocab_size=300)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(str(plain))
+    with pytest.raises(UserError, match=rf"model.hf_path {plain}: its tokenizer has no chat "
+                                        rf"template"):
+        load_chat_tokenizer(plain, "model.hf_path")
+    good = tmp_path / "good"
+    make_tiny_tokenizer(["one two three"], vocab_size=300).save_pretrained(str(good))
+    assert load_chat_tokenizer(good, "model.hf_path").chat_template

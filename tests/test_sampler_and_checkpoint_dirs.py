@@ -85,3 +85,55 @@ def test_trainer_state_restores_rng_streams(tmp_path):
     assert common == {"step": 4, "sampler": {"epoch": 1}}
     got = (torch.rand(3), random.random())
     assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
+
+
+def _dist_checkpoint(folder):
+    """A real torch.distributed.checkpoint folder (.metadata + one .distcp shard)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    folder.mkdir(parents=True)
+    dcp.save({"w": torch.arange(4096.0)}, checkpoint_id=str(folder), no_dist=True)
+    return next(folder.glob("*.distcp"))
+
+
+def _saved(mgr, step):
+    return mgr.save(step, lambda folder: _dist_checkpoint(folder / "model"))
+
+
+def test_damaged_shard_is_named_with_its_checkpoint(tmp_path):
+    from masa_megatron.errors import UserError
+    from masa_megatron.model.checkpoint_io import check_dist_checkpoint
+    shard = _dist_checkpoint(tmp_path / "ckpt")
+    check_dist_checkpoint(tmp_path / "ckpt")
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(UserError, match=rf"checkpoint {tmp_path / 'ckpt'} is damaged: shard "
+                                        rf"{shard.name} has 100 bytes, its index needs \d+"):
+        check_dist_checkpoint(tmp_path / "ckpt")
+    shard.unlink()
+    with pytest.raises(UserError, match=rf"shard {shard.name} is missing"):
+        check_dist_checkpoint(tmp_path / "ckpt")
+
+
+def test_resume_auto_names_a_damaged_checkpoint_and_falls_back_only_when_allowed(tmp_path):
+    from masa_megatron.errors import UserError
+    from masa_megatron.train.checkpoint import check_saved_checkpoint
+    mgr = CheckpointManager(tmp_path, keep_last=5, log=lambda m: None,
+                            verify=check_saved_checkpoint)
+    _saved(mgr, 1)
+    _saved(mgr, 2)
+    shard = next((tmp_path / "step_000002" / "model").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(UserError, match=r"step_000002 is damaged: shard model/__0_0.distcp has "
+                                        r"\d+ bytes, its index needs \d+; set "
+                                        r"checkpoint.fallback_on_corrupt=true to resume from "
+                                        r"step_000001"):
+        mgr.resolve("auto")
+    with pytest.raises(UserError, match=r"step_000002 is damaged"):
+        mgr.resolve(str(tmp_path / "step_000002"))
+    said = []
+    mgr.log = said.append
+    assert mgr.resolve("auto", fallback_on_corrupt=True) == tmp_path / "step_000001"
+    assert any("step_000002 is damaged" in m and "falling back to step_000001" in m for m in said)
+    # set aside, so it is neither resumed nor kept in place of newer saves
+    assert (tmp_path / ".damaged-step_000002").is_dir()
+    assert mgr.latest() == tmp_path / "step_000001"

@@ -107,3 +107,24 @@ def test_stop_all_at_exit_leaves_no_orphans(tmp_path):
     while not _group_gone(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _group_gone(pid)
+
+
+def test_health_wait_says_what_it_waits_for_and_for_how_long(tmp_path):
+    port = free_port()
+    said = []
+    with pytest.raises(EngineError, match="not healthy after"):
+        wait_healthy(f"http://127.0.0.1:{port}", 1.0, interval_s=0.05, report_every_s=0.3,
+                     say=said.append)
+    assert len(said) >= 2, said
+    assert all(f"waiting for SGLang server http://127.0.0.1:{port}" in line for line in said)
+    assert " s of 1 s (GET /health: " in said[0] and "refused" in said[0].lower()
+
+
+def test_refused_connection_on_an_attached_url_fails_within_seconds():
+    from masa_megatron.rollout.sglang import SGLangEngine
+    url = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(EngineError, match=rf"SGLang server {url}: connection refused .*"
+                                          rf"rollout.sglang_urls"):
+        SGLangEngine(urls=[url], health_timeout_s=600.0)
+    assert time.monotonic() - start < 15

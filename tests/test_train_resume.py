@@ -8,6 +8,7 @@
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,6 +70,10 @@ def run(cmd, env=None, timeout=600):
         return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
 
 
+def logged_steps(out):
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def metrics_by_step(out):
     rows = {}
     for line in (out / "metrics.jsonl").read_text().splitlines():
@@ -115,6 +120,7 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(workdir, full_run):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
 
+    assert logged_steps(killed) == list(range(1, 7)), "one metrics row per step after a resume"
     a, b = metrics_by_step(full), metrics_by_step(killed)
     for step in (4, 5, 6):
         assert a[step] == b[step], f"step {step} metrics differ"
@@ -138,6 +144,7 @@ def test_crash_while_saving_resumes_from_previous_checkpoint(workdir):
     assert "ignoring incomplete write(s) .tmp-step_000004" in log
     assert "resuming from" in log and "step_000003" in log
     assert (out / "checkpoints" / "step_000006" / "COMPLETE").is_file()
+    assert logged_steps(out) == list(range(1, 7)), "step 4 was logged by both runs"
 
 
 def test_tp2_checkpoint_resumes_at_tp1(workdir, full_run):
@@ -149,3 +156,20 @@ def test_tp2_checkpoint_resumes_at_tp1(workdir, full_run):
     rows = metrics_by_step(out)
     assert sorted(rows) == [4, 5]
     assert all(isinstance(rows[s]["train/loss"], float) for s in rows)
+
+
+def test_damaged_newest_checkpoint_stops_the_resume_unless_fallback_is_allowed(workdir, full_run):
+    out = workdir / "damaged"
+    shutil.copytree(full_run, out)
+    shard = sorted((out / "checkpoints" / "step_000006" / "model").glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    refused = run(train_command(workdir, out))
+    assert refused.returncode != 0 and "masa: error: checkpoint" in refused.stderr
+    assert f"step_000006 is damaged: shard model/{shard.name}" in refused.stderr
+    assert "checkpoint.fallback_on_corrupt=true to resume from step_000005" in refused.stderr
+    resumed = run(train_command(workdir, out, 2, "checkpoint.fallback_on_corrupt=true"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "falling back to step_000005" in resumed.stdout + resumed.stderr
+    assert (out / "checkpoints" / ".damaged-step_000006").is_dir()
+    assert (out / "checkpoints" / "step_000006" / "COMPLETE").is_file()
+    assert logged_steps(out) == list(range(1, 7))

@@ -132,7 +132,7 @@ def parse_row(row: Any, problem_id: str, source: str, problem_field: str | None 
     return Problem(id=problem_id, problem=text, answer=answer, source=source)
 
 
-def _iter_rows(path: Path, limit: int | None) -> Iterator[Any]:
+def _iter_rows(path: Path, limit: int | None, what: str) -> Iterator[Any]:
     """Raw rows (dict, or a marker for an undecodable jsonl line) in file order."""
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
@@ -152,7 +152,7 @@ def _iter_rows(path: Path, limit: int | None) -> Iterator[Any]:
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise UserError(f"benchmark file {path}: not a readable parquet file ({exc})") from exc
+        raise UserError(f"{what} {path}: not a readable parquet file ({exc})") from exc
     count = 0
     for batch in parquet.iter_batches(batch_size=1024):
         for row in batch.to_pylist():
@@ -163,17 +163,19 @@ def _iter_rows(path: Path, limit: int | None) -> Iterator[Any]:
 
 
 def read_problems(path: str | Path, source: str | None = None, limit: int | None = None,
-                  problem_field: str | None = None, answer_field: str | None = None) -> Benchmark:
+                  problem_field: str | None = None, answer_field: str | None = None,
+                  what: str = "benchmark file") -> Benchmark:
     """Read a .parquet/.jsonl file (its first `limit` rows when given) into a `Benchmark`;
-    `problem_field` / `answer_field` name the columns of a non-verl schema."""
+    `problem_field` / `answer_field` name the columns of a non-verl schema; errors call the file
+    `what` (e.g. the config field naming a training file)."""
     path = Path(path)
     if path.suffix not in (".parquet", ".jsonl"):
-        raise UserError(f"benchmark file {path}: expected a .parquet or .jsonl file")
+        raise UserError(f"{what} {path}: expected a .parquet or .jsonl file")
     if not path.is_file():
-        raise UserError(f"benchmark file not found: {path}")
+        raise UserError(f"{what} {path}: not found")
     source = source or path.stem
     bench = Benchmark(name=source, path=path)
-    for i, row in enumerate(_iter_rows(path, limit)):
+    for i, row in enumerate(_iter_rows(path, limit, what)):
         problem = parse_row(row, f"{source}/{i}", source, problem_field, answer_field)
         if problem is None:
             bench.n_skipped += 1

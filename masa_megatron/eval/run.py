@@ -9,7 +9,9 @@ problem: n solution rollouts (graded by the project's grader) and, unless --meta
 rollouts (parsed; text predictions) — the same prompts and parser as training. One JSON line per
 finished problem goes to `<out>/results.jsonl`; an interrupted evaluation continues where it
 stopped (sampling seeds depend on the problem id, not on the batch, so a resumed run equals an
-uninterrupted one). The report (`report.json`, `summary.md`, plots) is written at the end.
+uninterrupted one). `<out>/manifest.json` (eval/manifest.py) records the model, benchmark files and
+settings; a run whose own differ stops naming them (`--restart` discards the old results).
+The report (`report.json`, `summary.md`, plots) is written at the end.
 
 Runs in one process, or under torchrun for tensor/pipeline parallel generation (rank 0 writes).
 """
@@ -27,9 +29,8 @@ def load_policy(model_path: str | Path, model_cfg=None):
     """(model, tokenizer, hf_dir, meta_head or None) from an HF folder or training checkpoint.
 
     Call after `parallel.init_parallel`; every rank of the model-parallel group calls it."""
-    from transformers import AutoTokenizer
-
     from masa_megatron.config import ModelConfig
+    from masa_megatron.data.chat_tokenizer import load_chat_tokenizer
     from masa_megatron.masa.meta_head import HEAD_FILE, load_meta_head
     from masa_megatron.model import build_gpt_model, load_hf_weights
     from masa_megatron.model.checkpoint_io import (HF_SUBDIR, load_dist_checkpoint,
@@ -45,13 +46,13 @@ def load_policy(model_path: str | Path, model_cfg=None):
         raise UserError(f"model '{path}': neither a Hugging Face folder (config.json) nor a "
                         f"training checkpoint (model/{HF_SUBDIR}/config.json)")
     model_cfg.hf_path = str(hf_dir)
+    tokenizer = load_chat_tokenizer(hf_dir, "model")
     padded = read_checkpoint_meta(ckpt)["padded_vocab_size"] if ckpt is not None else None
     model = build_gpt_model(str(hf_dir), model_cfg, padded_vocab=padded)
     if ckpt is None:
         load_hf_weights(model, hf_dir)
     else:
         load_dist_checkpoint(model, ckpt)
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     head = load_meta_head(path) if (path / HEAD_FILE).is_file() else None
     return model, tokenizer, hf_dir, head
 
@@ -94,6 +95,9 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size (under torchrun)")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size (under torchrun)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the results already in --out (by default a run continues them, "
+                        "and stops if they come from another model, benchmark file or setting)")
     args = p.parse_args(argv)
     for name in ("n", "max_tokens", "problems_per_batch"):
         if getattr(args, name) < 1:
@@ -190,6 +194,7 @@ def evaluate(policy, args: argparse.Namespace, *, log=print) -> dict:
     from masa_megatron.eval.benchmarks import load_benchmarks, parse_field_overrides
     from masa_megatron.eval.report import ResultsStore, write_report
     from masa_megatron.metrics import Progress, is_logging_rank
+    from masa_megatron.parallel import broadcast_from_rank0
     from masa_megatron.rollout.embedded import EmbeddedEngine
 
     model, tokenizer, hf_dir, head = policy
@@ -209,6 +214,16 @@ def evaluate(policy, args: argparse.Namespace, *, log=print) -> dict:
         answer_fields=parse_field_overrides(args.answer_field, "--answer-field"))
     out = Path(args.out)
     writer = is_logging_rank()
+    refused = None
+    if writer:
+        from masa_megatron.eval.manifest import build_manifest, claim_output
+        try:
+            claim_output(out, build_manifest(args, benchmarks), args.restart)
+        except UserError as err:
+            refused = str(err)
+    refused = broadcast_from_rank0(refused)     # every rank stops, not only rank 0
+    if refused:
+        raise UserError(refused)
     store = ResultsStore(out / "results.jsonl")
     done = store.completed_ids()
     pending = [(b.name, p) for b in benchmarks for p in b.problems if p.id not in done]
@@ -234,13 +249,15 @@ def evaluate(policy, args: argparse.Namespace, *, log=print) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from masa_megatron.config import ParallelConfig
+    from masa_megatron.lifecycle import output_lock
     from masa_megatron.parallel import destroy_parallel, init_parallel
 
     args = _parse(argv)
-    init_parallel(ParallelConfig(tensor_model_parallel_size=args.tp,
-                                 pipeline_model_parallel_size=args.pp))
-    try:
-        evaluate(load_policy(args.model), args)
-    finally:
-        destroy_parallel()
+    with output_lock(args.out, "--out"):
+        init_parallel(ParallelConfig(tensor_model_parallel_size=args.tp,
+                                     pipeline_model_parallel_size=args.pp))
+        try:
+            evaluate(load_policy(args.model), args)
+        finally:
+            destroy_parallel()
     return 0

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from masa_megatron.compat.cpu import trim_host_memory
 from masa_megatron.config import ModelConfig
 from masa_megatron.model.hf_config import (
-    HFConfigLike, ModelLoadError, RopeSpec, decoder_shape, read_hf_config)
+    HFConfigLike, ModelLoadError, RopeSpec, decoder_shape, parallel_layout_problem, read_hf_config)
 from masa_megatron.model.registry import FamilySpec, family_for
 from masa_megatron.parallel import sequence_parallel_enabled
 
@@ -87,6 +87,9 @@ def transformer_config_from_hf(hf_config: HFConfigLike, model_cfg: ModelConfig):
     family = family_for(cfg)
     shape = decoder_shape(cfg)
     tp, pp, cp = _parallel_sizes()
+    problem = parallel_layout_problem(shape, tp, pp)
+    if problem is not None:
+        raise ModelLoadError(f"config.json: {problem[1]}")
     dtype = _DTYPES[model_cfg.dtype]
     cuda = torch.cuda.is_available()
     fp8 = {}
@@ -205,13 +208,6 @@ def build_gpt_model(hf_config: HFConfigLike, model_cfg: ModelConfig, *,
     shape = decoder_shape(cfg)
     spec_name = resolve_layer_spec(model_cfg.layer_spec)
     config = transformer_config_from_hf(cfg, model_cfg)
-    if shape.num_layers % config.pipeline_model_parallel_size:
-        raise ModelLoadError(f"config.json: num_hidden_layers={shape.num_layers} is not divisible "
-                             f"by pipeline_model_parallel_size={config.pipeline_model_parallel_size}")
-    if shape.num_kv_heads % config.tensor_model_parallel_size:
-        raise ModelLoadError(f"config.json: num_key_value_heads={shape.num_kv_heads} is not "
-                             f"divisible by tensor_model_parallel_size="
-                             f"{config.tensor_model_parallel_size}")
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) \
             if ps.model_parallel_is_initialized() else True

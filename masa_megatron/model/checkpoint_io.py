@@ -38,6 +38,19 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_HF_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def checkpoint_dtype(meta: dict) -> str:
+    """The parameter dtype a checkpoint was saved in (fp32 | bf16 | fp16): `params_dtype` of
+    `masa_model.json`, else (checkpoints written before it was recorded) its HF config's dtype."""
+    if meta.get("params_dtype"):
+        return meta["params_dtype"]
+    hf = meta.get("hf_config") or {}
+    return _HF_DTYPE_NAMES.get(str(hf.get("torch_dtype") or hf.get("dtype")), "fp32")
+
+
 def _model_meta(model) -> dict:
     from megatron.core import package_info
     from megatron.core import parallel_state as ps
@@ -49,6 +62,7 @@ def _model_meta(model) -> dict:
         "family": gpt.masa_family,
         "layer_spec": gpt.masa_layer_spec,
         "padded_vocab_size": gpt.vocab_size,
+        "params_dtype": _DTYPE_NAMES.get(next(gpt.parameters()).dtype, "fp32"),
         "tensor_model_parallel_size": tp,
         "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
         "megatron_core_version": package_info.__version__,
@@ -106,6 +120,41 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def check_dist_checkpoint(ckpt_dir: str | Path, owner: Optional[str | Path] = None) -> None:
+    """ModelLoadError naming the checkpoint (`owner`, default `ckpt_dir`; files are named
+    relative to it) and the shard when its index (`.metadata`) is unreadable, or a shard it lists
+    is missing or shorter than the byte ranges the index puts in it (a truncated write). Cheap:
+    reads the index and stats the shards, not their data."""
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ckpt_dir = Path(ckpt_dir)
+    owner = Path(owner) if owner is not None else ckpt_dir
+    rel = ckpt_dir.relative_to(owner).as_posix() + "/" if ckpt_dir != owner else ""
+
+    def damaged(what: str) -> ModelLoadError:
+        return ModelLoadError(f"checkpoint {owner} is damaged: {what}")
+
+    if not (ckpt_dir / ".metadata").is_file():
+        raise damaged(f"its index {rel}.metadata is missing")
+    try:
+        index = FileSystemReader(str(ckpt_dir)).read_metadata()
+    except (EOFError, OSError, ValueError, pickle.UnpicklingError, AttributeError) as err:
+        raise damaged(f"its index {rel}.metadata cannot be read ({type(err).__name__})") from None
+    needed: dict[str, int] = {}
+    for info in (index.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = ckpt_dir / name
+        if not shard.is_file():
+            raise damaged(f"shard {rel}{name} is missing")
+        if shard.stat().st_size < size:
+            raise damaged(f"shard {rel}{name} has {shard.stat().st_size} bytes, its index "
+                          f"needs {size}")
+
+
 def load_dist_checkpoint(models, ckpt_dir: str | Path) -> None:
     """Load a model checkpoint saved at any TP/PP into this rank's model (collective).
 
@@ -120,6 +169,7 @@ def load_dist_checkpoint(models, ckpt_dir: str | Path) -> None:
             f"{Path(ckpt_dir) / META_NAME}: the checkpoint's padded vocabulary has "
             f"{meta['padded_vocab_size']} rows, the model {model.vocab_size}; build the model "
             f"with padded_vocab={meta['padded_vocab_size']}")
+    check_dist_checkpoint(ckpt_dir)
     request = model.sharded_state_dict()
     state = dist_checkpointing.load(request, str(ckpt_dir))
     # a training checkpoint also holds optimizer and scheduler state: keep the model's entries

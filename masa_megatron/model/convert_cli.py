@@ -3,7 +3,7 @@
 Both run in one process for TP = PP = 1; for a larger layout launch TP x PP (x DP) processes:
 
     torchrun --nproc_per_node=2 tools/convert_hf_to_megatron.py --hf DIR --out CKPT --tp 2
-    python tools/convert_megatron_to_hf.py --ckpt CKPT --out HF_DIR --dtype bf16
+    python tools/convert_megatron_to_hf.py --ckpt CKPT --out HF_DIR    # dtype: the checkpoint's
 
 A Megatron checkpoint saved at any TP/PP (by the converter or by the trainer under
 <ckpt>/model) is exported at whatever layout the export runs with.
@@ -30,6 +30,13 @@ def _layout_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
 
 
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    """--out must not hold anything unless --overwrite (checked before any work)."""
+    from masa_megatron.errors import UserError
+    if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
+        raise UserError(f"--out {out}: exists; pass --overwrite to replace it")
+
+
 def _say(message: str) -> None:
     import torch
 
@@ -39,7 +46,7 @@ def _say(message: str) -> None:
 
 def _run(body, args) -> int:
     from masa_megatron.config import ParallelConfig
-    from masa_megatron.model.hf_config import ModelLoadError
+    from masa_megatron.errors import UserError
     from masa_megatron.parallel import destroy_parallel, init_parallel
 
     try:
@@ -51,9 +58,9 @@ def _run(body, args) -> int:
     try:
         body(args)
         return 0
-    except (ModelLoadError, FileExistsError) as err:
+    except (UserError, FileExistsError) as err:   # bad input: one line, exit code 2
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     finally:
         destroy_parallel()
 
@@ -70,9 +77,14 @@ def hf_to_megatron_main(argv: Optional[list[str]] = None) -> int:
                         help="parameter dtype of the saved checkpoint (default fp32)")
     parser.add_argument("--layer-spec", default="auto", choices=("auto", "local", "te"))
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
 
     def body(args):
+        import shutil
+
+        import torch
+
         from masa_megatron.config import ModelConfig
         from masa_megatron.model.builder import build_gpt_model
         from masa_megatron.model.checkpoint_io import save_dist_checkpoint
@@ -81,8 +93,12 @@ def hf_to_megatron_main(argv: Optional[list[str]] = None) -> int:
         model_cfg = ModelConfig(hf_path=str(args.hf), dtype=args.dtype,
                                 layer_spec=args.layer_spec,
                                 make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+        _refuse_existing(args.out, args.overwrite)
         model = build_gpt_model(args.hf, model_cfg)
         load_hf_weights(model, args.hf, progress=True)
+        if args.out.exists() and (not torch.distributed.is_initialized()
+                                  or torch.distributed.get_rank() == 0):
+            shutil.rmtree(args.out)            # --overwrite (checked above)
         _say(f"saving distributed checkpoint to {args.out}")
         save_dist_checkpoint(model, args.out, hf_source_dir=args.hf)
         _say("done")
@@ -100,8 +116,8 @@ def megatron_to_hf_main(argv: Optional[list[str]] = None) -> int:
                         help="model checkpoint folder (with masa_model.json)")
     parser.add_argument("--out", required=True, type=Path, help="output HF folder")
     _layout_args(parser)
-    parser.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"),
-                        help="dtype of the exported tensors (default bf16)")
+    parser.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+                        help="dtype of the exported tensors (default: the checkpoint's own)")
     parser.add_argument("--hf-config", type=Path, default=None,
                         help="folder whose config/tokenizer files to use instead of <ckpt>/hf")
     parser.add_argument("--max-shard-size", default="2GB", help="e.g. 500MB, 2GB (default 2GB)")
@@ -112,10 +128,14 @@ def megatron_to_hf_main(argv: Optional[list[str]] = None) -> int:
         from masa_megatron.config import ModelConfig
         from masa_megatron.model.builder import build_gpt_model
         from masa_megatron.model.checkpoint_io import (
-            HF_SUBDIR, load_dist_checkpoint, read_checkpoint_meta)
+            HF_SUBDIR, check_dist_checkpoint, checkpoint_dtype, load_dist_checkpoint,
+            read_checkpoint_meta)
         from masa_megatron.model.hf_io import export_hf_checkpoint
 
+        _refuse_existing(args.out, args.overwrite)
         meta = read_checkpoint_meta(args.ckpt)
+        check_dist_checkpoint(args.ckpt)
+        dtype = args.dtype or checkpoint_dtype(meta)
         source = args.hf_config or args.ckpt / HF_SUBDIR
         hf_config = source if args.hf_config else meta["hf_config"]
         model_cfg = ModelConfig(hf_path=str(source), layer_spec=meta.get("layer_spec", "auto"))
@@ -123,9 +143,10 @@ def megatron_to_hf_main(argv: Optional[list[str]] = None) -> int:
         _say(f"loading {args.ckpt} (saved at TP={meta['tensor_model_parallel_size']}, "
              f"PP={meta['pipeline_model_parallel_size']})")
         load_dist_checkpoint(model, args.ckpt)
-        export_hf_checkpoint(model, args.out, dtype=args.dtype, source_dir=source,
+        export_hf_checkpoint(model, args.out, dtype=dtype, source_dir=source,
                              max_shard_bytes=_size(args.max_shard_size),
                              overwrite=args.overwrite, progress=True)
-        _say(f"wrote {args.out}")
+        origin = "as asked" if args.dtype else "the checkpoint's own"
+        _say(f"wrote {args.out} (dtype {dtype}, {origin})")
 
     return _run(body, args)

@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from masa_megatron.errors import UserError
+
 HFConfigLike = Union[str, Path, dict, Any]
 
 
-class ModelLoadError(RuntimeError):
-    """A checkpoint or config that cannot be used; the message names the file and tensor."""
+class ModelLoadError(UserError, RuntimeError):
+    """A checkpoint or config that cannot be used; the message names the file and tensor (the
+    `masa` command prints it as one line, exit code 2)."""
 
 
 @dataclass(frozen=True)
@@ -119,3 +122,15 @@ def decoder_shape(cfg: dict) -> DecoderShape:
         )
     except KeyError as err:
         raise ModelLoadError(f"config.json: required key {err} is missing") from None
+
+
+def parallel_layout_problem(shape: DecoderShape, tp: int, pp: int) -> Optional[tuple[str, str]]:
+    """(kind, why) when the layout cannot split the model (attention and KV heads over TP,
+    layers over PP; kind "tensor" or "pipeline"), else None. Checked before Megatron, which
+    would assert on every rank."""
+    for name, count, size, kind in (("num_attention_heads", shape.num_heads, tp, "tensor"),
+                                    ("num_key_value_heads", shape.num_kv_heads, tp, "tensor"),
+                                    ("num_hidden_layers", shape.num_layers, pp, "pipeline")):
+        if count % size:
+            return kind, f"{name}={count} is not divisible by the {kind}-parallel size {size}"
+    return None

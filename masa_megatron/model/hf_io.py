@@ -30,6 +30,7 @@ from masa_megatron.model.hf_config import ModelLoadError, decoder_shape
 from masa_megatron.model.registry import FamilySpec, Split, WeightRule, family_for
 from masa_megatron.model.safetensors_io import INDEX_NAME, HFCheckpoint, SafetensorsWriter
 from masa_megatron.model.sharding import Piece, hf_shapes, shard_pieces, shard_views
+from masa_megatron.parallel import broadcast_from_rank0
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -149,14 +150,6 @@ def _dist() -> tuple[int, int]:
     if torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _broadcast_object(obj):
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class _StageFiles:
@@ -295,7 +288,7 @@ def export_hf_checkpoint(models, out_dir: str | Path, *, dtype: str = "bf16",
         plan = ("error", f"{target} exists (pass overwrite=True to replace it)") \
             if target.exists() and not overwrite else \
             ("tmp", str(target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")))
-    kind, value = _broadcast_object(plan)
+    kind, value = broadcast_from_rank0(plan)
     if kind == "error":
         raise FileExistsError(value)
     tmp = Path(value)

@@ -42,9 +42,9 @@ from typing import Any, Optional, Sequence
 
 from masa_megatron.rollout.base import (FINISH_ABORT, FINISH_REASONS, Completion,
                                         GenerationRequest, GenerationResult, RolloutEngine)
-from masa_megatron.rollout.sglang_launch import (EngineError, HTTPClient, ManagedProcess,
-                                                 ServerOptions, launch_router, launch_servers,
-                                                 wait_healthy)
+from masa_megatron.rollout.sglang_launch import (ATTACHED_REFUSED_LIMIT, EngineError, HTTPClient,
+                                                 ManagedProcess, ServerOptions, launch_router,
+                                                 launch_servers, wait_healthy)
 
 __all__ = ["EngineError", "HTTPClient", "SGLangEngine", "generate_payloads", "parse_completions"]
 
@@ -157,8 +157,9 @@ class SGLangEngine(RolloutEngine):
                                                     health_timeout_s=health_timeout_s)
                     urls = [p.url for p in self.processes]
                 else:
-                    for url in urls:
-                        wait_healthy(url, health_timeout_s)
+                    for url in urls:   # not ours: a refused connection will not go away
+                        wait_healthy(url, health_timeout_s,
+                                     refused_limit=ATTACHED_REFUSED_LIMIT)
                 if router:
                     extra = {"module": router_module} if router_module else {}
                     proc = launch_router(urls, host=host, log_dir=log_dir, env=launch_env,

@@ -200,12 +200,20 @@ def stop_all(grace_s: float = 5.0) -> None:
 atexit.register(stop_all)
 
 
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def wait_healthy(url: str, timeout_s: float, *, process: Optional[ManagedProcess] = None,
-                 path: str = "/health", interval_s: float = 0.5) -> None:
+                 path: str = "/health", interval_s: float = 0.5, report_every_s: float = 30.0,
+                 refused_limit: Optional[int] = None, say=_say) -> None:
     """Poll GET url+path until HTTP 200. EngineError naming the URL (and quoting the log tail of
-    `process`) when it exits first or `timeout_s` passes."""
-    deadline = time.monotonic() + timeout_s
-    last = "no answer yet"
+    `process`) when it exits first or `timeout_s` passes. Every `report_every_s` it says what it
+    waits for and for how long. `refused_limit=k` (a server we attach to, not one we started:
+    it will not come up by itself): k refused connections in a row end the wait at once."""
+    started = time.monotonic()
+    deadline, next_report = started + timeout_s, started + report_every_s
+    last, refused = "no answer yet", 0
     while True:
         if process is not None and not process.alive():
             raise EngineError(f"SGLang server {url}: process {process.name} exited with code "
@@ -219,12 +227,29 @@ def wait_healthy(url: str, timeout_s: float, *, process: Optional[ManagedProcess
         except urllib.error.HTTPError as err:
             last = f"HTTP {err.code}"
         except (urllib.error.URLError, OSError) as err:
-            last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
-        if time.monotonic() >= deadline:
+            reason = getattr(err, "reason", err)
+            last = f"{type(err).__name__}: {reason}"
+            refused = refused + 1 if isinstance(reason, ConnectionRefusedError) else 0
+        else:
+            refused = 0
+        now = time.monotonic()
+        if refused_limit is not None and refused >= refused_limit:
+            raise EngineError(f"SGLang server {url}: connection refused {refused} times in "
+                              f"{now - started:.1f} s; nothing listens there, and a server given "
+                              f"in rollout.sglang_urls is not started by us: start it or fix "
+                              f"the URL")
+        if now >= deadline:
             tail = f"; log {process.log_path}:\n{process.tail()}" if process is not None else ""
             raise EngineError(f"SGLang server {url}: not healthy after {timeout_s:.0f} s "
                               f"(GET {path}: {last}){tail}")
+        if now >= next_report:
+            say(f"waiting for SGLang server {url}: {now - started:.0f} s of {timeout_s:.0f} s "
+                f"(GET {path}: {last})")
+            next_report += report_every_s
         time.sleep(interval_s)
+
+
+ATTACHED_REFUSED_LIMIT = 5     # refused connections in a row before an attached URL is given up
 
 
 def launch_servers(template: ServerOptions, num_servers: int, *, health_timeout_s: float,

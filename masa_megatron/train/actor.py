@@ -225,11 +225,12 @@ class Actor:
         for item in store:
             row = torch.stack([item[k].to(self.device, torch.float64) for k in keys])
             values = torch.where(is_max, torch.maximum(values, row), values + row)
-        if self._dp_size > 1:
-            maxed, summed = values.clone(), values.clone()
+        if self._dp_size > 1:   # a MAX all-reduce may drop a NaN: a NaN anywhere stays NaN
+            maxed, summed, nan = values.clone(), values.clone(), values.isnan().double()
             dist.all_reduce(summed, group=self._dp_group)
             dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=self._dp_group)
-            values = torch.where(is_max, maxed, summed)
+            dist.all_reduce(nan, op=dist.ReduceOp.MAX, group=self._dp_group)
+            values = torch.where(is_max, maxed, summed).masked_fill(nan > 0, float("nan"))
         values = self._broadcast_tensor(values)
         return dict(zip(keys, values.tolist()))
 
@@ -506,8 +507,9 @@ def _summarize_steps(steps: list[dict[str, float]], prefix: str) -> dict[str, fl
     totals: dict[str, float] = {}
     for step in steps:
         for key, value in step.items():
-            if key.endswith("_max"):
-                totals[key] = max(totals.get(key, 0.0), value)
+            if key.endswith("_max"):   # NaN wins (Python's max(0.0, nan) would say 0.0)
+                old = totals.get(key, 0.0)
+                totals[key] = value if math.isnan(value) or value > old else old
             elif key.endswith(("_sum", "_count")):
                 totals[key] = totals.get(key, 0.0) + value
     out = {f"{prefix}/{k}": v for k, v in summarize_policy_metrics(totals).items()}

@@ -14,7 +14,9 @@ Layout under the checkpoint root:
     .tmp-step_000012/       a write in progress (or a crash mid-write): never loaded, removed later
 
 `resume=auto` takes `latest` (or, if it is missing or stale, the newest folder with COMPLETE).
-A crash at any point leaves the previous complete checkpoint and `latest` intact.
+A crash at any point leaves the previous complete checkpoint and `latest` intact. A checkpoint
+that fails `verify` (a truncated shard: check_saved_checkpoint) stops the resume naming it, or,
+with `fallback_on_corrupt`, is set aside as `.damaged-step_N/` and the previous one is taken.
 """
 from __future__ import annotations
 
@@ -60,11 +62,27 @@ def _fsync_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_saved_checkpoint(folder: Path) -> None:
+    """UserError naming `folder` and the damaged file: a model/optimizer shard shorter than its
+    index says, or a trainer state file that is not a complete torch archive."""
+    import zipfile
+
+    from masa_megatron.model.checkpoint_io import check_dist_checkpoint
+    check_dist_checkpoint(folder / "model", owner=folder)
+    for state in sorted((folder / "trainer").glob("*.pt")):
+        if not zipfile.is_zipfile(state):
+            raise UserError(f"checkpoint {folder} is damaged: {state.relative_to(folder)} is "
+                            f"truncated or not a torch archive")
+
+
 class CheckpointManager:
-    def __init__(self, root: str | Path, keep_last: int = 3, log: Callable[[str], None] = print):
+    def __init__(self, root: str | Path, keep_last: int = 3, log: Callable[[str], None] = print,
+                 verify: Optional[Callable[[Path], None]] = None):
+        """`verify(folder)` raises UserError when a complete checkpoint is damaged."""
         self.root = Path(root)
         self.keep_last = keep_last
         self.log = log
+        self.verify = verify
 
     def complete_checkpoints(self) -> list[Path]:
         if not self.root.is_dir():
@@ -81,24 +99,65 @@ class CheckpointManager:
         complete = self.complete_checkpoints()
         return complete[-1] if complete else None
 
-    def resolve(self, resume: str) -> Optional[Path]:
-        """`auto` -> newest complete (or None), `none` -> None, else an explicit folder."""
+    def resolve(self, resume: str, fallback_on_corrupt: bool = False) -> Optional[Path]:
+        """`auto` -> newest complete (or None), `none` -> None, else an explicit folder.
+        Collective when `fallback_on_corrupt` sets a damaged checkpoint aside (rank 0 moves it)."""
         if resume == "none":
             return None
-        if resume == "auto":
-            found = self.latest()
-            partial = sorted(self.root.glob(".tmp-step_*")) if self.root.is_dir() else []
-            if partial:
-                self.log(f"checkpoint: ignoring incomplete write(s) "
-                         f"{', '.join(p.name for p in partial)} (interrupted while saving)")
-            if found is not None:
-                self.log(f"checkpoint: resuming from {found}")
-            return found
-        path = Path(resume)
-        if not (path / COMPLETE).is_file():
-            raise UserError(f"checkpoint.resume: '{resume}' is not a complete checkpoint "
-                            f"(no {COMPLETE} marker)")
-        return path
+        if resume != "auto":
+            path = Path(resume)
+            if not (path / COMPLETE).is_file():
+                raise UserError(f"checkpoint.resume: '{resume}' is not a complete checkpoint "
+                                f"(no {COMPLETE} marker)")
+            if self.verify is not None:
+                self.verify(path)
+            return path
+        found = self.latest()
+        partial = sorted(self.root.glob(".tmp-step_*")) if self.root.is_dir() else []
+        if partial:
+            self.log(f"checkpoint: ignoring incomplete write(s) "
+                     f"{', '.join(p.name for p in partial)} (interrupted while saving)")
+        damaged = []
+        while found is not None and self.verify is not None:
+            try:
+                self.verify(found)
+                break
+            except UserError as err:
+                step = int(found.name.split("_")[1])
+                earlier = [p for p in self.complete_checkpoints()
+                           if int(p.name.split("_")[1]) < step and p not in damaged]
+                previous = earlier[-1] if earlier else None
+                if not fallback_on_corrupt:
+                    hint = (f"set checkpoint.fallback_on_corrupt=true to resume from "
+                            f"{previous.name}" if previous else
+                            "no earlier complete checkpoint: set checkpoint.resume=none to "
+                            "start afresh")
+                    raise UserError(f"{err}; {hint}") from None
+                if previous is None:
+                    raise UserError(f"{err}; no earlier complete checkpoint to fall back to: "
+                                    f"set checkpoint.resume=none to start afresh") from None
+                self.log(f"checkpoint: {err}; falling back to {previous.name} "
+                         f"(checkpoint.fallback_on_corrupt)")
+                damaged.append(found)
+                found = previous
+        if damaged:
+            self._set_aside(damaged, found)
+        if found is not None:
+            self.log(f"checkpoint: resuming from {found}")
+        return found
+
+    def _set_aside(self, damaged: list[Path], resumed: Path) -> None:
+        """Rank 0 renames damaged checkpoints to .damaged-step_N (kept for inspection, out of
+        resume and retention) and points `latest` at the one resumed."""
+        rank, _ = _rank_and_world()
+        _barrier()
+        if rank == 0:
+            for path in damaged:
+                aside = path.with_name(f".damaged-{path.name}")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(path, aside)
+            _fsync_write(self.root / LATEST, resumed.name + "\n")
+        _barrier()
 
     def save(self, step: int, write: Callable[[Path], None]) -> Path:
         """Collective: every rank calls it; `write(tmp_dir)` writes this rank's part."""

@@ -19,8 +19,7 @@ EVAL_SUBSET_SEED = 0
 
 def build_training(cfg: ExperimentConfig, *, log=print):
     """Model, optimizer, actor, engine, data, planner, head, checkpoints -> (LoopParts, start)."""
-    from transformers import AutoTokenizer
-
+    from masa_megatron.data.chat_tokenizer import load_chat_tokenizer
     from masa_megatron.data.prompts import filter_by_prompt_length
     from masa_megatron.data.sampler import ResumableSampler
     from masa_megatron.eval.benchmarks import read_problems
@@ -35,7 +34,8 @@ def build_training(cfg: ExperimentConfig, *, log=print):
     from masa_megatron.rewards.registry import get_batch_reward
     from masa_megatron.rollout.base import get_engine_class
     from masa_megatron.train.actor import Actor
-    from masa_megatron.train.checkpoint import (CheckpointManager, load_data_parallel_list,
+    from masa_megatron.train.checkpoint import (CheckpointManager, check_saved_checkpoint,
+                                                load_data_parallel_list,
                                                 load_trainer_state)
     from masa_megatron.train.dist import DataParallelInfo
     from masa_megatron.train.loop import LoopParts
@@ -44,9 +44,22 @@ def build_training(cfg: ExperimentConfig, *, log=print):
     out_dir = Path(cfg.trainer.output_dir)
     checkpoints = CheckpointManager(cfg.checkpoint.dir or out_dir / "checkpoints",
                                     cfg.checkpoint.keep_last, log=log if is_logging_rank() else
-                                    (lambda m: None))
-    resume_from = checkpoints.resolve(cfg.checkpoint.resume)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+                                    (lambda m: None), verify=check_saved_checkpoint)
+    resume_from = checkpoints.resolve(cfg.checkpoint.resume, cfg.checkpoint.fallback_on_corrupt)
+    tokenizer = load_chat_tokenizer(cfg.model.hf_path, "model.hf_path")
+    problems, skipped = [], 0
+    for i, path in enumerate(cfg.data.train_files):
+        bench = read_problems(path, what=f"data.train_files[{i}]")
+        problems += bench.problems
+        skipped += bench.n_skipped
+    problems, too_long = filter_by_prompt_length(
+        problems, tokenizer, prompt_config_from(cfg), problem_of=lambda p: p.problem,
+        with_meta=cfg.masa.mode != "grpo")
+    if is_logging_rank():
+        log(f"data: {len(problems)} training problems ({skipped} malformed rows skipped, "
+            f"{too_long} dropped for a prompt over {cfg.rollout.max_prompt_length} tokens)")
+    if not problems:
+        raise UserError("data.train_files: no usable training problems")
     # a checkpoint saved at another TP has another padded vocabulary: build with its size
     padded = (read_checkpoint_meta(resume_from / "model")["padded_vocab_size"]
               if resume_from is not None else None)
@@ -65,19 +78,6 @@ def build_training(cfg: ExperimentConfig, *, log=print):
     engine = get_engine_class(cfg.rollout.engine).from_config(   # the whole config: SGLang
         model, cfg, vocab_size=vocab, eos_token_ids=[tokenizer.eos_token_id])
 
-    problems, skipped = [], 0
-    for path in cfg.data.train_files:
-        bench = read_problems(path)
-        problems += bench.problems
-        skipped += bench.n_skipped
-    problems, too_long = filter_by_prompt_length(
-        problems, tokenizer, prompt_config_from(cfg), problem_of=lambda p: p.problem,
-        with_meta=cfg.masa.mode != "grpo")
-    if is_logging_rank():
-        log(f"data: {len(problems)} training problems ({skipped} malformed rows skipped, "
-            f"{too_long} dropped for a prompt over {cfg.rollout.max_prompt_length} tokens)")
-    if not problems:
-        raise UserError("data.train_files: no usable training problems")
     sampler = ResumableSampler(len(problems), cfg.data.prompt_batch_size, cfg.data.seed,
                                cfg.data.shuffle)
     planner = RolloutPlanner(cfg, tokenizer, engine, *resolve_policies(cfg.masa))
@@ -93,7 +93,7 @@ def build_training(cfg: ExperimentConfig, *, log=print):
     parts = LoopParts(
         cfg=cfg, tokenizer=tokenizer, problems=problems, sampler=sampler, planner=planner,
         actor=actor, engine=engine, grade_batch=get_batch_reward(cfg.data.reward),
-        sinks=open_sinks(cfg.logging, out_dir, cfg.name, config=None) if logging_rank else None,
+        sinks=None,                                  # opened below, once the start step is known
         dp=dp, head=head, checkpoints=checkpoints,
         progress=Progress(cfg.trainer.steps, cfg.name, enabled=cfg.logging.progress and
                           logging_rank),
@@ -117,6 +117,8 @@ def build_training(cfg: ExperimentConfig, *, log=print):
         start = common["step"]
         parts.progress.step = parts.progress._s0 = start
         engine.update_weights(actor.model_chunks, version=start)
+    if logging_rank:   # rows of the steps about to be rerun are dropped: one row per step
+        parts.sinks = open_sinks(cfg.logging, out_dir, cfg.name, config=None, resume_step=start)
     return parts, start
 
 
@@ -138,8 +140,9 @@ def build_evaluator(cfg: ExperimentConfig, engine, tokenizer, actor, head):
     eval_cfg.rollout.temperature = cfg.trainer.eval_temperature
     if cfg.trainer.eval_top_p is not None:
         eval_cfg.rollout.top_p = cfg.trainer.eval_top_p
-    problems = [(bench.name, p) for path in cfg.data.eval_files
-                for bench in [read_problems(path)] for p in bench.problems]
+    problems = [(bench.name, p) for i, path in enumerate(cfg.data.eval_files)
+                for bench in [read_problems(path, what=f"data.eval_files[{i}]")]
+                for p in bench.problems]
     if cfg.trainer.eval_subset:   # fixed across steps and runs: seed EVAL_SUBSET_SEED
         keep = {p.id for p in seeded_sample([p for _, p in problems], cfg.trainer.eval_subset,
                                             EVAL_SUBSET_SEED)}
@@ -191,9 +194,6 @@ def save_checkpoint(parts, step: int) -> None:
 
 def run_training(config: Optional[str], overrides: list[str], recipe: Optional[str] = None,
                  log=print) -> int:
-    from masa_megatron.parallel import destroy_parallel, init_parallel
-    from masa_megatron.train.loop import run_loop
-
     base = None
     if recipe:
         from recipes import get_recipe
@@ -201,6 +201,20 @@ def run_training(config: Optional[str], overrides: list[str], recipe: Optional[s
     cfg = load_config(config, overrides, base=base)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate_environment(cfg, world_size=world)
+    import contextlib
+
+    from masa_megatron.lifecycle import output_lock
+    with contextlib.ExitStack() as held:   # two runs never share an output or checkpoint folder
+        held.enter_context(output_lock(cfg.trainer.output_dir, "trainer.output_dir"))
+        if cfg.checkpoint.dir:
+            held.enter_context(output_lock(cfg.checkpoint.dir, "checkpoint.dir"))
+        return _train(cfg, world, log)
+
+
+def _train(cfg: ExperimentConfig, world: int, log) -> int:
+    from masa_megatron.parallel import destroy_parallel, init_parallel
+    from masa_megatron.train.loop import run_loop
+
     init_parallel(cfg.parallel, seed=cfg.model.seed)
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
