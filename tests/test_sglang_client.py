@@ -291,3 +291,36 @@ def test_from_config_launches_deterministic_servers_when_configured(monkeypatch,
         with pytest.raises(EngineError, match="launch recorded"):
             SGLangEngine.from_config(None, cfg)
     assert ["--enable-deterministic-inference" in cmd for cmd in launched] == [True, False]
+
+
+def test_servers_and_router_start_with_the_configured_sglang_python(monkeypatch, tmp_path):
+    """rollout.sglang_python: SGLang in its own interpreter (it pins its own torch; the cluster
+    image puts it in /opt/sglang) runs the servers and the router; empty means this one."""
+    import sys
+
+    import masa_megatron.rollout.sglang as sglang_module
+    from masa_megatron.config import ExperimentConfig
+    from masa_megatron.rollout.sglang_launch import server_command
+
+    launched = []
+
+    def record_servers(opts, num_servers, **kwargs):
+        launched.append(server_command(opts))
+        return [type("P", (), {"url": f"http://127.0.0.1:{9000 + i}", "stop": lambda s: None})()
+                for i in range(num_servers)]
+
+    def record_router(urls, **kwargs):
+        launched.append([kwargs.get("python"), "router"])
+        raise EngineError("launch recorded")
+
+    monkeypatch.setattr(sglang_module, "launch_servers", record_servers)
+    monkeypatch.setattr(sglang_module, "launch_router", record_router)
+    cfg = ExperimentConfig()
+    cfg.model.hf_path, cfg.trainer.output_dir = str(tmp_path), str(tmp_path)
+    cfg.rollout.engine, cfg.rollout.sglang_router = "sglang", True
+    for python in ("/opt/sglang/bin/python", ""):
+        cfg.rollout.sglang_python = python
+        with pytest.raises(EngineError, match="launch recorded"):
+            SGLangEngine.from_config(None, cfg)
+    assert [cmd[0] for cmd in launched] == ["/opt/sglang/bin/python", "/opt/sglang/bin/python",
+                                            sys.executable, sys.executable]
