@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -81,6 +82,7 @@ class RolloutConfig:
     sglang_max_retries: int = 3
     sglang_retry_backoff_s: float = 1.0
     sglang_deterministic: bool = False     # --enable-deterministic-inference (seeded sampling)
+    sglang_python: str = ""                # interpreter of the servers and router ("" = this one)
     weight_sync: str = "disk"              # disk | broadcast | tensor
     weight_sync_bucket_mb: int = 512
     weight_sync_verify: bool = False       # compare sampled weights after every sync
@@ -501,10 +503,14 @@ def validate_environment(cfg: ExperimentConfig, world_size: Optional[int] = None
             _fail("model.fp8", cfg.model.fp8, "FP8 needs CUDA; none is available here")
         if not has_te:
             _fail("model.fp8", cfg.model.fp8, "FP8 needs Transformer Engine, not installed")
-    if cfg.rollout.engine == "sglang" and not cfg.rollout.sglang_urls \
-            and importlib.util.find_spec("sglang") is None:
-        _fail("rollout.engine", "sglang", "sglang is not installed and no rollout.sglang_urls "
-              "were given to attach to")
+    if cfg.rollout.engine == "sglang" and not cfg.rollout.sglang_urls:
+        python = cfg.rollout.sglang_python
+        if python and not os.access(python, os.X_OK):
+            _fail("rollout.sglang_python", python, "no such executable")
+        if not python and importlib.util.find_spec("sglang") is None:
+            _fail("rollout.engine", "sglang", "sglang is not installed here, no "
+                  "rollout.sglang_python names an interpreter that has it, and no "
+                  "rollout.sglang_urls were given to attach to")
     if world_size is not None:
         p = cfg.parallel
         mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size

@@ -310,7 +310,7 @@ def test_servers_and_router_start_with_the_configured_sglang_python(monkeypatch,
                 for i in range(num_servers)]
 
     def record_router(urls, **kwargs):
-        launched.append([kwargs.get("python"), "router"])
+        launched.append([kwargs.get("python", sys.executable), "router"])   # its default
         raise EngineError("launch recorded")
 
     monkeypatch.setattr(sglang_module, "launch_servers", record_servers)

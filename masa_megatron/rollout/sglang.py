@@ -126,6 +126,7 @@ class SGLangEngine(RolloutEngine):
                  verify_sync: bool = False, seed: int = 0, deterministic: bool = False,
                  server_module: Optional[str] = None, router_module: Optional[str] = None,
                  launch_env: Optional[dict] = None, log_dir: Optional[str] = None,
+                 python: str = "",
                  extra_server_args: Sequence[str] = (), sync_options: Optional[dict] = None):
         if not urls and not model_path:
             raise EngineError("SGLang engine: give rollout.sglang_urls to attach to, or a model "
@@ -153,6 +154,8 @@ class SGLangEngine(RolloutEngine):
                                          extra_args=extra_server_args, env=dict(launch_env or {}))
                     if server_module:
                         opts.module = server_module
+                    if python:
+                        opts.python = python
                     self.processes = launch_servers(opts, num_servers, log_dir=log_dir,
                                                     health_timeout_s=health_timeout_s)
                     urls = [p.url for p in self.processes]
@@ -162,6 +165,8 @@ class SGLangEngine(RolloutEngine):
                                      refused_limit=ATTACHED_REFUSED_LIMIT)
                 if router:
                     extra = {"module": router_module} if router_module else {}
+                    if python:
+                        extra["python"] = python
                     proc = launch_router(urls, host=host, log_dir=log_dir, env=launch_env,
                                          port=router_port or base_port + 100,
                                          health_timeout_s=health_timeout_s, **extra)
@@ -204,6 +209,7 @@ class SGLangEngine(RolloutEngine):
             tp=cfg.sglang_tp, mem_fraction=cfg.sglang_mem_fraction, host=cfg.sglang_host,
             base_port=cfg.sglang_base_port, router=cfg.sglang_router,
             concurrency=cfg.sglang_concurrency, health_timeout_s=cfg.sglang_health_timeout_s,
+            python=cfg.sglang_python,
             colocate=cfg.colocate, weight_sync=cfg.weight_sync,
             bucket_mb=cfg.weight_sync_bucket_mb, seed=cfg.seed,
             deterministic=cfg.sglang_deterministic,

@@ -278,9 +278,10 @@ def launch_servers(template: ServerOptions, num_servers: int, *, health_timeout_
 
 def launch_router(worker_urls: Sequence[str], *, host: str, port: int, health_timeout_s: float,
                   log_dir: Optional[str] = None, module: str = ROUTER_MODULE,
-                  env: Optional[dict] = None) -> ManagedProcess:
+                  env: Optional[dict] = None, python: str = sys.executable) -> ManagedProcess:
     log_root = Path(log_dir or tempfile.mkdtemp(prefix="masa-sglang-"))
-    proc = ManagedProcess("sglang-router", router_command(worker_urls, host, port, module=module),
+    proc = ManagedProcess("sglang-router", router_command(worker_urls, host, port, module=module,
+                                                          python=python),
                           log_root / "router.log", env=env)
     proc.url = f"http://{_url_host(host)}:{port}"
     try:
