@@ -1,6 +1,6 @@
 """The SGLang rollout engine: launch or attach to SGLang servers, generate over HTTP.
 
-Pinned to sglang 0.5.x (checked against 0.5.3): request/response schemas from
+Pinned to sglang 0.5.23 (setup.py; checked by tests/test_sglang_contract.py): schemas from
 python/sglang/srt/managers/io_struct.py (GenerateReqInput, AbortReq,
 ReleaseMemoryOccupationReqInput, ...), routes from python/sglang/srt/entrypoints/http_server.py,
 sampling fields from python/sglang/srt/sampling/sampling_params.py.

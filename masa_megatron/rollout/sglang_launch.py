@@ -1,13 +1,13 @@
 """SGLang servers and sglang-router: command lines, processes, and the HTTP client to them.
 
-Pinned to sglang 0.5.x (flags of python/sglang/srt/server_args.py, checked against 0.5.3):
+Pinned to sglang 0.5.23 (flags of python/sglang/srt/server_args.py, parsed by its parser in CI):
 `python -m sglang.launch_server --model-path P --tp-size N --mem-fraction-static F --host H
 --port P --base-gpu-id G --random-seed S --skip-tokenizer-init [--enable-memory-saver]
 [--dtype D] [--enable-deterministic-inference]`. RL needs: `--skip-tokenizer-init` (we send
 input_ids and read output_ids, so the server never detokenises), `--enable-memory-saver` when
 colocated (makes /release_memory_occupation and /resume_memory_occupation work),
 `--enable-deterministic-inference` for per-request `sampling_seed` to be honoured.
-sglang-router (0.1.x/0.2.x): `python -m sglang_router.launch_router --worker-urls U1 U2 ...
+sglang-router 0.3.2: `python -m sglang_router.launch_router --worker-urls U1 U2 ...
 --host H --port P --policy cache_aware`.
 
 HTTP: `HTTPClient` runs aiohttp on a private event-loop thread (sync callers get results or

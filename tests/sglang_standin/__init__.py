@@ -1,4 +1,4 @@
-"""A stand-in for an SGLang 0.5.x server, for tests on machines where SGLang cannot run.
+"""A stand-in for an SGLang server (the version pinned in setup.py), for CPU tests.
 
 server.py serves SGLang's HTTP API (schemas.py) from a real tiny Megatron model (backend.py) or an
 echo backend, decodes tensor payloads like SGLang (payload.py) and injects faults (faults.py).
