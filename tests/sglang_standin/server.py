@@ -25,8 +25,10 @@ Behaviour kept from SGLang (and relied on by our code):
   /begin_weight_update ... /end_weight_update session (its scheduler refuses them otherwise;
   --no-begin-end serves an older SGLang without sessions);
 - memory: /release_memory_occupation takes SGLang's tags (kv_cache, weights, cuda_graph; none
-  = all). Its scheduler asserts that it is idle, and resuming a tag that is not released raises:
-  either kills SGLang's scheduler, so here it answers 500 and the process exits. Released
+  = all; an unknown tag is a 400 here, where SGLang ignores it). Its scheduler asserts that it
+  is idle, and resuming a tag that is not released raises: either kills SGLang's scheduler, as
+  does a tensor update with fewer entries than TP ranks, so here it answers 500 and the process
+  exits (SGLang's server dies without an answer; our client fails either way). Released
   weights are poisoned: after a resume, /generate fails until a sync has rewritten every
   tensor; /flush_cache fails while requests run.
 Generation requests arriving together are run as one batch in a worker thread.
@@ -51,7 +53,7 @@ if __package__ in (None, ""):
 from tests.sglang_standin import schemas  # noqa: E402
 from tests.sglang_standin.backend import EchoBackend, Item  # noqa: E402
 from tests.sglang_standin.faults import FaultPlan, fault_middleware  # noqa: E402
-from tests.sglang_standin.weights import TPRanks  # noqa: E402
+from tests.sglang_standin.weights import SchedulerCrash, TPRanks  # noqa: E402
 
 log = logging.getLogger("sglang_standin")
 
@@ -265,6 +267,8 @@ class StandIn:
             return result(False, problem)
         try:
             message = await self.run(fn, req)
+        except SchedulerCrash as err:
+            return await self._crash(str(err))
         except Exception as err:  # reported like SGLang: success false, HTTP 400
             return result(False, f"{type(err).__name__}: {err}")
         version = getattr(req, "weight_version", None)

@@ -27,6 +27,10 @@ from typing import Any, Callable, Optional
 import torch
 
 
+class SchedulerCrash(RuntimeError):
+    """What kills SGLang's scheduler (an uncaught error in a TP rank): the server goes down."""
+
+
 def hf_checksum(named: dict) -> str:
     """sha256 over name, dtype, shape and bytes of every tensor, in name order."""
     digest = hashlib.sha256()
@@ -176,9 +180,9 @@ class TPRanks:
     def load_payloads(self, entries: list, load_format: Optional[str]) -> int:
         from tests.sglang_standin.payload import decode, named_tensors
 
-        if len(entries) < self.tp:          # SGLang indexes entries[tp_rank]: an IndexError
-            raise IndexError(f"serialized_named_tensors has {len(entries)} entries for "
-                             f"{self.tp} TP ranks")
+        if len(entries) < self.tp:   # SGLang's TP rank indexes entries[tp_rank], uncaught
+            raise SchedulerCrash(f"IndexError: serialized_named_tensors has {len(entries)} "
+                                 f"entries for {self.tp} TP ranks")
         count = 0
         for r in range(self.tp):            # rank r opens only its own entry
             named = named_tensors(decode(entries[r])[0], load_format)
