@@ -29,3 +29,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def echo(tmp_path_factory):
+    """A stand-in SGLang server with the echo backend (no model), one per test module."""
+    from tests.sglang_standin import start_standin
+
+    proc = start_standin("/nonexistent-model", backend="echo",
+                         log_dir=str(tmp_path_factory.mktemp("echo_logs")))
+    yield proc
+    proc.stop()

@@ -14,17 +14,9 @@ from masa_megatron.rollout.base import GenerationRequest, SamplingParams  # noqa
 from masa_megatron.rollout.sglang import (SGLangEngine, _signed64, generate_payloads,  # noqa: E402
                                           parse_completions)
 from masa_megatron.rollout.sglang_launch import EngineError  # noqa: E402
-from tests.sglang_standin import STANDIN_MODULE, standin_env, start_standin  # noqa: E402
+from tests.sglang_standin import STANDIN_MODULE, standin_env  # noqa: E402
 
 REQ = GenerationRequest([1, 2, 3], SamplingParams(max_new_tokens=4, n=2))
-
-
-@pytest.fixture(scope="module")
-def echo(tmp_path_factory):
-    proc = start_standin("/nonexistent-model", backend="echo",
-                         log_dir=str(tmp_path_factory.mktemp("echo_logs")))
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture

@@ -89,14 +89,6 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def echo(tmp_path_factory):
-    server = start_standin("/nonexistent-model", backend="echo",
-                           log_dir=str(tmp_path_factory.mktemp("echo_logs")))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def model_tp2(tiny, tmp_path_factory):
     server = start_standin(str(tiny), extra_args=["--tp-size", "2"],
                            log_dir=str(tmp_path_factory.mktemp("tp2_logs")))

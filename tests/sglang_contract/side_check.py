@@ -61,37 +61,28 @@ def _jsonable(value: Any) -> Any:
         return repr(value)
 
 
+def _field_spec(default: Any, factory: Any, missing: Any) -> dict:
+    if default is not missing:
+        return {"default": _jsonable(default)}
+    if factory is not missing:
+        return {"default": _jsonable(factory())}
+    return dict(_NO_DEFAULT)
+
+
 def class_fields(cls) -> dict[str, dict]:
-    """{field: {"required": True} | {"default": value}} of a msgspec Struct or a dataclass, as
-    its HTTP JSON body sees it (init fields only)."""
-    out = {}
+    """{field: {"required": True} | {"default": value}} of a msgspec Struct, a dataclass or a
+    plain class's __init__, as its HTTP JSON body sees it (init fields only)."""
     if isinstance(cls, type) and issubclass(cls, msgspec.Struct):
-        for f in msgspec.structs.fields(cls):
-            if f.default is not msgspec.NODEFAULT:
-                out[f.encode_name] = {"default": _jsonable(f.default)}
-            elif f.default_factory is not msgspec.NODEFAULT:
-                out[f.encode_name] = {"default": _jsonable(f.default_factory())}
-            else:
-                out[f.encode_name] = dict(_NO_DEFAULT)
-        return out
-    if cls.__name__ == "SamplingParams" or not dataclasses.is_dataclass(cls):
-        import inspect
-        for name, p in inspect.signature(cls.__init__).parameters.items():
-            if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                continue
-            out[name] = dict(_NO_DEFAULT) if p.default is p.empty else {
-                "default": _jsonable(p.default)}
-        return out
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = {"default": _jsonable(f.default)}
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = {"default": _jsonable(f.default_factory())}
-        else:
-            out[f.name] = dict(_NO_DEFAULT)
-    return out
+        return {f.encode_name: _field_spec(f.default, f.default_factory, msgspec.NODEFAULT)
+                for f in msgspec.structs.fields(cls)}
+    if dataclasses.is_dataclass(cls):
+        return {f.name: _field_spec(f.default, f.default_factory, dataclasses.MISSING)
+                for f in dataclasses.fields(cls) if f.init}
+    import inspect
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: _field_spec(p.default, inspect.Parameter.empty, inspect.Parameter.empty)
+            for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL,
+                                                                   p.VAR_KEYWORD)}
 
 
 def http_routes() -> dict[str, dict]:
