@@ -81,7 +81,7 @@ class StandIn:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="standin-model")
         self.queue: Optional[asyncio.Queue] = None
         self.stats = {"paths": {}, "generate_inflight": 0, "max_generate_inflight": 0,
-                      "aborted": [], "updates": [], "sessions": 0, "events": []}
+                      "aborted": [], "updates": [], "sessions": 0}
         self.aborted: set[str] = set()
         self.abort_all_before = 0
         self.released: set[str] = set()
@@ -206,7 +206,6 @@ class StandIn:
         tags = set(req.tags or schemas.MEMORY_TAGS)
         if not tags <= set(schemas.MEMORY_TAGS):
             return error(f"unknown memory tags {sorted(tags - set(schemas.MEMORY_TAGS))}")
-        self.stats["events"].append([request.path, sorted(tags)])
         if release and self._busy():
             return await self._crash("AssertionError: release_memory_occupation should be "
                                      "called only when server is idle.")
@@ -226,7 +225,6 @@ class StandIn:
                           if request.body_exists else {})
         except schemas.BadRequest as err:
             return result(False, str(err))
-        self.stats["events"].append([request.path])
         if begin and self.session_open:
             return result(False, "a weight-update session is already open; call "
                                  "end_weight_update() first")
@@ -256,7 +254,6 @@ class StandIn:
             req = schemas.parse(cls, await request.json())
         except schemas.BadRequest as err:
             return result(False, str(err))
-        self.stats["events"].append([request.path])
         problem = self._weights_ready() if request.path.startswith("/update") else None
         if (self.begin_end and not self.session_open
                 and request.path in ("/update_weights_from_tensor",
