@@ -70,8 +70,21 @@ def test_print_torchrun_is_the_slurm_command_line(capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith("torchrun --nnodes=1 --nproc-per-node=8 --rdzv-backend=c10d ")
     assert "--rdzv-endpoint=${MASTER_ADDR}:${MASTER_PORT} --rdzv-id=${SLURM_JOB_ID}" in line
-    assert line.endswith(f"train --recipe {RECIPE} trainer.steps=5 "
-                         "'data.train_files=[/data/my train.parquet]'")
+    assert f"train --recipe {RECIPE} trainer.steps=5 'data.train_files=[/data/my train.parquet]'" \
+        in line
+
+
+def test_torchrun_gets_absolute_output_folders_under_the_masa_root(capsys):
+    """Ranks on different nodes must write to one folder: relative trainer.output_dir and
+    checkpoint.dir are made absolute under --masa-root (the checkout on the shared file system)
+    in the torchrun command (issue 24, defect 6); absolute ones are left alone."""
+    assert main([RECIPE, "--print-torchrun", "trainer.output_dir=runs/a", "checkpoint.dir=ck",
+                 "--masa-root", "/shared/masa"]) == 0
+    words = capsys.readouterr().out.split()
+    assert words[-2:] == ["trainer.output_dir=/shared/masa/runs/a", "checkpoint.dir=/shared/masa/ck"]
+    assert main([RECIPE, "--print-torchrun", "trainer.output_dir=/abs/run"]) == 0
+    words = capsys.readouterr().out.split()
+    assert [w for w in words if w.startswith("trainer.output_dir=")] == ["trainer.output_dir=/abs/run"]
 
 
 def test_print_rollout_env_for_a_disaggregated_recipe(capsys):
@@ -80,6 +93,26 @@ def test_print_rollout_env_for_a_disaggregated_recipe(capsys):
     assert env["SGLANG_TP"] == "2" and env["SGLANG_SERVERS_PER_NODE"] == "4"
     assert (env["TRAIN_NODES"], env["ROLLOUT_NODES"]) == ("1", "1")
     assert env["MODEL_PATH"] == "/models/Qwen3-14B-Base"
+
+
+def test_rollout_env_gives_the_colocated_paths_server_flags_and_a_shared_log_folder(capsys):
+    """slurm/sglang_node.sh starts servers with the flags the colocated path uses (one source:
+    sglang_launch.server_flags), rollout.sglang_extra_args included, and logs under the run's
+    absolute output folder (issue 24, defect 6)."""
+    import shlex
+
+    assert main(["qwen3_14b_masa_2n8g", "--print-rollout-env", "--masa-root", "/shared/masa",
+                 "trainer.output_dir=runs/x", "rollout.sglang_deterministic=true",
+                 "rollout.sglang_extra_args=[--chunked-prefill-size,4096]"]) == 0
+    env = {k: shlex.split(v)[0] if v else "" for k, v in
+           (line.split("=", 1) for line in capsys.readouterr().out.splitlines())}
+    flags = shlex.split(env["SGLANG_SERVER_ARGS"])
+    for flag in ("--skip-tokenizer-init", "--enable-deterministic-inference", "--random-seed"):
+        assert flag in flags
+    assert flags[flags.index("--tp-size") + 1] == "2"
+    assert flags[-2:] == ["--chunked-prefill-size", "4096"]
+    assert not {"--host", "--port", "--base-gpu-id"} & set(flags)   # set per server by the script
+    assert env["SGLANG_LOG_DIR"] == "/shared/masa/runs/x/sglang_logs"
 
 
 # ---------------------------------------------------------------- NeMo-Run dry runs

@@ -316,3 +316,31 @@ def test_servers_and_router_start_with_the_configured_sglang_python(monkeypatch,
             SGLangEngine.from_config(None, cfg)
     assert [cmd[0] for cmd in launched] == ["/opt/sglang/bin/python", "/opt/sglang/bin/python",
                                             sys.executable, sys.executable]
+
+
+def test_from_config_passes_extra_flags_and_logs_under_the_output_folder(monkeypatch, tmp_path):
+    """rollout.sglang_extra_args reach the servers' command line, and their logs go to
+    <output_dir>/sglang_logs/<hostname>/ (shared storage, one folder per node), not to a
+    node-local temporary folder (issue 24, defect 6)."""
+    import socket
+
+    import masa_megatron.rollout.sglang as sglang_module
+    from masa_megatron.config import ExperimentConfig
+    from masa_megatron.rollout.sglang_launch import server_command
+
+    launched = []
+
+    def record_and_stop(opts, num_servers, **kwargs):
+        launched.append((server_command(opts), kwargs.get("log_dir")))
+        raise EngineError("launch recorded")
+
+    monkeypatch.setattr(sglang_module, "launch_servers", record_and_stop)
+    cfg = ExperimentConfig()
+    cfg.model.hf_path, cfg.trainer.output_dir = str(tmp_path), str(tmp_path / "run")
+    cfg.rollout.engine = "sglang"
+    cfg.rollout.sglang_extra_args = ["--chunked-prefill-size", "4096", "--disable-radix-cache"]
+    with pytest.raises(EngineError, match="launch recorded"):
+        SGLangEngine.from_config(None, cfg)
+    (cmd, log_dir), = launched
+    assert cmd[-3:] == ["--chunked-prefill-size", "4096", "--disable-radix-cache"]
+    assert log_dir == str(tmp_path / "run" / "sglang_logs" / socket.gethostname())
