@@ -83,6 +83,8 @@ class RolloutConfig:
     sglang_retry_backoff_s: float = 1.0
     sglang_deterministic: bool = False     # --enable-deterministic-inference (seeded sampling)
     sglang_python: str = ""                # interpreter of the servers and router ("" = this one)
+    # extra sglang.launch_server flags, on every server (colocated and slurm/sglang_node.sh alike)
+    sglang_extra_args: list[str] = field(default_factory=list)
     weight_sync: str = "disk"              # disk | broadcast | tensor
     weight_sync_bucket_mb: int = 512
     weight_sync_verify: bool = False       # compare sampled weights after every sync
@@ -487,6 +489,25 @@ def validate_static(cfg: ExperimentConfig) -> None:
     for i, path in enumerate(cfg.data.train_files):
         if not str(path).strip():
             _fail(f"data.train_files[{i}]", path, "empty path")
+    _check_sglang_extra_args(cfg.rollout)
+
+
+# launch_server flags that other fields or the launch set (see sglang_launch.server_flags)
+_MANAGED_SGLANG_FLAGS = {
+    "--model-path": "model.hf_path", "--tp-size": "rollout.sglang_tp",
+    "--tp": "rollout.sglang_tp", "--mem-fraction-static": "rollout.sglang_mem_fraction",
+    "--random-seed": "rollout.seed", "--enable-memory-saver": "rollout.colocate",
+    "--enable-deterministic-inference": "rollout.sglang_deterministic",
+    "--host": "the launch", "--port": "the launch", "--base-gpu-id": "the launch",
+    "--skip-tokenizer-init": "the trainer (always on)"}
+
+
+def _check_sglang_extra_args(rollout: RolloutConfig) -> None:
+    for i, arg in enumerate(rollout.sglang_extra_args):
+        flag = str(arg).split("=", 1)[0]
+        if flag in _MANAGED_SGLANG_FLAGS:
+            _fail(f"rollout.sglang_extra_args[{i}]", arg,
+                  f"{flag} is set from {_MANAGED_SGLANG_FLAGS[flag]}; change that instead")
 
 
 def validate_environment(cfg: ExperimentConfig, world_size: Optional[int] = None) -> None:

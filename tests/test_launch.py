@@ -89,7 +89,7 @@ def test_torchrun_gets_absolute_output_folders_under_the_masa_root(capsys):
 
 def test_print_rollout_env_for_a_disaggregated_recipe(capsys):
     assert main(["qwen3_14b_masa_2n8g", "--print-rollout-env"]) == 0
-    env = dict(line.split("=", 1) for line in capsys.readouterr().out.split())
+    env = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
     assert env["SGLANG_TP"] == "2" and env["SGLANG_SERVERS_PER_NODE"] == "4"
     assert (env["TRAIN_NODES"], env["ROLLOUT_NODES"]) == ("1", "1")
     assert env["MODEL_PATH"] == "/models/Qwen3-14B-Base"
@@ -162,7 +162,8 @@ def test_slurm_dry_run_renders_sbatch_lines_and_torchrun(colocated_dry_run):
     assert "--container-image nvcr.io#nvidia/pytorch:25.04-py3" in srun
     assert "/data:/data" in srun
     topo = topology_for(get_recipe_info(RECIPE), get_recipe(RECIPE))
-    assert srun.endswith(" " + torchrun_command_line(RECIPE, OVERRIDES, topo))
+    absolute = [f"trainer.output_dir={REPO}/runs/{RECIPE}"]    # the shared checkout's folder
+    assert srun.endswith(" " + torchrun_command_line(RECIPE, OVERRIDES + absolute, topo))
     assert "memory estimate per GPU" in out and "fits" in out
 
 
@@ -185,7 +186,8 @@ def test_disaggregated_recipe_runs_the_sbatch_orchestration_in_the_allocation(tm
     assert "export RECIPE=qwen3_14b_masa_2n8g" in script
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     assert "--nodes=1 --ntasks=1 --overlap" in srun and "--container-image" not in srun
-    assert srun.endswith(f"bash {REPO}/slurm/disaggregated.sbatch")
+    assert srun.endswith(f"bash {REPO}/slurm/disaggregated.sbatch "
+                         f"trainer.output_dir={REPO}/runs/qwen3_14b_masa_2n8g")
 
 
 def sections(text: str) -> dict[str, str]:

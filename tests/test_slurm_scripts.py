@@ -139,7 +139,8 @@ def test_colocated_run_expands_the_rendezvous_on_the_node(stub_slurm):
     args = [line.split(" ", 1)[1] for line in log.read_text().splitlines()
             if line.startswith("torchrun-arg ")]
     assert "--rdzv-endpoint=gpu7:29500" in args and "--rdzv-id=4242" in args
-    assert args[-2:] == ["trainer.steps=5", "data.train_files=[/data/my train.parquet]"]
+    assert args[-3:] == ["trainer.steps=5", "data.train_files=[/data/my train.parquet]",
+                         f"trainer.output_dir={REPO}/runs/qwen3_8b_masa_1n8g"]
 
 
 @pytest.mark.parametrize("torchrun_exit", [0, 3])
@@ -170,7 +171,8 @@ def test_rollout_nodes_start_servers_like_the_colocated_path_and_log_to_the_run(
                         "rollout.sglang_extra_args=[--chunked-prefill-size,4096]",
                         STUB_HOSTS="roll0 train0", SLURM_JOB_NUM_NODES="2", **env)
     assert result.returncode == 0, result.stderr
-    servers = [line for line in log.read_text().splitlines() if line.startswith("server ")]
+    servers = [line for line in log.read_text().splitlines()
+               if line.startswith("server ") and "-m sglang.launch_server" in line]
     assert len(servers) == 4
     for line in servers:
         for flag in ("--skip-tokenizer-init", "--enable-deterministic-inference",

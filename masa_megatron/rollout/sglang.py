@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import uuid
 from typing import Any, Optional, Sequence
 
@@ -212,8 +213,10 @@ class SGLangEngine(RolloutEngine):
             python=cfg.sglang_python,
             colocate=cfg.colocate, weight_sync=cfg.weight_sync,
             bucket_mb=cfg.weight_sync_bucket_mb, seed=cfg.seed,
-            deterministic=cfg.sglang_deterministic,
-            sync_dir=f"{output_dir}/weight_sync" if output_dir else None)
+            deterministic=cfg.sglang_deterministic, extra_server_args=list(cfg.sglang_extra_args),
+            sync_dir=f"{output_dir}/weight_sync" if output_dir else None,
+            # on the run's (shared) storage, one folder per node
+            log_dir=f"{output_dir}/sglang_logs/{socket.gethostname()}" if output_dir else None)
         for name in ("request_timeout_s", "max_retries", "retry_backoff_s"):
             if hasattr(cfg, f"sglang_{name}"):
                 kwargs[name] = getattr(cfg, f"sglang_{name}")

@@ -84,20 +84,31 @@ def _url_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
 
-def server_command(opts: ServerOptions) -> list[str]:
-    cmd = [opts.python, "-m", opts.module, "--model-path", str(opts.model_path),
-           "--tp-size", str(opts.tp), "--mem-fraction-static", str(opts.mem_fraction),
-           "--host", opts.host, "--port", str(opts.port), "--base-gpu-id", str(opts.base_gpu_id),
-           "--random-seed", str(opts.seed), "--skip-tokenizer-init"]
+PLACEMENT_FLAGS = ("--host", "--port", "--base-gpu-id")   # set per server by who starts it
+
+
+def server_flags(opts: ServerOptions, placement: bool = True) -> list[str]:
+    """launch_server's flags for `opts`; without `placement` (host, port, first GPU), as
+    slurm/sglang_node.sh receives them to place each server itself."""
+    flags = ["--model-path", str(opts.model_path), "--tp-size", str(opts.tp),
+             "--mem-fraction-static", str(opts.mem_fraction)]
+    if placement:
+        flags += ["--host", opts.host, "--port", str(opts.port),
+                  "--base-gpu-id", str(opts.base_gpu_id)]
+    flags += ["--random-seed", str(opts.seed), "--skip-tokenizer-init"]
     if opts.dtype != "auto":
-        cmd += ["--dtype", opts.dtype]
+        flags += ["--dtype", opts.dtype]
     if opts.memory_saver:
-        cmd.append("--enable-memory-saver")
+        flags.append("--enable-memory-saver")
     if opts.deterministic:
-        cmd.append("--enable-deterministic-inference")
+        flags.append("--enable-deterministic-inference")
     if opts.context_length:
-        cmd += ["--context-length", str(opts.context_length)]
-    return cmd + [str(a) for a in opts.extra_args]
+        flags += ["--context-length", str(opts.context_length)]
+    return flags + [str(a) for a in opts.extra_args]
+
+
+def server_command(opts: ServerOptions) -> list[str]:
+    return [opts.python, "-m", opts.module, *server_flags(opts)]
 
 
 def router_command(worker_urls: Sequence[str], host: str = "127.0.0.1", port: int = 30100, *,
