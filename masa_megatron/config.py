@@ -91,6 +91,8 @@ class RolloutConfig:
     # broadcast sync: one collective per bucket (load_format "flattened_bucket"); needs an SGLang
     # whose /update_weights_from_distributed takes load_format (see weight_sync/broadcast.py)
     weight_sync_flattened_broadcast: bool = False
+    # broadcast sync: the address servers reach the sender at; "" = the route's source address
+    weight_sync_master_address: str = ""
     colocate: bool = False
     offload_train_state: bool = False
 

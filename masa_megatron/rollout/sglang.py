@@ -222,8 +222,11 @@ class SGLangEngine(RolloutEngine):
                 kwargs[name] = getattr(cfg, f"sglang_{name}")
         if hasattr(cfg, "weight_sync_verify"):
             kwargs["verify_sync"] = cfg.weight_sync_verify
-        if getattr(cfg, "weight_sync_flattened_broadcast", False) and cfg.weight_sync == "broadcast":
-            kwargs["sync_options"] = {"load_format": "flattened_bucket"}
+        if cfg.weight_sync == "broadcast":
+            address = getattr(cfg, "weight_sync_master_address", "") or None
+            kwargs["sync_options"] = {"master_address": address}
+            if cfg.weight_sync_flattened_broadcast:
+                kwargs["sync_options"]["load_format"] = "flattened_bucket"
         kwargs.update(overrides)
         return cls(**kwargs)
 

@@ -8,8 +8,10 @@ nothing.
 
 Once (first sync): each sender opens a process group of its own, `masa-weight-sync-pp<stage>`:
 world size 1 + sum of the servers' TP sizes, the sender is rank 0 and hosts the TCP store at
-(master_address, a free port); it POSTs /init_weights_update_group {"master_address",
-"master_port", "rank_offset", "world_size", "group_name", "backend"} to every server (server i's
+(master_address, a free port), master_address being rollout.weight_sync_master_address or the
+source address of this host's route to the servers (`sender_address`); it POSTs
+/init_weights_update_group {"master_address", "master_port", "rank_offset", "world_size",
+"group_name", "backend"} to every server (server i's
 TP ranks become ranks rank_offset + tp_rank, rank_offset = 1 + the TP sizes of servers before
 it; one server of TP 1 is the last rank, 1) and joins the group itself while those calls wait.
 The group is made the way SGLang makes its side (sglang 0.5.x, python/sglang/srt/utils/common.py
@@ -52,7 +54,6 @@ from masa_megatron.rollout.weight_sync.buckets import (bucketize, dtype_name, fl
                                                        nbytes, stage_hf_tensors)
 
 log = logging.getLogger(__name__)
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def init_custom_process_group(*, backend: str, init_method: str, world_size: int, rank: int,
@@ -93,11 +94,46 @@ def _layout() -> tuple[int, int, int, int]:
             ps.get_data_parallel_rank(), ps.get_context_parallel_rank())
 
 
-def default_master_address(urls: list[str]) -> str:
-    """127.0.0.1 when every server is local, else this host's address."""
-    if all(urlparse(u).hostname in _LOOPBACK for u in urls):
-        return "127.0.0.1"
-    return socket.gethostbyname(socket.gethostname())
+def _route_source(host: str, port: int) -> str:
+    """The local address the kernel would send from to reach host:port (a UDP connect sends
+    nothing)."""
+    family, _, _, _, address = socket.getaddrinfo(host, port, socket.AF_INET,
+                                                  socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        return sock.getsockname()[0]
+
+
+def sender_address(urls: list[str], configured: Optional[str] = None) -> str:
+    """The address the servers are told to reach this sender at (the group's TCP store).
+
+    `configured` (rollout.weight_sync_master_address) must be an address of this host. Else it
+    is the source address of the route to the servers: every server must be reached from the
+    same one (servers behind different interfaces need it configured). Never
+    gethostbyname(gethostname()), which is 127.0.1.1 or another interface on many clusters."""
+    if configured:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((configured, 0))
+        except OSError as err:
+            raise EngineError(f"rollout.weight_sync_master_address={configured!r} is not an "
+                              f"address of this host ({socket.gethostname()}): {err}") from None
+        return configured
+    sources: dict[str, list[str]] = {}
+    for url in urls:
+        parsed = urlparse(url)
+        try:
+            source = _route_source(parsed.hostname or "", parsed.port or 80)
+        except OSError as err:
+            raise EngineError(f"broadcast weight sync: cannot resolve or route to the server "
+                              f"{url} ({err}); fix rollout.sglang_urls") from None
+        sources.setdefault(source, []).append(url)
+    if len(sources) > 1:
+        found = "; ".join(f"{a} for {', '.join(u)}" for a, u in sources.items())
+        raise EngineError(f"broadcast weight sync: the servers are reached from different local "
+                          f"addresses ({found}); set rollout.weight_sync_master_address to the "
+                          f"one they can all reach")
+    return next(iter(sources))
 
 
 class BroadcastSync(WeightSync):
@@ -111,7 +147,8 @@ class BroadcastSync(WeightSync):
             raise ValueError(f"broadcast weight sync: load_format={load_format!r} must be None "
                              f"(one broadcast per tensor) or 'flattened_bucket'")
         self.load_format = load_format
-        self.master_address = master_address or default_master_address(target.urls)
+        self.configured_address = master_address or None
+        self.master_address: Optional[str] = None    # found by the senders when they open
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.group_timeout = timedelta(seconds=group_timeout_s)
         self.group = None
@@ -120,6 +157,7 @@ class BroadcastSync(WeightSync):
     # ------------------------------------------------------------ group set-up
     def _open_group(self, pp_rank: int) -> None:
         self.group_name = f"masa-weight-sync-pp{pp_rank}"
+        self.master_address = sender_address(self.target.urls, self.configured_address)
         offsets, offset = [], 1
         for tp in self.target.tp_sizes:
             offsets.append(offset)
