@@ -32,7 +32,9 @@ matching receives, broadcasts from rank 0 either
   tensor, for one bucket-sized copy on the sender; it needs an SGLang whose
   UpdateWeightsFromDistributedReqInput has `load_format` (later 0.5.x releases; older ones
   ignore the field and would wait for per-tensor broadcasts).
-Stages send concurrently, each in its own group; the server serialises the updates.
+Stages take turns, each in its own group, with a barrier between turns: a server runs one
+weight update at a time, so concurrent stages could be served in opposite orders by two servers
+(a deadlock across the two groups).
 
 Close: POST /destroy_weights_update_group and destroy the local group. Errors on any rank (HTTP
 failures, a rejected bucket) are raised on every rank after the stage has been drained, so no
@@ -48,6 +50,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from masa_megatron.parallel import model_parallel_source
 from masa_megatron.rollout.sglang_launch import EngineError, free_port
 from masa_megatron.rollout.weight_sync import SyncTarget, WeightSync, raise_if_any
 from masa_megatron.rollout.weight_sync.buckets import (bucketize, dtype_name, flatten_bucket,
@@ -82,6 +85,14 @@ def init_custom_process_group(*, backend: str, init_method: str, world_size: int
                                          **{options: None})
     _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
+
+
+def _pipeline_stages() -> int:
+    from megatron.core import parallel_state as ps
+
+    if not (torch.distributed.is_initialized() and ps.model_parallel_is_initialized()):
+        return 1
+    return ps.get_pipeline_model_parallel_world_size()
 
 
 def _layout() -> tuple[int, int, int, int]:
@@ -182,16 +193,34 @@ class BroadcastSync(WeightSync):
 
     # ------------------------------------------------------------ transfer
     def _transfer(self, model_chunks: Any, version: int) -> tuple[int, int]:
+        """The pipeline stages take turns (a barrier on the replica's CPU model-parallel group
+        between turns): SGLang runs one weight-update request at a time per server, so stages
+        sending at once could be taken in opposite orders by two servers, each then waiting in
+        the other stage's collective (the same holds for opening the groups)."""
         pp_rank, tp_rank, dp_rank, cp_rank = _layout()
         if dp_rank != 0 or cp_rank != 0:
             raise_if_any(None)
             return 0, 0
-        sender = tp_rank == 0
+        stages = _pipeline_stages()
+        turns = model_parallel_source()[0] if stages > 1 else None
+        error: Optional[str] = None
+        sent = (0, 0)
+        for turn in range(stages):
+            if turn == pp_rank:
+                sent, error = self._send_stage(model_chunks, pp_rank, tp_rank == 0, version)
+            if turns is not None:
+                torch.distributed.barrier(group=turns)
+        raise_if_any(error)
+        return sent
+
+    def _send_stage(self, model_chunks: Any, pp_rank: int, sender: bool,
+                    version: int) -> tuple[tuple[int, int], Optional[str]]:
+        """This stage's buckets (collective over its TP ranks); (bytes, buckets), error."""
         error: Optional[str] = None
         if sender and self.group is None:
             try:
                 self._open_group(pp_rank)
-            except Exception as err:  # reported collectively below
+            except Exception as err:  # reported collectively by the caller
                 error = f"opening the weight-update group: {err}"
         sent_bytes = sent_buckets = index = 0
         for bucket in bucketize(stage_hf_tensors(model_chunks), self.bucket_bytes):
@@ -199,7 +228,7 @@ class BroadcastSync(WeightSync):
                 continue                      # keep draining: TP peers wait in the gathers
             try:
                 self._send_bucket(bucket, version)
-            except Exception as err:  # reported collectively below
+            except Exception as err:  # reported collectively by the caller
                 error = str(err)
                 continue
             sent_buckets += 1
@@ -207,8 +236,7 @@ class BroadcastSync(WeightSync):
                 sent_bytes += nbytes(tensor)
                 self.record_sample(index, name, tensor)
                 index += 1
-        raise_if_any(error)
-        return sent_bytes, sent_buckets
+        return (sent_bytes, sent_buckets), error
 
     def _send_bucket(self, bucket: list, version: int) -> None:
         body = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
