@@ -156,6 +156,8 @@ def test_disaggregated_run_stops_servers_and_router_at_exit(stub_slurm, torchrun
         assert f"--port {30000 + i}" in calls
     assert "-m sglang_router.launch_router --worker-urls http://roll0:30000" in calls
     assert "torchrun-arg rollout.sglang_urls=[http://roll0:30000," in calls
+    # the trainer uses the router this script started (issue 24, defect 3)
+    assert "torchrun-arg rollout.sglang_router_url=http://roll0:30080" in calls
     assert "stopping 2 background step(s)" in result.stderr
 
 
