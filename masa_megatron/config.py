@@ -75,7 +75,10 @@ class RolloutConfig:
     sglang_mem_fraction: float = 0.7
     sglang_host: str = "127.0.0.1"
     sglang_base_port: int = 30000
-    sglang_router: bool = False
+    sglang_router: bool = False            # generation through an sglang-router
+    # a running router (disaggregated: the one slurm/disaggregated.sbatch starts); "" = the
+    # trainer starts one, only in front of servers it launched itself
+    sglang_router_url: str = ""
     sglang_concurrency: int = 256
     sglang_health_timeout_s: float = 600.0
     sglang_request_timeout_s: float = 3600.0

@@ -120,7 +120,8 @@ class SGLangEngine(RolloutEngine):
     def __init__(self, model_path: Optional[str] = None, *, urls: Sequence[str] = (),
                  num_servers: int = 1, tp: int = 1, mem_fraction: float = 0.7,
                  host: str = "127.0.0.1", base_port: int = 30000, router: bool = False,
-                 router_port: Optional[int] = None, concurrency: int = 256,
+                 router_port: Optional[int] = None, router_url: Optional[str] = None,
+                 concurrency: int = 256,
                  health_timeout_s: float = 600.0, request_timeout_s: float = 600.0,
                  max_retries: int = 3, retry_backoff_s: float = 0.5, colocate: bool = False,
                  weight_sync: str = "disk", bucket_mb: int = 512, sync_dir: Optional[str] = None,
@@ -132,6 +133,11 @@ class SGLangEngine(RolloutEngine):
         if not urls and not model_path:
             raise EngineError("SGLang engine: give rollout.sglang_urls to attach to, or a model "
                               "path to launch servers from")
+        if router and urls and not router_url:
+            raise EngineError("rollout.sglang_router with rollout.sglang_urls (servers started "
+                              "elsewhere): give the router they sit behind, "
+                              "rollout.sglang_router_url (slurm/disaggregated.sbatch passes it); "
+                              "the trainer starts a router only for servers it launches itself")
         self.model_path, self.colocate, self.concurrency = model_path, colocate, concurrency
         self.tp, self.weight_version = tp, 0
         self.rank, self.world = _dist_rank()
@@ -145,7 +151,7 @@ class SGLangEngine(RolloutEngine):
         self._next_server = 0
         self._alive = True
         urls = [u.rstrip("/") for u in urls]
-        router_url = None
+        router_url = router_url.rstrip("/") if router_url else None
         if self.rank == 0:
             try:
                 if not urls:
@@ -164,7 +170,10 @@ class SGLangEngine(RolloutEngine):
                     for url in urls:   # not ours: a refused connection will not go away
                         wait_healthy(url, health_timeout_s,
                                      refused_limit=ATTACHED_REFUSED_LIMIT)
-                if router:
+                if router_url:
+                    wait_healthy(router_url, health_timeout_s,
+                                 refused_limit=ATTACHED_REFUSED_LIMIT)
+                elif router:
                     extra = {"module": router_module} if router_module else {}
                     if python:
                         extra["python"] = python
@@ -209,6 +218,7 @@ class SGLangEngine(RolloutEngine):
             model_path=model_path, urls=list(cfg.sglang_urls), num_servers=cfg.sglang_num_servers,
             tp=cfg.sglang_tp, mem_fraction=cfg.sglang_mem_fraction, host=cfg.sglang_host,
             base_port=cfg.sglang_base_port, router=cfg.sglang_router,
+            router_url=getattr(cfg, "sglang_router_url", "") or None,
             concurrency=cfg.sglang_concurrency, health_timeout_s=cfg.sglang_health_timeout_s,
             python=cfg.sglang_python,
             colocate=cfg.colocate, weight_sync=cfg.weight_sync,
