@@ -11,7 +11,7 @@ set -euo pipefail
 : "${SGLANG_TP:?}" "${SGLANG_BASE_PORT:?}" "${SGLANG_SERVERS_PER_NODE:?}"
 : "${SGLANG_SERVER_ARGS:?}" "${SGLANG_LOG_DIR:?}"
 PYTHON=${PYTHON:-python3}
-SGLANG_SERVER_MODULE=${SGLANG_SERVER_MODULE:-sglang.launch_server}   # rehearsals: the stand-in
+SGLANG_SERVER_MODULE=${SGLANG_SERVER_MODULE:-sglang.launch_server}   # rollout.sglang_server_module
 server_args=()
 eval "server_args=($SGLANG_SERVER_ARGS)"   # shell-quoted by the launcher
 node=${SLURMD_NODENAME:-$(hostname)}

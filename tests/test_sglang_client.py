@@ -339,9 +339,11 @@ def test_from_config_passes_extra_flags_and_logs_under_the_output_folder(monkeyp
     cfg.model.hf_path, cfg.trainer.output_dir = str(tmp_path), str(tmp_path / "run")
     cfg.rollout.engine = "sglang"
     cfg.rollout.sglang_extra_args = ["--chunked-prefill-size", "4096", "--disable-radix-cache"]
+    cfg.rollout.sglang_server_module = "tests.sglang_standin.server"
     with pytest.raises(EngineError, match="launch recorded"):
         SGLangEngine.from_config(None, cfg)
     (cmd, log_dir), = launched
+    assert cmd[1:3] == ["-m", "tests.sglang_standin.server"]
     assert cmd[-3:] == ["--chunked-prefill-size", "4096", "--disable-radix-cache"]
     assert log_dir == str(tmp_path / "run" / "sglang_logs" / socket.gethostname())
 

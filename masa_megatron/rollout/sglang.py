@@ -221,6 +221,7 @@ class SGLangEngine(RolloutEngine):
             router_url=getattr(cfg, "sglang_router_url", "") or None,
             concurrency=cfg.sglang_concurrency, health_timeout_s=cfg.sglang_health_timeout_s,
             python=cfg.sglang_python,
+            server_module=getattr(cfg, "sglang_server_module", None),
             colocate=cfg.colocate, weight_sync=cfg.weight_sync,
             bucket_mb=cfg.weight_sync_bucket_mb, seed=cfg.seed,
             deterministic=cfg.sglang_deterministic, extra_server_args=list(cfg.sglang_extra_args),
