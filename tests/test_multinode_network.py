@@ -75,3 +75,51 @@ def test_broadcast_sync_reaches_a_server_on_another_node(tmp_path):
     assert result["master_address"] == nodes[0].address, result
     assert result.get("checksums_equal") is True, (result, (tmp_path / "server.log").read_text()
                                                    [-3000:])
+
+
+def _node_torchrun(node, nodes, overrides, log_path, recipe="tiny_cpu_grpo", nproc=1):
+    """`masa train` under torchrun on `node`: one agent per node, c10d rendezvous on node0."""
+    from tests.sglang_standin import standin_env
+
+    cmd = [PY, "-m", "torch.distributed.run", f"--nnodes={len(nodes)}",
+           f"--nproc-per-node={nproc}", f"--node-rank={nodes.index(node)}",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint={nodes[0].name}:29500", "--rdzv-id=masa-test",
+           "-m", "masa_megatron.cli", "train", "--recipe", recipe, *overrides]
+    out = open(log_path, "w")
+    return node.popen(cmd, env={**standin_env(), "OMP_NUM_THREADS": "1"}, cwd=str(REPO),
+                      stdout=out, stderr=subprocess.STDOUT), out
+
+
+@pytest.mark.slow
+def test_colocated_across_nodes_starts_servers_beside_the_ranks_of_each_node(tmp_path):
+    """Colocated on 2 nodes x 1 rank, tensor sync: each node's local rank 0 starts that node's
+    server and the trainer learns every node's address (before the fix rank 0 started both
+    servers on node0 at 127.0.0.1, which node1's rank cannot reach; issue 24, defect 2)."""
+    from tests.support.tiny_run import write_tiny_policy_and_problems
+
+    problems = [f"What is {a} plus {b}?" for a in range(4) for b in range(3)]
+    policy, train = write_tiny_policy_and_problems(tmp_path, problems)
+    out_dir = tmp_path / "run"
+    overrides = [f"model.hf_path={policy}", f"data.train_files=[{train}]",
+                 f"trainer.output_dir={out_dir}", "trainer.steps=1", "data.prompt_batch_size=2",
+                 "rollout.engine=sglang", "rollout.colocate=true", "rollout.weight_sync=tensor",
+                 "rollout.sglang_num_servers=2", "rollout.sglang_tp=1",
+                 "rollout.sglang_server_module=tests.sglang_standin.server",
+                 "rollout.sglang_extra_args=[--backend,model]",
+                 "rollout.sglang_health_timeout_s=120", "rollout.sglang_request_timeout_s=120",
+                 "data.reward=tests.support.rewards.text_length_parity"]
+    with simulated_nodes.SimulatedNodes(2) as nodes:
+        runs = [_node_torchrun(node, nodes, overrides, tmp_path / f"{node.name}.log")
+                for node in nodes]
+        try:
+            codes = [proc.wait(timeout=600) for proc, _ in runs]
+        finally:
+            for proc, out in runs:
+                proc.kill()
+                out.close()
+    logs = {n.name: (tmp_path / f"{n.name}.log").read_text()[-3000:] for n in nodes}
+    assert codes == [0, 0], logs
+    server_logs = sorted(p.parent.name for p in (out_dir / "sglang_logs").glob("*/server-*.log"))
+    assert server_logs == ["node0", "node1"], server_logs       # one server on each node
+    metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1]

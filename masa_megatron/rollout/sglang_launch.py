@@ -124,6 +124,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+# torchrun's per-rank rendezvous variables: a server started from a rank must not see them, or
+# anything in it that initialises torch.distributed from the environment joins the trainer's group
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                  "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR",
+                  "MASTER_PORT")
+
+
+def without_rank_variables(environ: Any) -> dict:
+    return {k: v for k, v in environ.items()
+            if k not in RANK_VARIABLES and not k.startswith("TORCHELASTIC_")}
+
+
 _LIVE: "weakref.WeakSet[ManagedProcess]" = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()
 
@@ -135,7 +147,7 @@ class ManagedProcess:
         self.name, self.cmd, self.log_path = name, list(cmd), Path(log_path)
         self.url: Optional[str] = None
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        full_env = dict(os.environ, **(env or {}))
+        full_env = {**without_rank_variables(os.environ), **(env or {})}
         with open(self.log_path, "ab") as out:
             self.popen = subprocess.Popen(
                 self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
