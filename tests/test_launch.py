@@ -44,6 +44,23 @@ def test_bad_config_or_layout_fails_before_submission(overrides, words, capsys, 
     assert all(word in err for word in words), err
 
 
+@pytest.mark.parametrize("overrides, words", [
+    # 2 nodes x 8 GPUs but servers for one node: tensor sync needs a server beside every rank
+    (["parallel.world_size=16"], ["rollout.sglang_num_servers", "beside every training rank",
+                                  "8 = 16"]),
+    # an odd number of servers cannot be split evenly over 2 nodes
+    (["parallel.world_size=16", "rollout.weight_sync=disk", "rollout.sglang_num_servers=3"],
+     ["rollout.sglang_num_servers", "2 nodes"]),
+])
+def test_colocated_layouts_across_nodes_must_put_servers_on_every_node(overrides, words, capsys,
+                                                                       no_submission):
+    """Colocated servers are started per node, beside the ranks they serve (issue 24, defect 2):
+    layouts that cannot be placed so are refused before submission."""
+    assert main([RECIPE, "--nodes", "2", "--print-torchrun", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+
+
 def test_more_gpus_than_the_recipe_needs_is_a_world_size_error(capsys, no_submission):
     assert main([RECIPE, "--executor", "slurm", "--account", "a", "--nodes", "2"]) == 2
     assert "override parallel.world_size=16" in capsys.readouterr().err
