@@ -111,11 +111,20 @@ def check_layout(cfg: ExperimentConfig, topo: Topology) -> None:
     if r.engine == "sglang" and not r.sglang_urls:
         gpus = world if r.colocate else topo.rollout_nodes * topo.procs_per_node
         needed = r.sglang_num_servers * r.sglang_tp
+        field = f"field 'rollout.sglang_num_servers' = {r.sglang_num_servers}"
         if needed > gpus or topo.procs_per_node % r.sglang_tp:
             where = "training" if r.colocate else "rollout"
-            raise UserError(f"field 'rollout.sglang_num_servers' = {r.sglang_num_servers}: "
-                            f"{r.sglang_num_servers} servers x TP {r.sglang_tp} = {needed} GPUs "
-                            f"do not fit the {gpus} {where} GPUs ({topo.procs_per_node} per node)")
+            raise UserError(f"{field}: {r.sglang_num_servers} servers x TP {r.sglang_tp} = "
+                            f"{needed} GPUs do not fit the {gpus} {where} GPUs "
+                            f"({topo.procs_per_node} per node)")
+        if r.colocate:   # each node's local rank 0 starts that node's share of the servers
+            if r.sglang_num_servers % topo.train_nodes:
+                raise UserError(f"{field}: colocated servers are started per node; "
+                                f"{topo.train_nodes} nodes cannot hold an equal share")
+            if r.weight_sync == "tensor" and needed != world:
+                raise UserError(f"{field}: weight_sync=tensor needs a server beside every "
+                                f"training rank: servers x TP = {r.sglang_num_servers} x "
+                                f"{r.sglang_tp} = {needed} GPUs, the launch has {world} ranks")
 
 
 def model_arch(cfg: ExperimentConfig, info: RecipeInfo) -> ModelArch | None:

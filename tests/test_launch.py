@@ -47,7 +47,7 @@ def test_bad_config_or_layout_fails_before_submission(overrides, words, capsys, 
 @pytest.mark.parametrize("overrides, words", [
     # 2 nodes x 8 GPUs but servers for one node: tensor sync needs a server beside every rank
     (["parallel.world_size=16"], ["rollout.sglang_num_servers", "beside every training rank",
-                                  "8 = 16"]),
+                                  "= 8 GPUs, the launch has 16 ranks"]),
     # an odd number of servers cannot be split evenly over 2 nodes
     (["parallel.world_size=16", "rollout.weight_sync=disk", "rollout.sglang_num_servers=3"],
      ["rollout.sglang_num_servers", "2 nodes"]),
