@@ -183,6 +183,8 @@ class SGLangEngine(RolloutEngine):
             try:
                 for url in urls if attached else ():   # not ours: a refusal will not go away
                     wait_healthy(url, health_timeout_s, refused_limit=ATTACHED_REFUSED_LIMIT)
+                if attached:
+                    self._clear_previous_attempt(urls)
                 if router_url:
                     wait_healthy(router_url, health_timeout_s,
                                  refused_limit=ATTACHED_REFUSED_LIMIT)
@@ -198,7 +200,7 @@ class SGLangEngine(RolloutEngine):
         if error is not None:
             self.shutdown()
             raise EngineError(f"SGLang router or servers failed on rank 0: {error}")
-        self.server_urls, self.router_url = list(urls), router_url
+        self.server_urls, self.router_url, self.attached = list(urls), router_url, attached
         from masa_megatron.rollout.weight_sync import SyncTarget, build_weight_sync
 
         target = SyncTarget(urls=self.server_urls, tp_sizes=[tp] * len(self.server_urls),
@@ -206,6 +208,20 @@ class SGLangEngine(RolloutEngine):
         self.weight_sync = build_weight_sync(
             weight_sync, target, bucket_bytes=bucket_mb << 20, verify=verify_sync,
             sync_dir=sync_dir, source_dir=model_path, **(sync_options or {}))
+
+    def _clear_previous_attempt(self, urls: list[str]) -> None:
+        """Servers we attach to may have outlived a killed trainer attempt: abort the requests
+        it left running and close a weight-update session it left open (a server with none
+        answers 400, an older one without sessions 404: both are fine). The caller resyncs the
+        weights before generating (train/main.py)."""
+        for reply in self.http.call_all(urls, "/abort_request", {"rid": "", "abort_all": True},
+                                        retries=1, timeout_s=30.0):
+            reply.check()
+        for reply in self.http.call_all(urls, "/end_weight_update", {}, retries=1,
+                                        timeout_s=30.0):
+            if reply.status == 200:
+                log.warning("SGLang server %s: closed a weight-update session left open by a "
+                            "previous trainer attempt", reply.url)
 
     def _launch_by_node(self, opts: ServerOptions, num_servers: int, log_dir: Optional[str],
                         health_timeout_s: float) -> list[str]:

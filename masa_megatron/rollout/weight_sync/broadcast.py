@@ -6,7 +6,8 @@ Senders: for each pipeline stage, the rank with TP rank 0 in data-parallel repli
 TP ranks of that replica all-gather each parameter (buckets.stage_hf_tensors); other replicas do
 nothing.
 
-Once (first sync): each sender opens a process group of its own, `masa-weight-sync-pp<stage>`:
+Once (first sync): each sender opens a process group of its own,
+`masa-weight-sync-pp<stage>-<attempt>` (a fresh suffix per trainer start):
 world size 1 + sum of the servers' TP sizes, the sender is rank 0 and hosts the TCP store at
 (master_address, a free port), master_address being rollout.weight_sync_master_address or the
 source address of this host's route to the servers (`sender_address`); it POSTs
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import uuid
 from datetime import timedelta
 from typing import Any, Optional
 from urllib.parse import urlparse
@@ -167,7 +169,9 @@ class BroadcastSync(WeightSync):
 
     # ------------------------------------------------------------ group set-up
     def _open_group(self, pp_rank: int) -> None:
-        self.group_name = f"masa-weight-sync-pp{pp_rank}"
+        # a name per attempt: servers that outlived a killed attempt still hold its group, and
+        # SGLang refuses a name it already has
+        self.group_name = f"masa-weight-sync-pp{pp_rank}-{uuid.uuid4().hex[:8]}"
         self.master_address = sender_address(self.target.urls, self.configured_address)
         offsets, offset = [], 1
         for tp in self.target.tp_sizes:
