@@ -171,6 +171,22 @@ def test_sequence_padding_for_the_layout_is_neutral_to_logprobs_and_loss(fresh, 
     assert padded_actor.update(batch)["train/loss"] == pytest.approx(loss, rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.parametrize("recipe,multiple", [("tensorwise", 16), ("delayed", 16),
+                                             ("blockwise", 16), ("mxfp8", 32)])
+def test_fp8_padding_follows_the_recipes_gemm_alignment(fresh, monkeypatch, recipe, multiple):
+    """Transformer Engine's MXFP8 scales blocks of 32 elements, so its GEMMs need a token
+    dimension divisible by 32 (Megatron's get_fp8_align_size); the other recipes need 16."""
+    from masa_megatron.train.actor import Actor
+
+    monkeypatch.setattr(fresh.model_config, "fp8", "hybrid")
+    monkeypatch.setattr(fresh.model_config, "fp8_recipe", recipe)
+    padded = Actor(fresh.model_chunks, fresh.optimizer, fresh.scheduler, fresh.cfg,
+                   temperature=fresh.temperature)
+    assert padded.sequence_multiple == multiple
+    widths = [mb.tokens.shape[1] for mb in padded._micro_batches(make_batch(), range(3))]
+    assert widths and all(w % multiple == 0 for w in widths)
+
+
 def test_ratio_tolerance_follows_the_model_dtype_unless_given(fresh, monkeypatch):
     from masa_megatron.train.actor import RATIO_TOLERANCE, Actor
 
