@@ -56,6 +56,7 @@ from torch import Tensor
 from masa_megatron.algo.losses import policy_loss, summarize_policy_metrics
 from masa_megatron.compat.cpu import hot_path
 from masa_megatron.config import GRPOConfig
+from masa_megatron.model.shape_check import sequence_multiple
 from masa_megatron.parallel import collective_device
 from masa_megatron.train.batching import (MicroBatch, TrainBatch, pack_micro_batch,
                                           plan_micro_batches, sequence_mini_batches,
@@ -105,9 +106,8 @@ class Actor:
         if optimizer is not None:
             config.grad_scale_func = optimizer.scale_loss
         self.model_config = config
-        # micro-batch sequence length: s/TP rows per rank with SP, 16-divisible GEMMs with FP8
-        tp = ps.get_tensor_model_parallel_world_size()
-        self.sequence_multiple = (tp if config.sequence_parallel else 1) * (16 if config.fp8 else 1)
+        # micro-batch sequence length: s/TP rows per rank with SP, FP8 GEMM alignment
+        self.sequence_multiple = sequence_multiple(config)
         self._forward_backward = get_forward_backward_func()
         self._dp_group = ps.get_data_parallel_group()
         self._dp_size = ps.get_data_parallel_world_size()
