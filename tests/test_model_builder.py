@@ -47,6 +47,17 @@ def test_recompute_options_reach_transformer_config(fields, expected):
             config.recompute_num_layers) == expected
 
 
+def test_uniform_recompute_groups_that_do_not_divide_a_stages_layers_are_refused():
+    """Megatron's uniform method runs layers [i, i + n) per group and indexes past the stage's
+    last layer when n does not divide it (IndexError in the first training forward)."""
+    with pytest.raises(ModelLoadError, match=r"model\.recompute_num_layers=3.* 2 layers"):
+        transformer_config_from_hf(tiny_hf_config("llama"), _cfg(recompute="full",
+                                                                 recompute_num_layers=3))
+    config = transformer_config_from_hf(tiny_hf_config("llama"), _cfg(
+        recompute="full", recompute_method="block", recompute_num_layers=3))  # the first n: any n
+    assert config.recompute_num_layers == 3
+
+
 @pytest.mark.parametrize("fields,forwards_per_layer", [
     ({}, [1, 1]),
     (dict(recompute="full", recompute_method="uniform", recompute_num_layers=1), [2, 2]),
