@@ -15,8 +15,9 @@ between the TP-parallel blocks are sharded along the sequence (s/TP rows per ran
 
 Recomputation (model.recompute): "selective" recomputes core attention (nothing to save with
 fused/flash attention, which stores no s x s scores); "full" stores only each layer's input and
-recomputes the layer in backward: method "uniform" checkpoints groups of recompute_num_layers
-layers, "block" the first recompute_num_layers layers of each pipeline stage.
+recomputes the layer in backward: method "uniform" checkpoints groups of n = recompute_num_layers
+layers (n must divide the layers of a pipeline stage), "block" the first n layers of each
+stage.
 """
 from __future__ import annotations
 
@@ -100,6 +101,13 @@ def transformer_config_from_hf(hf_config: HFConfigLike, model_cfg: ModelConfig):
     if model_cfg.recompute == "selective":
         recompute = dict(recompute_granularity="selective")
     elif model_cfg.recompute == "full":
+        stage_layers = shape.num_layers // pp
+        if model_cfg.recompute_method == "uniform" and stage_layers % model_cfg.recompute_num_layers:
+            raise ModelLoadError(
+                f"model.recompute_num_layers={model_cfg.recompute_num_layers}: full recompute "
+                f"with method uniform checkpoints groups of that many layers, which must divide "
+                f"the {stage_layers} layers of each pipeline stage (config.json "
+                f"num_hidden_layers={shape.num_layers} / PP {pp}); or use method block")
         recompute = dict(recompute_granularity="full", recompute_method=model_cfg.recompute_method,
                          recompute_num_layers=model_cfg.recompute_num_layers)
     return TransformerConfig(
