@@ -10,8 +10,8 @@ Layout of one sample (prompt p_0..p_{P-1}, response y_0..y_{R-1}) as a row of th
 so the response log-prob log pi(y_j | p, y_<j) sits in column P - 1 + j. The last response token
 is never fed to the model (it predicts nothing we use). Rows are right-padded with token 0 to the
 micro-batch's longest row, rounded up to the multiple the parallel layout needs (TP with sequence
-parallelism: each rank holds s/TP rows of the sequence; 16 x that with FP8: Transformer Engine's
-GEMMs need a token dimension divisible by 16); causal attention keeps valid positions blind to
+parallelism: each rank holds s/TP rows of the sequence; with FP8 times Transformer Engine's GEMM
+alignment, 16 or 32 for MXFP8: model/shape_check.py states the rule and checks it); causal attention keeps valid positions blind to
 the padding after them, and padding never enters a loss (mask False).
 
 Micro-batch planning: the memory of one forward/backward grows with the padded size
