@@ -200,6 +200,23 @@ def test_every_linear_layer_sees_the_layouts_padded_sequence(fresh, monkeypatch)
     assert check.calls > 3 * len(layers)
 
 
+def test_micro_batch_token_budget_holds_after_the_layouts_padding(fresh, monkeypatch):
+    """grpo.micro_batch_tokens bounds rows x padded width (what the activations take), so the
+    planner must count each row at its padded length (one row longer than the budget excepted)."""
+    from masa_megatron.train.actor import Actor
+
+    batch = make_batch()
+    monkeypatch.setattr(fresh.model_config, "fp8", "hybrid")   # 16-token sequences
+    padded = Actor(fresh.model_chunks, fresh.optimizer, fresh.scheduler, fresh.cfg,
+                   temperature=fresh.temperature)
+    for budget in (100, 150, 256):
+        padded.cfg.micro_batch_tokens = budget
+        micro = padded._micro_batches(batch, range(len(batch)))
+        assert sorted(i for mb in micro for i in mb.sample_index) == list(range(len(batch)))
+        sizes = [mb.tokens.numel() for mb in micro if mb.num_rows > 1]
+        assert sizes and max(sizes) <= budget, (budget, sizes)
+
+
 @pytest.mark.parametrize("recipe,multiple", [("tensorwise", 16), ("delayed", 16),
                                              ("blockwise", 16), ("mxfp8", 32)])
 def test_fp8_padding_follows_the_recipes_gemm_alignment(fresh, monkeypatch, recipe, multiple):
