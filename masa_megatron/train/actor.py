@@ -126,7 +126,8 @@ class Actor:
     def _micro_batches(self, batch: TrainBatch, indices: Sequence[int]) -> list[MicroBatch]:
         indices = list(indices)
         lengths = batch.row_lengths()
-        plan = plan_micro_batches([lengths[i] for i in indices], self.cfg.micro_batch_tokens)
+        plan = plan_micro_batches([lengths[i] for i in indices], self.cfg.micro_batch_tokens,
+                                  multiple_of=self.sequence_multiple)
         groups = [[indices[j] for j in g] for g in plan] or [[]]
         return [pack_micro_batch(batch, g, multiple_of=self.sequence_multiple).to(self.device)
                 for g in groups]

@@ -210,7 +210,7 @@ def run_layout(out: Path, tp: int, pp: int, budget: int, save: bool,
               "sequence_multiple": actor.sequence_multiple,
               "unpadded_widths_first_mini": [max(lengths[i] for i in group) for group in
                                              plan_micro_batches([lengths[i] for i in first],
-                                                                budget)]}
+                                                                budget, actor.sequence_multiple)]}
     check(result["micro_batches_first_mini"] > 1, "budget too large: a single micro-batch")
     # every linear layer's input must hold a sequence the layout can split (model/shape_check.py)
     shapes = LinearShapeCheck.for_config(actor.model_chunks, config)
