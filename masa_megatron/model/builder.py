@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from masa_megatron.compat.cpu import trim_host_memory
 from masa_megatron.config import ModelConfig
 from masa_megatron.model.hf_config import (
-    HFConfigLike, ModelLoadError, RopeSpec, decoder_shape, parallel_layout_problem, read_hf_config)
+    HFConfigLike, ModelLoadError, RopeSpec, decoder_shape, parallel_layout_problem, read_hf_config,
+    recompute_layout_problem)
 from masa_megatron.model.registry import FamilySpec, family_for
 from masa_megatron.parallel import sequence_parallel_enabled
 
@@ -101,13 +102,10 @@ def transformer_config_from_hf(hf_config: HFConfigLike, model_cfg: ModelConfig):
     if model_cfg.recompute == "selective":
         recompute = dict(recompute_granularity="selective")
     elif model_cfg.recompute == "full":
-        stage_layers = shape.num_layers // pp
-        if model_cfg.recompute_method == "uniform" and stage_layers % model_cfg.recompute_num_layers:
-            raise ModelLoadError(
-                f"model.recompute_num_layers={model_cfg.recompute_num_layers}: full recompute "
-                f"with method uniform checkpoints groups of that many layers, which must divide "
-                f"the {stage_layers} layers of each pipeline stage (config.json "
-                f"num_hidden_layers={shape.num_layers} / PP {pp}); or use method block")
+        why = recompute_layout_problem(shape, pp, model_cfg)
+        if why is not None:
+            raise ModelLoadError(f"model.recompute_num_layers={model_cfg.recompute_num_layers}: "
+                                 f"config.json: {why}")
         recompute = dict(recompute_granularity="full", recompute_method=model_cfg.recompute_method,
                          recompute_num_layers=model_cfg.recompute_num_layers)
     return TransformerConfig(
