@@ -42,7 +42,7 @@ class ModelConfig:
     fp8_param: bool = False
     recompute: str = "none"                # none | selective (core attention) | full (layers)
     recompute_method: str = "uniform"      # full: uniform (groups of n layers) | block (first n)
-    recompute_num_layers: int = 1          # full: the n of recompute_method
+    recompute_num_layers: int = 1          # full: the n of recompute_method (uniform: divides L/PP)
     random_init: bool = False              # build from config.json only, no weights (tests/demo)
     seed: int = 1234
 
