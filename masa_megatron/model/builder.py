@@ -1,9 +1,10 @@
 """HF config -> Megatron `TransformerConfig` + `GPTModel` for the dense families in the registry.
 
-Mapping of the architecture: RMSNorm (eps = rms_norm_eps), SwiGLU MLP (gated_linear_unit, silu),
-no linear biases except Qwen2's q/k/v, Qwen3's q/k RMSNorm (qk_layernorm), grouped-query
-attention (num_query_groups = num_key_value_heads, kv_channels = head_dim), RoPE with
-rotary_base = rope_theta, tied input/output embeddings per tie_word_embeddings.
+Mapping of the architecture: RMSNorm (eps = rms_norm_eps), SwiGLU MLP (gated_linear_unit, silu;
+Megatron's fused SwiGLU with CUDA), no linear biases except Qwen2's q/k/v, Qwen3's q/k RMSNorm
+(qk_layernorm), grouped-query attention (num_query_groups = num_key_value_heads, kv_channels =
+head_dim), RoPE with rotary_base = rope_theta, tied input/output embeddings per
+tie_word_embeddings.
 
 The vocabulary is padded so each TP rank holds an equal slice: padded = the smallest multiple of
 `make_vocab_size_divisible_by * TP` that is >= vocab_size.
@@ -136,8 +137,11 @@ def transformer_config_from_hf(hf_config: HFConfigLike, model_cfg: ModelConfig):
         use_cpu_initialization=not cuda,
         perform_initialization=True,  # Megatron sets the TP attributes of weights only there
         **_init_methods(model_cfg.random_init),
-        # fused kernels need CUDA (and apex/TE); the unfused paths are exact
-        bias_activation_fusion=False,
+        # Megatron's fused SwiGLU keeps only the FC1 output for backward (the unfused GLU also
+        # keeps silu(gate) and a copy of the up half: 10f instead of 6f bytes per token per
+        # layer, benchmarks/activation_memory.py); it is torch.compile'd, so GPUs only
+        bias_activation_fusion=cuda,
+        # the other fused kernels need CUDA (and apex/TE); the unfused paths are exact
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
