@@ -194,6 +194,7 @@ def test_every_linear_layer_sees_the_layouts_padded_sequence(fresh, monkeypatch)
         padded.prompt_last_hidden(batch.prompt_ids)
         with pytest.raises(LinearShapeError, match="linear_qkv.*not a multiple of 16"):
             fresh.logprobs(batch)                               # pads to its longest row only
+    assert all(chunk.training for chunk in fresh.model_chunks)  # back to training mode
     layers = {n for n, m in fresh.model_chunks[0].named_modules()
               if type(m).__name__.endswith("ParallelLinear")}
     assert len(layers) == 4 * 4 + 1 and set(check.shapes) == layers
