@@ -173,6 +173,17 @@ class Actor:
         return per_token
 
     @contextmanager
+    def _eval_mode(self):
+        """The model chunks in eval mode, back in training mode however the block ends."""
+        for chunk in self.model_chunks:
+            chunk.eval()
+        try:
+            yield
+        finally:
+            for chunk in self.model_chunks:
+                chunk.train()
+
+    @contextmanager
     def _final_hidden_states(self, enabled: bool = True):
         """Yields a list that collects the decoder output [T, b, H] (after the final norm) of
         every forward of the last model chunk, on the last stage only; pop it in loss_func.
@@ -344,12 +355,9 @@ class Actor:
         def collect(mb: MicroBatch, logprobs: Tensor, non_loss_data: bool = True):
             return {"logprobs": logprobs, "entropy": entropies.pop(0) if with_entropy else None}
 
-        for chunk in self.model_chunks:
-            chunk.eval()
         per_token = self._logprob_fn(self.temperature, entropies if with_entropy else None)
-        store = self._run(micro, per_token, collect, forward_only=True, collect=True)
-        for chunk in self.model_chunks:
-            chunk.train()
+        with self._eval_mode():
+            store = self._run(micro, per_token, collect, forward_only=True, collect=True)
         lengths = [len(r) for r in batch.response_ids]
         rows = 2 if with_entropy else 1
         flat = torch.zeros(rows, sum(lengths), dtype=torch.float32)
@@ -472,19 +480,13 @@ class Actor:
         other stages; use broadcast_from_last_stage for what is computed from it)."""
         batch = TrainBatch([list(p) for p in prompt_ids_list], [[0] for _ in prompt_ids_list])
         micro = self._micro_batches(batch, range(len(batch)))
-        for chunk in self.model_chunks:
-            chunk.eval()
-        try:
-            with self._final_hidden_states() as captured:
+        with self._eval_mode(), self._final_hidden_states() as captured:
 
-                def collect(mb: MicroBatch, unused: Tensor, non_loss_data: bool = True):
-                    return self._last_prompt_states(mb, captured.pop()).float()
+            def collect(mb: MicroBatch, unused: Tensor, non_loss_data: bool = True):
+                return self._last_prompt_states(mb, captured.pop()).float()
 
-                store = self._run(micro, lambda labels, logits: labels, collect,
-                                  forward_only=True, collect=True)
-        finally:
-            for chunk in self.model_chunks:
-                chunk.train()
+            store = self._run(micro, lambda labels, logits: labels, collect,
+                              forward_only=True, collect=True)
         if not self.is_last_stage:
             return None
         out = torch.zeros(len(batch), store[0].shape[-1]) if store else torch.zeros(0, 0)
