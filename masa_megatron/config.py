@@ -42,7 +42,7 @@ class ModelConfig:
     fp8_param: bool = False
     recompute: str = "none"                # none | selective (core attention) | full (layers)
     recompute_method: str = "uniform"      # full: uniform (groups of n layers) | block (first n)
-    recompute_num_layers: int = 1          # full: the n of recompute_method
+    recompute_num_layers: int = 1          # full: the n of recompute_method (uniform: divides L/PP)
     random_init: bool = False              # build from config.json only, no weights (tests/demo)
     seed: int = 1234
 
@@ -556,13 +556,18 @@ def validate_environment(cfg: ExperimentConfig, world_size: Optional[int] = None
     if not (model_path / "config.json").is_file():
         _fail("model.hf_path", cfg.model.hf_path, "no config.json in that folder")
     from masa_megatron.model.hf_config import (decoder_shape, parallel_layout_problem,
-                                               read_hf_config)
+                                               read_hf_config, recompute_layout_problem)
     p = cfg.parallel
-    problem = parallel_layout_problem(decoder_shape(read_hf_config(model_path)),
-                                      p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    shape = decoder_shape(read_hf_config(model_path))
+    problem = parallel_layout_problem(shape, p.tensor_model_parallel_size,
+                                      p.pipeline_model_parallel_size)
     if problem is not None:
         name = f"{problem[0]}_model_parallel_size"
         _fail(f"parallel.{name}", getattr(p, name), f"{model_path / 'config.json'}: {problem[1]}")
+    why = recompute_layout_problem(shape, p.pipeline_model_parallel_size, cfg.model)
+    if why is not None:
+        _fail("model.recompute_num_layers", cfg.model.recompute_num_layers,
+              f"{model_path / 'config.json'}: {why}")
     for i, f in enumerate(cfg.data.train_files):
         if not Path(f).is_file():
             _fail(f"data.train_files[{i}]", f, "file does not exist")
