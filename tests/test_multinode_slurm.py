@@ -4,6 +4,7 @@ with a tiny model and stand-in SGLang servers (issue 24)."""
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,36 @@ def test_colocated_sbatch_on_two_nodes_trains_with_a_server_beside_each_rank(tmp
     servers = sorted(p.parent.name for p in (out_dir / "sglang_logs").glob("*/server-*.log"))
     assert servers == ["node0", "node1"]
     assert "--rdzv-endpoint=${MASTER_ADDR}:${MASTER_PORT}" in job   # expanded on each node
+
+
+def readme_block(marker: str) -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"<!-- cluster-quickstart: {marker} -->")
+    fence = text.index("```bash\n", start) + len("```bash\n")
+    return text[fence:text.index("```", fence)]
+
+
+def test_readme_cluster_quick_start_runs_as_written(tmp_path, tiny_inputs):
+    """The README's cluster quick start: its settings block replaced by a tiny CPU recipe's, its
+    run block executed as written on the login node of a real Slurm; the job must train."""
+    policy, train = tiny_inputs
+    out_dir = tmp_path / "run"
+    assert "sbatch" in readme_block("run") and "RECIPE=" in readme_block("settings")
+    settings = (f"cd {REPO}\nexport RECIPE=tiny_cpu_grpo GPUS_PER_NODE=2\n"
+                f"MODEL={policy}\nDATA={train}\nOUT={out_dir}\n")
+    script = tmp_path / "quickstart.sh"
+    script.write_text("set -euo pipefail\n" + settings + readme_block("run"))
+    with simulated_nodes.SimulatedNodes(1) as nodes, \
+            slurm_cluster.SlurmCluster(nodes, tmp_path) as cluster:
+        result = cluster.run(["bash", str(script)], env=job_env(), capture_output=True,
+                             text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        job_id = result.stdout.split("Submitted batch job ")[1].split()[0]
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and cluster.run(
+                ["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
+            time.sleep(2)
+        logs = cluster.logs()
+    job = (out_dir / f"slurm-{job_id}.out")
+    assert job.exists(), logs
+    assert metrics_steps(out_dir) == [1, 2], job.read_text()[-4000:]

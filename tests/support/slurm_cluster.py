@@ -3,9 +3,10 @@
 slurmctld runs on node0 and one slurmd on every node, each inside its node's network and
 hostname namespaces (tests/support/simulated_nodes.py), so `sbatch`/`srun` place job steps on
 nodes that really are separate hosts to the code they run. Every node offers `gpus_per_node`
-GPUs as Slurm generic resources backed by device nodes that are /dev/null's: enough for `#SBATCH --gpus-per-node=8`
-to be scheduled; nothing in the job touches them (the recipes run on CPU). No munge: the cluster
-uses auth/none and cred/none, and everything lives in one folder the test owns.
+GPUs as Slurm generic resources backed by device nodes with /dev/null's numbers: enough for
+`#SBATCH --gpus-per-node=8` to be scheduled; nothing in the job touches them (the recipes run
+on CPU). No munge: the cluster uses auth/none and cred/none, and everything lives in one folder
+the test owns.
 
     with SimulatedNodes(2) as nodes, SlurmCluster(nodes, tmp_path) as cluster:
         cluster.run(["sbatch", "--wait", "script.sbatch"], env={...})
