@@ -148,11 +148,16 @@ def memory_report(cfg: ExperimentConfig, info: RecipeInfo) -> tuple[str, bool]:
 # ---------------------------------------------------------------- the command each node runs
 
 def torchrun_argv(recipe: str, overrides: list[str], topo: Topology,
-                  standalone: bool = False) -> list[str]:
-    """torchrun on one training node: c10d rendezvous at $MASTER_ADDR (Slurm), or standalone."""
+                  standalone: bool = False, max_restarts: int = 0) -> list[str]:
+    """torchrun on one training node: c10d rendezvous at $MASTER_ADDR (Slurm), or standalone.
+    With `max_restarts`, torchrun restarts every rank after one fails, up to that many times;
+    the run resumes from its last checkpoint (checkpoint.resume=auto), next to SGLang servers
+    that kept running (disaggregated) or with new ones (colocated)."""
     rendezvous = ["--standalone"] if standalone else ["--rdzv-backend=c10d", *RUNTIME_TOKENS]
+    restarts = [f"--max-restarts={max_restarts}"] if max_restarts else []
     return ["torchrun", f"--nnodes={topo.train_nodes}", f"--nproc-per-node={topo.procs_per_node}",
-            *rendezvous, "-m", "masa_megatron.cli", "train", "--recipe", recipe, *overrides]
+            *rendezvous, *restarts, "-m", "masa_megatron.cli", "train", "--recipe", recipe,
+            *overrides]
 
 
 def shell_words(argv: list[str]) -> list[str]:
@@ -160,8 +165,10 @@ def shell_words(argv: list[str]) -> list[str]:
     return [word if word in RUNTIME_TOKENS else shlex.quote(word) for word in argv]
 
 
-def torchrun_command_line(recipe: str, overrides: list[str], topo: Topology) -> str:
-    return " ".join(shell_words(torchrun_argv(recipe, overrides, topo)))
+def torchrun_command_line(recipe: str, overrides: list[str], topo: Topology,
+                          max_restarts: int = 0) -> str:
+    return " ".join(shell_words(torchrun_argv(recipe, overrides, topo,
+                                              max_restarts=max_restarts)))
 
 
 def _absolute(folder: str, root: str) -> str:
@@ -235,7 +242,8 @@ def build_local(run, args, info: RecipeInfo, topo: Topology):
     # torchrun and python of this environment, even when it is not activated
     os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
     executor = run.LocalExecutor(ntasks_per_node=1, env_vars=_env_vars(args))
-    argv = torchrun_argv(info.name, list(args.overrides), topo, standalone=True)
+    argv = torchrun_argv(info.name, list(args.overrides), topo, standalone=True,
+                         max_restarts=args.max_restarts)
     return executor, run.Script(path=argv[1], entrypoint=argv[0], args=argv[2:])
 
 
@@ -266,7 +274,8 @@ def build_slurm(run, args, info: RecipeInfo, topo: Topology):
     env |= {"MASTER_ADDR": "$head_node_ip", "MASTER_PORT": str(MASTER_PORT)}
     executor = run.SlurmExecutor(**common, env_vars=_quoted(env),
                                  container_image=args.container_image, container_mounts=mounts)
-    words = shell_words(torchrun_argv(info.name, list(args.overrides), topo))
+    words = shell_words(torchrun_argv(info.name, list(args.overrides), topo,
+                                      max_restarts=args.max_restarts))
     return executor, run.Script(path=words[1], entrypoint=words[0], args=words[2:])
 
 
@@ -312,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rollout-nodes", type=int,
                         help="nodes that only run SGLang (disaggregated recipes; default: the "
                              "recipe's)")
+    parser.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                        help="torchrun restarts every rank up to N times after one fails; the "
+                             "run resumes from its last checkpoint (default 0)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment variable for the job (repeatable)")
     parser.add_argument("--ignore-memory-estimate", action="store_true",
@@ -347,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         check_layout(cfg, topo)
         if args.print_torchrun:
             overrides = with_absolute_folders(cfg, args.overrides, args.masa_root)
-            print(torchrun_command_line(info.name, overrides, topo))
+            print(torchrun_command_line(info.name, overrides, topo, args.max_restarts))
             return 0
         if args.print_rollout_env:
             env = rollout_env(cfg, topo, args.masa_root)

@@ -134,11 +134,13 @@ def stub_slurm(tmp_path):
 
 def test_colocated_run_expands_the_rendezvous_on_the_node(stub_slurm):
     env, log, _ = stub_slurm
-    result = run_script("colocated.sbatch", *OVERRIDES, STUB_HOSTS="gpu7", NODES="1", **env)
+    result = run_script("colocated.sbatch", *OVERRIDES, STUB_HOSTS="gpu7", NODES="1",
+                        MAX_RESTARTS="2", **env)
     assert result.returncode == 0, result.stderr
     args = [line.split(" ", 1)[1] for line in log.read_text().splitlines()
             if line.startswith("torchrun-arg ")]
     assert "--rdzv-endpoint=gpu7:29500" in args and "--rdzv-id=4242" in args
+    assert "--max-restarts=2" in args
     assert args[-3:] == ["trainer.steps=5", "data.train_files=[/data/my train.parquet]",
                          f"trainer.output_dir={REPO}/runs/qwen3_8b_masa_1n8g"]
 
