@@ -9,6 +9,7 @@ are there.
 
 `EchoBackend`: no model, no torch import at start-up; answers with a deterministic token pattern.
 For the fault-injection and launcher tests, where start-up time matters and outputs do not.
+`TimedBackend`: echo tokens that take a stated time per token (scheduling benchmarks).
 
 Both are called from one worker thread only (the server serialises model access).
 """
@@ -96,6 +97,16 @@ class EchoBackend:
 
     def poison(self) -> list[str]:
         return []
+
+
+class TimedBackend(EchoBackend):
+    """Echo tokens that take time: the server sleeps prefill_s + max_new_tokens x token_time_s
+    per running sequence (server.py states the time model)."""
+
+    def __init__(self, model_path: Optional[str] = None, vocab_size: int = 1000,
+                 context_length: int = 4096, token_time_s: float = 0.001, prefill_s: float = 0.0):
+        super().__init__(model_path, vocab_size, context_length)
+        self.token_time_s, self.prefill_s = token_time_s, prefill_s
 
 
 class ModelBackend:
