@@ -22,7 +22,8 @@ REQ = GenerationRequest([1, 2, 3], SamplingParams(max_new_tokens=4, n=2))
 @pytest.fixture
 def engine(echo):
     eng = SGLangEngine(urls=[echo.url], request_timeout_s=1.0, max_retries=2,
-                       retry_backoff_s=0.01, health_timeout_s=30, concurrency=4, colocate=True)
+                       retry_backoff_s=0.01, health_timeout_s=30, max_running_requests=4,
+                       colocate=True)
     yield eng
     eng.http.call(echo.url, "/standin/faults", {"fail_next": 0, "delay_next": 0, "drop_next": 0,
                                                 "die_next": 0, "paths": ["/generate"]})
