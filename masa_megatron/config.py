@@ -157,6 +157,10 @@ class MASAConfig:
     head_loss_weight: float = 0.0          # 0: head detached; > 0: its loss also trains the backbone
     head_lr: float = 1e-3
     notion_hints: bool = False
+    # metas first (masa_efficient with text predictions, notion hints): request a problem's
+    # solutions as soon as its own metas are answered (SGLang); the embedded engine always
+    # generates all metas, then all solutions (it runs whole batches in lockstep)
+    stream_solutions: bool = True
     behaviour_cloning: bool = False
     bc_min_notion: float = 0.2
     bc_every: int = 10
