@@ -127,3 +127,37 @@ async def _drain_then(slots, weight):
         for _ in range(count):
             slots.release(s)
     return await slots.acquire(weight)
+
+
+def _chain(eng, stream):
+    """Four first requests, one of them long (the batch's tail); one follow-up each."""
+    first = [GenerationRequest([i + 1], SamplingParams(max_new_tokens=150 if i == 0 else 10))
+             for i in range(4)]
+
+    def follow(i, result):
+        assert result.completions[0].token_ids[0] == i + 2     # echo of request i's prompt
+        return [GenerationRequest([100 + i], SamplingParams(max_new_tokens=5))]
+    return eng.generate_chained(first, follow, stream=stream)
+
+
+def test_streamed_follow_ups_start_before_the_slowest_first_request_ends(timed):
+    eng = _engine(timed[:1])
+    try:
+        times = {}
+        for stream in (True, False):
+            start = len(_stats(eng, timed[0].url)["generate_times"])
+            results = _chain(eng, stream)
+            assert [r.completions[0].token_ids[0] for r in results] == [2, 3, 4, 5,
+                                                                       101, 102, 103, 104]
+            log = _stats(eng, timed[0].url)["generate_times"][start:]
+            slowest_end = max(end for rid, _, end in log if rid.endswith("-0"))
+            follow_starts = [t for rid, t, _ in log if "f" in rid.rsplit("-", 1)[-1]]
+            times[stream] = (slowest_end, follow_starts, eng.rollout_metrics)
+        end, starts, metrics = times[True]
+        assert len(starts) == 4 and sum(t < end for t in starts) == 3   # all but the tail's own
+        end, starts, two_phase = times[False]
+        assert all(t >= end for t in starts)
+        assert metrics["rollout/meta_to_solution_s_max"] < 0.1 < \
+            two_phase["rollout/meta_to_solution_s_max"]
+    finally:
+        eng.shutdown()
