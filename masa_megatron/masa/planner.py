@@ -97,6 +97,7 @@ class RolloutPlanner:
         self.head_decides = resolve_predictor(cfg.masa).head_decides
         self.max_len = cfg.rollout.max_response_length
         self.prompts = prompt_config_from(cfg)
+        self.metrics: dict[str, float] = {}   # the engine's metrics of the last rollout's calls
 
     # -------------------------------------------------------------- helpers
     def _sampling(self, n: int, max_new: int, seed: int) -> SamplingParams:
@@ -169,6 +170,7 @@ class RolloutPlanner:
                     self._parse_metas(item, head)
                 elif head is not None:
                     item.prediction.head_pass_rate, item.prediction.head_log_length = head
+        self.metrics = dict(getattr(self.engine, "rollout_metrics", None) or {})
         if audit:
             self.roll_out_audits(step, items, round_)
         return items
