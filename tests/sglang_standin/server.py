@@ -40,10 +40,12 @@ arg `max_running_requests`, scheduler info `max_total_num_tokens`, and one `inte
 entry per data-parallel rank with `effective_max_running_requests_per_dp`). /standin/stats
 records the sequences in flight (`samples_inflight`, its maximum, and its time integral
 `samples_inflight_s`, with `busy_s`, the time with any in flight) and each /generate's
-[rid, arrival, answer] wall-clock times (`generate_times`).
+[rid, arrival, answer] wall-clock times (`generate_times`); the timed backend also counts the
+sequences holding a running slot (`running`, integral `running_s`).
 
-`--backend timed` (benchmarks): no model; a sequence answers max_new_tokens echo tokens after
---prefill-s + max_new_tokens x --token-time-s seconds of its running slot. The time model: a
+`--backend timed` (benchmarks): no model; a sequence answers its length in echo tokens after
+--prefill-s + length x --token-time-s seconds of its running slot (length: max_new_tokens, or
+the one the prompt encodes, backend.TimedBackend). The time model: a
 decode step costs the same whatever the number of running sequences (below the cap, decode is
 memory-bound), so a server's throughput is cap / token_time tokens per second when full.
 """
@@ -53,6 +55,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -95,14 +98,14 @@ class StandIn:
         self.max_running_arg = max_running
         self.capacity = max_running or 16
         self.running: Optional[asyncio.Semaphore] = None     # made on the server's loop
-        self.last_change = 0.0
+        self.last_change = self.last_running_change = 0.0
         self.ranks = ranks or TPRanks(backend, "", 1)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="standin-model")
         self.queue: Optional[asyncio.Queue] = None
         self.stats = {"paths": {}, "generate_inflight": 0, "max_generate_inflight": 0,
                       "aborted": [], "updates": [], "sessions": 0, "samples_inflight": 0,
                       "max_samples_inflight": 0, "samples_inflight_s": 0.0, "busy_s": 0.0,
-                      "generate_times": []}
+                      "generate_times": [], "running": 0, "running_s": 0.0}
         self.aborted: set[str] = set()
         self.abort_all_before = 0
         self.released: set[str] = set()
@@ -171,9 +174,21 @@ class StandIn:
         async with self.running:
             if item.rid in self.aborted or item.seq < self.abort_all_before:
                 return [], [], {"type": "abort", "message": "Abort request"}
-            n = item.params.max_new_tokens
-            await asyncio.sleep(self.backend.prefill_s + n * self.backend.token_time_s)
+            self._count_running(1)
+            try:
+                n = self.backend.length(item)
+                await asyncio.sleep(self.backend.prefill_s + n * self.backend.token_time_s)
+            finally:
+                self._count_running(-1)
             return self.backend.generate([item])[0]
+
+    def _count_running(self, change: int) -> None:
+        """Timed backend: sequences holding a running slot, and their time integral."""
+        now, st = time.monotonic(), self.stats
+        if self.last_running_change:
+            st["running_s"] += (now - self.last_running_change) * st["running"]
+        self.last_running_change = now
+        st["running"] += change
 
     async def _generate(self, body: Any) -> web.Response:
         req = schemas.parse(schemas.GenerateReqInput, body)
@@ -203,9 +218,10 @@ class StandIn:
         rids = [rid] if params.n == 1 else [f"{rid}_{i}" for i in range(params.n)]
         params.temperature = 0.0 if params.temperature < 1e-6 else params.temperature
         pending = []
-        for r in rids:
+        for j, r in enumerate(rids):
             self.seq += 1
-            item = Item(r, list(ids), params, self.seq)
+            split = re.search(r"-s(\d+)$", r) if params.n == 1 else None
+            item = Item(r, list(ids), params, self.seq, int(split.group(1)) if split else j)
             if isinstance(self.backend, TimedBackend):
                 pending.append(_Pending(item, asyncio.ensure_future(self._timed(item))))
                 continue
