@@ -24,7 +24,8 @@ Configurations, same work in each, run alternately per repeat through one SGLang
 Per run: generation-phase wall time; server utilisation = time-integral of running sequences /
 (cap x servers x phase) (server-side counts); the client's fill while queued (time-weighted
 in-flight / limit while requests waited in the client) and the longest request's share.
-Medians over --repeats.
+Medians over --repeats. `simulate` runs the same work as an event simulation on ideal slots
+(per-server placement), the ratio without HTTP or CPU effects (--simulate-only: just that).
 
     python benchmarks/rollout_streaming.py [--repeats 5] [--servers 4] [--cap 32]
 
@@ -33,6 +34,8 @@ Writes benchmarks/results/rollout_streaming.json.
 from __future__ import annotations
 
 import argparse
+import heapq
+import itertools
 import json
 import math
 import os
@@ -61,10 +64,11 @@ CONFIGS = ("two_phase/per_server", "streaming/per_server", "two_phase/per_sender
 
 class PerSenderSlots(ServerSlots):
     """The old client: at most `pool` requests in flight from this sender, whatever the
-    servers' limits, each sent to the next server in turn."""
+    servers' limits, each sent to the next server in turn. `cap` (the servers' limit) is only
+    the reference of the fill metrics."""
 
-    def __init__(self, urls, pool: int):
-        super().__init__(urls, [pool] * len(urls))
+    def __init__(self, urls, pool: int, cap: int):
+        super().__init__(urls, [cap] * len(urls))
         self.pool, self._turn = pool, 0
 
     def _place(self, weight: int):
@@ -92,11 +96,42 @@ def workload(seed: int, args) -> dict:
     return {"cap": cap, "problems": problems}
 
 
+def simulate(work: dict, slots: int, stream: bool) -> float:
+    """Phase length, in token times, of the same work on `slots` ideal slots (no HTTP, no CPU):
+    one sequence per slot, waiting follow-ups first, then first-round sequences in order."""
+    problems, order = work["problems"], itertools.count()
+    waiting = []                       # heap of (priority, order, length, problem or -1)
+    for i, p in enumerate(problems):
+        for length in p["metas"]:
+            heapq.heappush(waiting, (1, next(order), length, i))
+    left = [len(p["metas"]) for p in problems]
+    held, running, now = [], [], 0.0
+    while waiting or running or held:
+        if not waiting and not running:           # two-phase: every meta is done
+            for item in held:
+                heapq.heappush(waiting, item)
+            held = []
+        while waiting and len(running) < slots:
+            _, _, length, i = heapq.heappop(waiting)
+            heapq.heappush(running, (now + length, i))
+        now, i = heapq.heappop(running)
+        if i >= 0:
+            left[i] -= 1
+            if left[i] == 0 and problems[i]["kept"]:
+                follow = [(0, next(order), n, -1) for n in problems[i]["solutions"]]
+                if stream:
+                    for item in follow:
+                        heapq.heappush(waiting, item)
+                else:
+                    held += follow
+    return now
+
+
 def run_once(engine: SGLangEngine, work: dict, config: str, args) -> dict:
     stream, placement = config.split("/")
     urls = engine.server_urls
     engine._slots = (ServerSlots(urls, [args.cap] * len(urls)) if placement == "per_server"
-                     else PerSenderSlots(urls, args.sender_pool))
+                     else PerSenderSlots(urls, args.sender_pool, args.cap))
     marker, cap, problems = TimedBackend.LENGTHS_MARKER, work["cap"], work["problems"]
     requests = [GenerationRequest([marker, *p["metas"]],
                                   SamplingParams(max_new_tokens=cap, n=8, seed=p["seed"]))
@@ -139,7 +174,15 @@ def main(argv=None) -> dict:
     p.add_argument("--token-time-s", type=float, default=0.002)
     p.add_argument("--gated", type=float, default=0.25)
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--simulate-only", action="store_true",
+                   help="only the event simulation (no servers): streaming / two-phase ratio")
     args = p.parse_args(argv)
+    simulated = statistics.median(
+        simulate(w, args.cap * args.servers, True) / simulate(w, args.cap * args.servers, False)
+        for w in (workload(r, args) for r in range(args.repeats)))
+    print(f"simulated streaming / two-phase phase ratio (median): {simulated:.3f}")
+    if args.simulate_only:
+        return {"simulated_streaming_phase_ratio": simulated}
     logs = tempfile.mkdtemp(prefix="rollout-streaming-")
     servers = [start_standin("/nonexistent-model", backend="timed", log_dir=f"{logs}/{i}",
                              extra_args=["--max-running-requests", str(args.cap),
@@ -164,6 +207,7 @@ def main(argv=None) -> dict:
     paired = lambda a, b: statistics.median(  # noqa: E731
         x["phase_s"] / y["phase_s"] for x, y in zip(runs[a], runs[b]))
     summary = {
+        "simulated_streaming_phase_ratio": simulated,
         "streaming_phase_ratio_per_server": paired("streaming/per_server",
                                                    "two_phase/per_server"),
         "streaming_phase_ratio_per_sender": paired("streaming/per_sender",

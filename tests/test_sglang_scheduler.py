@@ -92,12 +92,12 @@ def test_one_sender_keeps_every_server_full_while_requests_wait(timed):
     """More work than slots: while requests wait in the client, each server holds its limit."""
     eng = _engine(timed)
     try:
-        eng.generate(_requests(40, tokens=10))
+        eng.generate(_requests(60, tokens=25))     # 5 waves of 2 x CAP
         m = eng.rollout_metrics
         assert m["rollout/server0_fill_while_queued"] > 0.9
         assert m["rollout/server1_fill_while_queued"] > 0.9
         assert 0.9 < m["rollout/busy_fraction_mean"] <= 1.0
-        assert 0 < m["rollout/longest_request_share"] < 0.5
+        assert 0 < m["rollout/longest_request_share"] < 0.6
     finally:
         eng.shutdown()
 
@@ -159,5 +159,20 @@ def test_streamed_follow_ups_start_before_the_slowest_first_request_ends(timed):
         assert all(t >= end for t in starts)
         assert metrics["rollout/meta_to_solution_s_max"] < 0.1 < \
             two_phase["rollout/meta_to_solution_s_max"]
+    finally:
+        eng.shutdown()
+
+
+def test_timed_backend_takes_each_samples_length_from_the_prompt(timed):
+    """The benchmark's lengths: sample j of a prompt [999, l_0, l_1, ...] answers min(cap, l_j)
+    tokens, seeded (one request per sample) or not (one request with n)."""
+    eng = _engine(timed[:1])
+    try:
+        for seed in (11, None):
+            req = GenerationRequest([999, 3, 7, 2], SamplingParams(max_new_tokens=5, n=3,
+                                                                   seed=seed))
+            got = eng.generate([req])[0].completions
+            assert [len(c.token_ids) for c in got] == [3, 5, 2]
+            assert [c.finish_reason for c in got] == ["stop", "length", "stop"]
     finally:
         eng.shutdown()
