@@ -114,6 +114,8 @@ class SGLangEngine(RolloutEngine):
                               "the trainer starts a router only for servers it launches itself")
         self.model_path, self.colocate, self.concurrency = model_path, colocate, concurrency
         self.max_running_requests = max_running_requests   # per server; 0: ask each server
+        self.senders: Optional[int] = None    # clients sharing the servers; None: DP size
+        self._slots: Optional[ServerSlots] = None           # built at the first generation
         self.tp, self.weight_version = tp, 0
         self.rank, self.world = _dist_rank()
         self.processes: list[ManagedProcess] = []
@@ -318,17 +320,17 @@ class SGLangEngine(RolloutEngine):
 
     async def _server_slots(self) -> ServerSlots:
         """This sender's slots on every server (built once; see sglang_scheduler)."""
-        slots = getattr(self, "_slots", None)
+        slots = self._slots
         if slots is None:
             if self.router_url:      # the router places requests: one pool of `concurrency`
                 slots = ServerSlots([self.router_url], [self.concurrency])
             else:
-                configured = getattr(self, "max_running_requests", 0)
+                configured = self.max_running_requests
                 limits = [configured] * len(self.server_urls) if configured > 0 else \
                     [server_capacity((await self.http.request(url, "/get_server_info",
                                                               method="GET")).check().body, url)
                      for url in self.server_urls]
-                senders = getattr(self, "senders", None) or data_parallel_senders()
+                senders = self.senders or data_parallel_senders()
                 slots = ServerSlots.split(self.server_urls, limits, senders)
             self._slots = slots
         return slots
