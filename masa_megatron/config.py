@@ -79,7 +79,9 @@ class RolloutConfig:
     # a running router (disaggregated: the one slurm/disaggregated.sbatch starts); "" = the
     # trainer starts one, only in front of servers it launched itself
     sglang_router_url: str = ""
-    sglang_concurrency: int = 256
+    sglang_concurrency: int = 256          # in flight per sender through a router
+    # sequences each server runs at once, shared by the senders; 0 = what /get_server_info says
+    sglang_max_running_requests: int = 0
     sglang_health_timeout_s: float = 600.0
     sglang_request_timeout_s: float = 3600.0
     sglang_max_retries: int = 3
@@ -155,6 +157,10 @@ class MASAConfig:
     head_loss_weight: float = 0.0          # 0: head detached; > 0: its loss also trains the backbone
     head_lr: float = 1e-3
     notion_hints: bool = False
+    # metas first (masa_efficient with text predictions, notion hints): request a problem's
+    # solutions as soon as its own metas are answered (SGLang); the embedded engine always
+    # generates all metas, then all solutions (it runs whole batches in lockstep)
+    stream_solutions: bool = True
     behaviour_cloning: bool = False
     bc_min_notion: float = 0.2
     bc_every: int = 10
@@ -337,6 +343,7 @@ _RANGES = {
     "rollout.sglang_tp": (1, None),
     "rollout.sglang_mem_fraction": (0.01, 0.99),
     "rollout.sglang_concurrency": (1, None),
+    "rollout.sglang_max_running_requests": (0, None),
     "rollout.weight_sync_bucket_mb": (1, None),
     "rollout.sglang_request_timeout_s": (0.001, None),
     "rollout.sglang_max_retries": (0, None),

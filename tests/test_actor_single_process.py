@@ -388,3 +388,17 @@ def test_step_summary_keeps_a_nan_max_as_nan():
     for steps in ([step], [step, later], [later, step]):
         assert math.isnan(_summarize_steps(steps, "train")["train/ratio_dev_max"]), steps
     assert _summarize_steps([later], "train")["train/ratio_dev_max"] == 0.5
+
+
+def test_update_reports_the_padding_of_its_micro_batches(fresh):
+    """train/padding_fraction = 1 - sample positions / padded positions of the micro-batches
+    (one per mini-batch here: rows padded to the mini-batch's longest)."""
+    batch = make_batch()
+    batch.old_logprobs = fresh.logprobs(batch)
+    lengths = [len(p) + len(r) - 1 for p, r in zip(batch.prompt_ids, batch.response_ids)]
+    minis, _ = fresh._mini_batches(batch)
+    step = fresh.sequence_multiple
+    padded = sum(len(idx) * -(-max(lengths[i] for i in idx) // step) * step for idx in minis)
+    expected = 1 - sum(lengths) / padded
+    assert 0 < expected < 1, "make_batch rows must differ in length"
+    assert fresh.update(batch)["train/padding_fraction"] == pytest.approx(expected, abs=1e-12)

@@ -254,3 +254,47 @@ def test_audit_tokens_are_reported_apart_from_the_efficiency_totals(tokenizer):
     assert totals["tokens/audit"] == 4 * per_audit
     assert totals["tokens/solution"] == kept
     assert totals["tokens/total"] == kept + metas_tokens
+
+
+class StreamingScripted(ScriptedEngine):
+    """Answers the first requests last-to-first and asks for each one's follow-ups as soon as
+    it is answered (what a streaming engine may do)."""
+    def __init__(self, tokenizer, script):
+        super().__init__(tokenizer, script)
+        self.streamed: list[bool] = []
+
+    def generate_chained(self, requests, follow, stream=True):
+        self.streamed.append(stream)
+        first, extra = [None] * len(requests), [[] for _ in requests]
+        for i in reversed(range(len(requests))):
+            first[i] = self.generate([requests[i]])[0]
+            extra[i] = self.generate(list(follow(i, first[i])))
+        return first + [r for rs in extra for r in rs]
+
+
+def _rollout_view(items):
+    return [(it.gated, it.audited, it.max_new_tokens, it.hint, list(it.solution_prompt_ids),
+             [c.token_ids for c in it.solutions], [c.token_ids for c in it.metas],
+             it.predictions) for it in items]
+
+
+@pytest.mark.parametrize("masa", [dict(mode="masa_efficient", efficient_start_step=0,
+                                       audit_fraction=0.5),
+                                  dict(mode="masa", notion_hints=True)])
+def test_streamed_solutions_match_the_two_phase_rollouts(tokenizer, masa):
+    """Each problem's solutions are requested right after its own metas (out of batch order),
+    with the same gates, audits, cutoffs, hints and samples as two phases give."""
+    cfg = make_cfg(**masa)
+    two_phase, _ = plan(tokenizer, cfg)
+    engine = StreamingScripted(tokenizer, SCRIPT)
+    planner = RolloutPlanner(cfg, tokenizer, engine, *resolve_policies(cfg.masa))
+    streamed = planner.rollout(0, PROBLEMS)
+    assert engine.streamed == [True]
+    assert _rollout_view(streamed) == _rollout_view(two_phase)
+    kinds = ["meta" if "<meta>" in tokenizer.decode(list(r.prompt_token_ids)) else "solution"
+             for r in engine.requests]
+    assert kinds[:2] == ["meta", "solution"]       # P3's solutions before P1's metas
+    cfg.masa.stream_solutions = False
+    engine = StreamingScripted(tokenizer, SCRIPT)
+    RolloutPlanner(cfg, tokenizer, engine, *resolve_policies(cfg.masa)).rollout(0, PROBLEMS)
+    assert engine.streamed == [False]

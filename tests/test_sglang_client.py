@@ -22,7 +22,8 @@ REQ = GenerationRequest([1, 2, 3], SamplingParams(max_new_tokens=4, n=2))
 @pytest.fixture
 def engine(echo):
     eng = SGLangEngine(urls=[echo.url], request_timeout_s=1.0, max_retries=2,
-                       retry_backoff_s=0.01, health_timeout_s=30, concurrency=4, colocate=True)
+                       retry_backoff_s=0.01, health_timeout_s=30, max_running_requests=4,
+                       colocate=True)
     yield eng
     eng.http.call(echo.url, "/standin/faults", {"fail_next": 0, "delay_next": 0, "drop_next": 0,
                                                 "die_next": 0, "paths": ["/generate"]})
@@ -230,13 +231,14 @@ def test_from_config_attaches_to_configured_urls(echo, tmp_path):
     cfg.model.hf_path = "/nonexistent-model"
     cfg.trainer.output_dir = str(tmp_path)
     cfg.rollout.engine, cfg.rollout.sglang_urls = "sglang", [echo.url]
-    cfg.rollout.sglang_concurrency = 7
+    cfg.rollout.sglang_concurrency, cfg.rollout.sglang_max_running_requests = 7, 5
     eng = SGLangEngine.from_config(None, cfg)
     try:
         assert eng.server_urls == [echo.url] and eng.concurrency == 7 and not eng.processes
         assert eng.weight_sync.name == "disk"
         assert eng.weight_sync.sync_dir == f"{tmp_path}/weight_sync"
         assert len(eng.generate([REQ])[0].completions) == 2
+        assert eng._slots.shares == [5]
     finally:
         eng.shutdown()
     from masa_megatron.rollout.base import get_engine_class

@@ -173,3 +173,27 @@ def test_weight_check_detects_stale_server(server, tiny, trainer, tmp_path):
             engine.weight_sync.check(version)
     finally:
         engine.shutdown()
+
+
+def test_streamed_follow_ups_give_the_two_phase_samples(server, tiny, trainer, tmp_path):
+    """Seeded first requests whose follow-up prompts are built from their answers: streamed
+    (a follow-up sent while longer first requests still run), two-phase through HTTP, and the
+    embedded engine's two batches give the same samples."""
+    _, embedded = trainer
+    first = [GenerationRequest([5 + i, 17, 301], SamplingParams(max_new_tokens=4 + 3 * i,
+                                                                temperature=1.0, seed=i, n=2))
+             for i in range(4)]
+
+    def follow(i, result):
+        prompt = [t % 500 + 1 for t in result.completions[1].token_ids[:3]]
+        return [GenerationRequest(prompt, SamplingParams(max_new_tokens=5, temperature=1.0,
+                                                         seed=100 + i, n=2))] if i != 2 else []
+    engine = _engine(server, tiny, tmp_path)
+    try:
+        streamed = engine.generate_chained(first, follow, stream=True)
+        two_phase = engine.generate_chained(first, follow, stream=False)
+    finally:
+        engine.shutdown()
+    assert len(streamed) == 4 + 3
+    _assert_same(streamed, two_phase)
+    _assert_same(streamed, embedded.generate_chained(first, follow))

@@ -289,3 +289,26 @@ def test_loop_scores_metas_with_the_configured_notion_rules(trainer, monkeypatch
     run_step(parts, 0)
     assert seen and set(seen) == {"reference"}
     assert len(updates[0]) == 24
+
+
+class _MeteredEngine(ScriptedEngine):
+    """Reports different rollout metrics for the step's chained call and for later calls."""
+    def generate_chained(self, requests, follow, stream=True):
+        results = super().generate_chained(requests, follow, stream)
+        self.rollout_metrics = {"rollout/phase_s": 1.5, "rollout/busy_fraction_mean": 0.75}
+        return results
+
+    def generate(self, requests):
+        self.rollout_metrics = {"rollout/phase_s": 9.0}
+        return super().generate(requests)
+
+
+def test_step_logs_the_generation_phase_metrics_and_micro_batch_padding(trainer):
+    """The engine's metrics of the step's generation (not of the audits after it) and the
+    update's padding fraction are in the step's metrics."""
+    parts, _ = trainer("masa_efficient", efficient_start_step=0, audit_fraction=1.0)
+    parts.engine = parts.planner.engine = _MeteredEngine(parts.tokenizer, SCRIPT)
+    metrics = run_step(parts, 0)
+    assert metrics["gating/audited"] >= 1                  # an audit call ran after the step's
+    assert metrics["rollout/phase_s"] == 1.5 and metrics["rollout/busy_fraction_mean"] == 0.75
+    assert 0.0 < metrics["train/padding_fraction"] < 1.0

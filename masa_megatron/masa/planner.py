@@ -3,10 +3,14 @@
 Modes:
 - `grpo`: G solution rollouts per problem.
 - `masa`: G solution + M meta rollouts per problem in ONE generation call.
-- `masa_efficient`: `masa` before step k; from step k on, two phases:
-  1. the M meta rollouts of every problem, parsed into a `MetaPrediction`;
+- `masa_efficient`: `masa` before step k; from step k on, per problem:
+  1. its M meta rollouts, parsed into a `MetaPrediction`;
   2. gating (skip predicted zero-variance problems, except an audited fraction that is rolled out
-     anyway and not trained) and early cutoff (per-request max_new_tokens) for the solutions.
+     anyway and not trained) and early cutoff (per-request max_new_tokens) for its solutions.
+  With `masa.stream_solutions` a problem's solutions are requested as soon as its own metas are
+  answered (`engine.generate_chained`; engines without streaming run two batches), else after
+  every problem's metas. Decisions depend only on the problem's own metas and seeds (the audit
+  draw is seeded per problem), so both orders give the same rollouts.
      Audited solutions are generated in a call of their own (`roll_out_audits`), so that the
      loop times them apart from the step (they measure the gate; they are not MASA's cost).
   With a predictor whose head decides (`masa.predictor=head`, predictors.py) the meta-head's
@@ -93,6 +97,7 @@ class RolloutPlanner:
         self.head_decides = resolve_predictor(cfg.masa).head_decides
         self.max_len = cfg.rollout.max_response_length
         self.prompts = prompt_config_from(cfg)
+        self.metrics: dict[str, float] = {}   # the engine's metrics of the last rollout's calls
 
     # -------------------------------------------------------------- helpers
     def _sampling(self, n: int, max_new: int, seed: int) -> SamplingParams:
@@ -132,7 +137,6 @@ class RolloutPlanner:
         efficient = mode == "masa_efficient" and step >= masa_cfg.efficient_start_step
         use_head = self.head_decides
         metas_first = mode != "grpo" and (masa_cfg.notion_hints or (efficient and not use_head))
-        rng = random.Random(self._seed(step, "audit", 3, round_))
         items = []
         for uid, problem, answer in problems:
             items.append(ProblemRollouts(
@@ -147,21 +151,14 @@ class RolloutPlanner:
         if use_head and efficient:  # the head decides before anything is generated
             for item, head in zip(items, heads):
                 item.prediction = summarise_predictions([], 0, head)
-                self._decide(item, rng, G)
+                self._decide(item, step, round_, G)
         if metas_first:
-            self._generate([(it, "metas", it.meta_prompt_ids, self._sampling(
-                M, self.max_len, self._seed(step, it.uid, 1, round_)))
-                for it in items if not it.gated])
-            for item, head in zip(items, heads):
-                if not item.gated:
-                    self._parse_metas(item, head)
-                    if efficient and not use_head:
-                        self._decide(item, rng, G)
-                    if masa_cfg.notion_hints:
-                        self._add_hint(item)
+            self._metas_then_solutions(step, round_, [(it, head) for it, head in zip(items, heads)
+                                                      if not it.gated],
+                                       decide=efficient and not use_head)
         jobs = []
         for item in items:
-            if not item.gated:
+            if not item.gated and not metas_first:
                 jobs.append(self._solution_job(step, item, round_))
             if mode != "grpo" and not metas_first and not item.gated:
                 jobs.append((item, "metas", item.meta_prompt_ids, self._sampling(
@@ -173,6 +170,7 @@ class RolloutPlanner:
                     self._parse_metas(item, head)
                 elif head is not None:
                     item.prediction.head_pass_rate, item.prediction.head_log_length = head
+        self.metrics = dict(getattr(self.engine, "rollout_metrics", None) or {})
         if audit:
             self.roll_out_audits(step, items, round_)
         return items
@@ -186,9 +184,42 @@ class RolloutPlanner:
         return (item, "solutions", item.solution_prompt_ids, self._sampling(
             self.cfg.grpo.group_size, item.max_new_tokens, self._seed(step, item.uid, 0, round_)))
 
-    def _decide(self, item: ProblemRollouts, rng: random.Random, group_size: int) -> None:
+    def _metas_then_solutions(self, step: int, round_: int, todo: list, decide: bool) -> None:
+        """Metas of `todo` [(item, head)], then each kept problem's solutions: the follow-ups of
+        its meta request (streamed or two-phase, see the module docstring). `follow` is pure
+        per problem (cached), so every rank recomputes the same split of the results."""
+        M, done = self.cfg.masa.meta_group_size, {}
+
+        def follow(i: int, result) -> list[GenerationRequest]:
+            if i not in done:
+                item, head = todo[i]
+                item.metas = list(result.completions)
+                self._parse_metas(item, head)
+                if decide:
+                    self._decide(item, step, round_, self.cfg.grpo.group_size)
+                if self.cfg.masa.notion_hints:
+                    self._add_hint(item)
+                done[i] = [] if item.gated else \
+                    [GenerationRequest(*self._solution_job(step, item, round_)[2:])]
+            return done[i]
+
+        if not todo:
+            return
+        requests = [GenerationRequest(it.meta_prompt_ids, self._sampling(
+            M, self.max_len, self._seed(step, it.uid, 1, round_))) for it, _ in todo]
+        results = self.engine.generate_chained(requests, follow,
+                                               stream=self.cfg.masa.stream_solutions)
+        at = len(todo)
+        for i, ((item, _), result) in enumerate(zip(todo, results)):
+            for _ in follow(i, result):
+                item.solutions.extend(results[at].completions)
+                at += 1
+
+    def _decide(self, item: ProblemRollouts, step: int, round_: int, group_size: int) -> None:
+        """Gate, audit draw (seeded per problem) and cutoff from `item.prediction`."""
         item.gated = bool(self.gate(item.prediction, self.cfg.masa, group_size))
-        item.audited = item.gated and rng.random() < self.cfg.masa.audit_fraction
+        draw = random.Random(self._seed(step, item.uid, 3, round_)).random()
+        item.audited = item.gated and draw < self.cfg.masa.audit_fraction
         item.max_new_tokens = int(self.cutoff(item.prediction, self.cfg.masa, self.max_len))
 
     def _add_hint(self, item: ProblemRollouts) -> None:

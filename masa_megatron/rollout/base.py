@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from masa_megatron.registry import Registry, RegistryError, import_object
 
-__all__ = ["ENGINES", "Completion", "GenerationRequest", "GenerationResult", "RegistryError",
+__all__ = ["ENGINES", "Completion", "FollowUp", "GenerationRequest", "GenerationResult", "RegistryError",
            "RolloutEngine", "SamplingParams", "build_engine", "get_engine_class", "register_engine"]
 
 FINISH_STOP = "stop"
@@ -101,6 +101,19 @@ class GenerationResult:
         return sum(c.completion_tokens for c in self.completions)
 
 
+# follow(i, result of request i) -> the requests that depend on it (possibly none); a pure
+# function of its arguments, so every rank that calls generate_chained can recompute it
+FollowUp = Callable[[int, "GenerationResult"], Sequence[GenerationRequest]]
+
+
+def two_phase(engine: "RolloutEngine", requests: list[GenerationRequest],
+              follow: FollowUp) -> list[GenerationResult]:
+    """generate_chained as two batches: every first request, then every follow-up."""
+    first = engine.generate(requests)
+    second = [r for i, res in enumerate(first) for r in follow(i, res)]
+    return first + (engine.generate(second) if second else [])
+
+
 class RolloutEngine(abc.ABC):
     """What the trainer needs from a generator.
 
@@ -111,6 +124,18 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """One result per request, in request order."""
+
+    def generate_chained(self, requests: list[GenerationRequest], follow: FollowUp,
+                         stream: bool = True) -> list[GenerationResult]:
+        """The results of `requests`, then of every follow-up in (request, follow-up) order,
+        where request i's follow-ups are `follow(i, its result)`. Engines that accept requests
+        while others run send a request's follow-ups as soon as it is answered (`stream`); the
+        default runs two batches (`two_phase`), whatever `stream` says. Call it where
+        `generate` is called (collective alike)."""
+        return two_phase(self, requests, follow)
+
+    # metrics of the last generate / generate_chained call (rollout/<name> -> value), if any
+    rollout_metrics: dict[str, float] = {}
 
     @abc.abstractmethod
     def update_weights(self, model: Any = None, path: Optional[str] = None, *,

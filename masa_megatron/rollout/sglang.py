@@ -17,9 +17,15 @@ greedy requests (temperature 0 becomes top_k = 1): the definition of rollout/bas
 
 Seeds: a seeded request goes out as n one-sample requests, sample j with sampling_seed =
 mix_seed(seed, j) (the embedded engine's per-sample seed, sent as a signed 64-bit int), because
-SGLang seeds by (sampling_seed, position) and n copies under one seed would be identical. It is
-honoured by servers started with --enable-deterministic-inference. Unseeded requests ask for n
-samples at once (one shared prefill).
+SGLang seeds by (sampling_seed, position) and its n > 1 copies of a request all carry the same
+sampling_params, so n copies under one seed would be identical. It is honoured by servers started
+with --enable-deterministic-inference. Unseeded requests ask for n samples at once (one shared
+prefill); seeded copies still share the prompt's prefill through SGLang's radix cache.
+
+Concurrency (sglang_scheduler.py): each server runs at most its limit of our sequences, the
+configured max_running_requests or what its /get_server_info reports, split between the senders;
+requests wait in the client and go to the least-loaded server. Through a router, the router
+places requests and `concurrency` bounds what this sender has in flight.
 
 Failures: every HTTP call has a timeout; connection errors, timeouts and HTTP 5xx are retried with
 exponential backoff and jitter, then EngineError names the server URL, the route and the last
@@ -38,11 +44,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import uuid
 from typing import Any, Optional, Sequence
 
-from masa_megatron.rollout.base import (FINISH_ABORT, FINISH_REASONS, Completion,
-                                        GenerationRequest, GenerationResult, RolloutEngine)
+from masa_megatron.rollout.base import (FollowUp, GenerationRequest, GenerationResult,
+                                        RolloutEngine)
+from masa_megatron.rollout.sglang_protocol import (_signed64, generate_payloads,  # noqa: F401
+                                                   parse_completions)
+from masa_megatron.rollout.sglang_scheduler import (RequestRunner, ServerSlots,
+                                                    data_parallel_senders, server_capacity)
 from masa_megatron.rollout.sglang_launch import (ATTACHED_REFUSED_LIMIT, EngineError, HTTPClient,
                                                  ManagedProcess, ServerOptions, launch_router,
                                                  launch_servers, wait_healthy)
@@ -50,57 +59,6 @@ from masa_megatron.rollout.sglang_launch import (ATTACHED_REFUSED_LIMIT, EngineE
 __all__ = ["EngineError", "HTTPClient", "SGLangEngine", "generate_payloads", "parse_completions"]
 
 log = logging.getLogger(__name__)
-_CONTEXT_HINTS = ("context length", "longer than", "too long")
-_INT64 = 1 << 64
-
-
-# ---------------------------------------------------------------- request <-> JSON
-
-def _signed64(seed: int) -> int:
-    seed %= _INT64
-    return seed - _INT64 if seed >= 1 << 63 else seed
-
-
-def generate_payloads(request: GenerationRequest, rid: str) -> list[dict]:
-    """The /generate bodies of one request: one for n samples, or n one-sample seeded ones."""
-    from masa_megatron.rollout.embedded import mix_seed
-
-    p = request.sampling
-    params = {"max_new_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
-              "top_k": p.top_k if p.top_k > 0 else -1, "ignore_eos": p.ignore_eos, "n": p.n}
-    if p.stop_token_ids:
-        params["stop_token_ids"] = list(p.stop_token_ids)
-    base = {"input_ids": [int(t) for t in request.prompt_token_ids], "return_logprob": True}
-    if p.seed is None or p.greedy:
-        return [dict(base, sampling_params=params, rid=rid)]
-    return [dict(base, rid=f"{rid}-s{j}",
-                 sampling_params=dict(params, n=1, sampling_seed=_signed64(mix_seed(p.seed, j))))
-            for j in range(p.n)]
-
-
-def parse_completions(body: Any, where: str) -> tuple[list[Completion], Optional[int]]:
-    """Completions (and the weight version, when numeric) from a /generate answer."""
-    items = body if isinstance(body, list) else [body]
-    completions, version = [], None
-    for item in items:
-        try:
-            ids = [int(t) for t in item["output_ids"]]
-            meta = item["meta_info"]
-            entries = meta.get("output_token_logprobs") or []
-            logprobs = [float(e[0]) for e in entries]
-            if [int(e[1]) for e in entries] != ids:
-                raise ValueError("output_token_logprobs token ids differ from output_ids")
-            reason = (meta.get("finish_reason") or {}).get("type") or FINISH_ABORT
-        except (KeyError, TypeError, ValueError, IndexError) as err:
-            raise EngineError(f"{where}: malformed /generate answer ({err}): "
-                              f"{str(item)[:300]}") from None
-        completions.append(Completion(ids, logprobs,
-                                      reason if reason in FINISH_REASONS else FINISH_ABORT))
-        try:
-            version = int(meta.get("weight_version"))
-        except (TypeError, ValueError):
-            pass
-    return completions, version
 
 
 # ---------------------------------------------------------------- the engine
@@ -137,7 +95,7 @@ class SGLangEngine(RolloutEngine):
                  num_servers: int = 1, tp: int = 1, mem_fraction: float = 0.7,
                  host: str = "127.0.0.1", base_port: int = 30000, router: bool = False,
                  router_port: Optional[int] = None, router_url: Optional[str] = None,
-                 concurrency: int = 256,
+                 concurrency: int = 256, max_running_requests: int = 0,
                  health_timeout_s: float = 600.0, request_timeout_s: float = 600.0,
                  max_retries: int = 3, retry_backoff_s: float = 0.5, colocate: bool = False,
                  weight_sync: str = "disk", bucket_mb: int = 512, sync_dir: Optional[str] = None,
@@ -155,6 +113,9 @@ class SGLangEngine(RolloutEngine):
                               "rollout.sglang_router_url (slurm/disaggregated.sbatch passes it); "
                               "the trainer starts a router only for servers it launches itself")
         self.model_path, self.colocate, self.concurrency = model_path, colocate, concurrency
+        self.max_running_requests = max_running_requests   # per server; 0: ask each server
+        self.senders: Optional[int] = None    # clients sharing the servers; None: DP size
+        self._slots: Optional[ServerSlots] = None           # built at the first generation
         self.tp, self.weight_version = tp, 0
         self.rank, self.world = _dist_rank()
         self.processes: list[ManagedProcess] = []
@@ -164,7 +125,6 @@ class SGLangEngine(RolloutEngine):
         self.metrics: dict[str, float] = {}          # last sync stats and memory per phase
         self.last_sync_stats: dict[str, float] = {}
         self._inflight: set[tuple[str, str]] = set()
-        self._next_server = 0
         self._alive = True
         urls = [u.rstrip("/") for u in urls]
         router_url = router_url.rstrip("/") if router_url else None
@@ -291,7 +251,9 @@ class SGLangEngine(RolloutEngine):
             tp=cfg.sglang_tp, mem_fraction=cfg.sglang_mem_fraction, host=cfg.sglang_host,
             base_port=cfg.sglang_base_port, router=cfg.sglang_router,
             router_url=getattr(cfg, "sglang_router_url", "") or None,
-            concurrency=cfg.sglang_concurrency, health_timeout_s=cfg.sglang_health_timeout_s,
+            concurrency=cfg.sglang_concurrency,
+            max_running_requests=cfg.sglang_max_running_requests,
+            health_timeout_s=cfg.sglang_health_timeout_s,
             python=cfg.sglang_python,
             server_module=getattr(cfg, "sglang_server_module", None),
             colocate=cfg.colocate, weight_sync=cfg.weight_sync,
@@ -335,61 +297,43 @@ class SGLangEngine(RolloutEngine):
 
     def generate_local(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Send `requests` from this process (no collectives)."""
-        return self.http.run(self._generate(list(requests)))
+        return self.http.run(self._run(list(requests)))
 
-    def _pick_url(self) -> str:
-        if self.router_url:
-            return self.router_url
-        url = self.server_urls[self._next_server % len(self.server_urls)]
-        self._next_server += 1
-        return url
+    def generate_chained(self, requests: list[GenerationRequest], follow: FollowUp,
+                         stream: bool = True) -> list[GenerationResult]:
+        """See RolloutEngine.generate_chained. Streaming: request i's follow-ups go out as soon
+        as request i is answered; stream=False runs the two phases (all first requests, then
+        all follow-ups) through the same client, for comparison. Collective like `generate`."""
+        from masa_megatron.rollout.dp_flow import generate_in_model_parallel_group
 
-    async def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        gate = asyncio.Semaphore(self.concurrency)
-        batch = uuid.uuid4().hex[:10]
-        jobs = []
-        for i, req in enumerate(requests):
-            url = self._pick_url()
-            rid = f"{req.request_id}-{batch}" if req.request_id else f"masa-{batch}-{i}"
-            jobs.append([asyncio.ensure_future(self._post_generate(gate, url, body))
-                         for body in generate_payloads(req, rid)])
-        flat = [task for tasks in jobs for task in tasks]
+        if not self._alive:
+            raise EngineError("SGLang engine was shut down")
+        return generate_in_model_parallel_group(
+            lambda reqs: self.http.run(self._run(list(reqs), follow, stream)), requests)
+
+    async def _run(self, requests, follow=None, stream=True) -> list[GenerationResult]:
+        runner = RequestRunner(self, await self._server_slots())
         try:
-            await asyncio.gather(*flat)
-        except BaseException:
-            for task in flat:
-                task.cancel()
-            await self._abort_inflight()
-            raise
-        results = []
-        for req, tasks in zip(requests, jobs):
-            completions, version = [], None
-            for task in tasks:
-                got, got_version = task.result()
-                completions += got
-                version = got_version if got_version is not None else version
-            if len(completions) != req.sampling.n:
-                raise EngineError(f"SGLang returned {len(completions)} samples for a request "
-                                  f"with n={req.sampling.n}")
-            results.append(GenerationResult(req.request_id, len(req.prompt_token_ids), completions,
-                                            self.weight_version if version is None else version))
-        return results
+            return await runner.run(requests, follow, stream)
+        finally:
+            self.rollout_metrics = runner.metrics()
 
-    async def _post_generate(self, gate: asyncio.Semaphore, url: str, body: dict):
-        key = (url, body["rid"])
-        async with gate:
-            self._inflight.add(key)
-            try:
-                reply = await self.http.request(url, "/generate", body)
-            finally:
-                self._inflight.discard(key)
-        if reply.status == 400 and any(h in reply.message().lower() for h in _CONTEXT_HINTS):
-            log.warning("SGLang server %s rejected a prompt of %d tokens: %s", url,
-                        len(body["input_ids"]), reply.message())
-            n = body["sampling_params"]["n"]
-            return [Completion([], [], FINISH_ABORT) for _ in range(n)], None
-        reply.check()
-        return parse_completions(reply.body, f"SGLang server {url}")
+    async def _server_slots(self) -> ServerSlots:
+        """This sender's slots on every server (built once; see sglang_scheduler)."""
+        slots = self._slots
+        if slots is None:
+            if self.router_url:      # the router places requests: one pool of `concurrency`
+                slots = ServerSlots([self.router_url], [self.concurrency])
+            else:
+                configured = self.max_running_requests
+                limits = [configured] * len(self.server_urls) if configured > 0 else \
+                    [server_capacity((await self.http.request(url, "/get_server_info",
+                                                              method="GET")).check().body, url)
+                     for url in self.server_urls]
+                senders = self.senders or data_parallel_senders()
+                slots = ServerSlots.split(self.server_urls, limits, senders)
+            self._slots = slots
+        return slots
 
     async def _abort_inflight(self) -> None:
         pending = list(self._inflight)

@@ -423,7 +423,7 @@ class Actor:
                                   torch.ones(1, 1, dtype=torch.bool), **loss_kwargs,
                                   **{name: torch.zeros(1, 1) for name in used})
         keys = list(template) + ([] if targets is None else ["prompt_state_loss"])
-        steps = []
+        steps, padded, valid = [], 0, 0
         with self._final_hidden_states(enabled=targets is not None) as hidden_states:
             for _epoch in range(cfg.ppo_epochs):
                 for index, samples in enumerate(minis):
@@ -445,9 +445,15 @@ class Actor:
                             loss = loss + term
                         return loss * scale, metrics
 
-                    steps.append(self._train_step(self._micro_batches(batch, samples), loss_of,
-                                                  keys, check_ratio and not steps))
-        return _summarize_steps(steps, "train")
+                    micro = self._micro_batches(batch, samples)
+                    padded += sum(mb.tokens.numel() for mb in micro)
+                    valid += sum(mb.valid_tokens for mb in micro)
+                    steps.append(self._train_step(micro, loss_of, keys,
+                                                  check_ratio and not steps))
+        out = _summarize_steps(steps, "train")
+        # padding of this rank's micro-batches: 1 - valid / padded input positions
+        out["train/padding_fraction"] = 1.0 - valid / padded if padded else 0.0
+        return out
 
     def sft_step(self, prompt_ids_list: Sequence[Sequence[int]],
                  target_ids_list: Sequence[Sequence[int]],

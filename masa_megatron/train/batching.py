@@ -125,6 +125,11 @@ class MicroBatch:
         return self.tokens.shape[0]
 
     @property
+    def valid_tokens(self) -> int:
+        """Input positions that hold a sample's token (P + R - 1 per row); the rest is padding."""
+        return sum(s + n for s, n in zip(self.response_start, self.response_len))
+
+    @property
     def is_padding_only(self) -> bool:
         """A stand-in micro-batch for a rank with no samples (no valid token, no sample)."""
         return len(self.sample_index) == 0

@@ -134,6 +134,7 @@ def run_step(parts: LoopParts, step: int) -> dict[str, float]:
     metrics.update(train_metrics)
     metrics.update(head_metrics)
     metrics.update(bc_metrics)
+    metrics.update(parts.planner.metrics)   # rollout/*: the generation phase's scheduling
     metrics.update(timer.times)
     metrics["time/step"] -= metrics["time/audit"]   # the gate's measurement is not the step's cost
     metrics["dynamic_sampling/dropped_groups"] = dropped

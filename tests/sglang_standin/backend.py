@@ -9,6 +9,7 @@ are there.
 
 `EchoBackend`: no model, no torch import at start-up; answers with a deterministic token pattern.
 For the fault-injection and launcher tests, where start-up time matters and outputs do not.
+`TimedBackend`: echo tokens that take a stated time per token (scheduling benchmarks).
 
 Both are called from one worker thread only (the server serialises model access).
 """
@@ -46,6 +47,7 @@ class Item:
     input_ids: list[int]
     params: Any                     # schemas.SamplingParams
     seq: int = 0                    # arrival order (abort_all aborts everything before it)
+    index: int = 0                  # sample j of the request (seeded splits: rid "...-s<j>")
 
 
 def eos_ids(folder: str) -> list[int]:
@@ -96,6 +98,34 @@ class EchoBackend:
 
     def poison(self) -> list[str]:
         return []
+
+
+class TimedBackend(EchoBackend):
+    """Echo tokens that take time: the server sleeps prefill_s + length x token_time_s per
+    running sequence (server.py states the time model). A sequence's length is max_new_tokens,
+    or, for a prompt [LENGTHS_MARKER, l_0, l_1, ...], min(max_new_tokens, l_j) for sample j (a
+    benchmark's sampled lengths)."""
+    LENGTHS_MARKER = 999
+
+    def __init__(self, model_path: Optional[str] = None, vocab_size: int = 1000,
+                 context_length: int = 4096, token_time_s: float = 0.001, prefill_s: float = 0.0):
+        super().__init__(model_path, vocab_size, context_length)
+        self.token_time_s, self.prefill_s = token_time_s, prefill_s
+
+    def length(self, item: Item) -> int:
+        ids, cap = item.input_ids, item.params.max_new_tokens
+        if ids and ids[0] == self.LENGTHS_MARKER and len(ids) > 1 + item.index:
+            return max(1, min(cap, ids[1 + item.index]))
+        return cap
+
+    def generate(self, items: list[Item]) -> list[tuple[list[int], list[float], dict]]:
+        out = []
+        for item, (ids, lps, _) in zip(items, super().generate(items)):
+            n = self.length(item)
+            reason = {"type": "length", "length": n} if n == item.params.max_new_tokens \
+                else {"type": "stop", "matched": ids[n - 1]}
+            out.append((ids[:n], lps[:n], reason))
+        return out
 
 
 class ModelBackend:

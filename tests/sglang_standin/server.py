@@ -32,6 +32,22 @@ Behaviour kept from SGLang (and relied on by our code):
   weights are poisoned: after a resume, /generate fails until a sync has rewritten every
   tensor; /flush_cache fails while requests run.
 Generation requests arriving together are run as one batch in a worker thread.
+
+Capacity (SGLang's scheduler): at most --max-running-requests sequences run at once (default
+16 here; SGLang derives its own from memory), the rest wait in the server's queue; a request
+with n samples is n sequences. GET /get_server_info reports the cap like SGLang 0.5.23 (server
+arg `max_running_requests`, scheduler info `max_total_num_tokens`, and one `internal_states`
+entry per data-parallel rank with `effective_max_running_requests_per_dp`). /standin/stats
+records the sequences in flight (`samples_inflight`, its maximum, and its time integral
+`samples_inflight_s`, with `busy_s`, the time with any in flight) and each /generate's
+[rid, arrival, answer] wall-clock times (`generate_times`); the timed backend also counts the
+sequences holding a running slot (`running`, integral `running_s`).
+
+`--backend timed` (benchmarks): no model; a sequence answers its length in echo tokens after
+--prefill-s + length x --token-time-s seconds of its running slot (length: max_new_tokens, or
+the one the prompt encodes, backend.TimedBackend). The time model: a
+decode step costs the same whatever the number of running sequences (below the cap, decode is
+memory-bound), so a server's throughput is cap / token_time tokens per second when full.
 """
 from __future__ import annotations
 
@@ -39,7 +55,9 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +69,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.sglang_standin import schemas  # noqa: E402
-from tests.sglang_standin.backend import EchoBackend, Item  # noqa: E402
+from tests.sglang_standin.backend import EchoBackend, Item, TimedBackend  # noqa: E402
 from tests.sglang_standin.faults import FaultPlan, fault_middleware  # noqa: E402
 from tests.sglang_standin.weights import SchedulerCrash, TPRanks  # noqa: E402
 
@@ -75,13 +93,19 @@ class _Pending:
 
 class StandIn:
     def __init__(self, backend: Any, faults: FaultPlan, begin_end: bool = True,
-                 ranks: Optional[TPRanks] = None):
+                 ranks: Optional[TPRanks] = None, max_running: Optional[int] = None):
         self.backend, self.faults, self.begin_end = backend, faults, begin_end
+        self.max_running_arg = max_running
+        self.capacity = max_running or 16
+        self.running: Optional[asyncio.Semaphore] = None     # made on the server's loop
+        self.last_change = self.last_running_change = 0.0
         self.ranks = ranks or TPRanks(backend, "", 1)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="standin-model")
         self.queue: Optional[asyncio.Queue] = None
         self.stats = {"paths": {}, "generate_inflight": 0, "max_generate_inflight": 0,
-                      "aborted": [], "updates": [], "sessions": 0}
+                      "aborted": [], "updates": [], "sessions": 0, "samples_inflight": 0,
+                      "max_samples_inflight": 0, "samples_inflight_s": 0.0, "busy_s": 0.0,
+                      "generate_times": [], "running": 0, "running_s": 0.0}
         self.aborted: set[str] = set()
         self.abort_all_before = 0
         self.released: set[str] = set()
@@ -97,7 +121,7 @@ class StandIn:
         while True:
             batch = [await self.queue.get()]
             await asyncio.sleep(0.005)
-            while not self.queue.empty():
+            while not self.queue.empty() and len(batch) < self.capacity:
                 batch.append(self.queue.get_nowait())
             live = []
             for p in batch:
@@ -116,16 +140,55 @@ class StandIn:
                     if not p.future.done():
                         p.future.set_exception(err)
 
+    def _count(self, samples: int) -> None:
+        """Sequences in flight change by `samples`; integrates the time-weighted counts."""
+        now, st = time.monotonic(), self.stats
+        if self.last_change:
+            st["samples_inflight_s"] += (now - self.last_change) * st["samples_inflight"]
+            st["busy_s"] += (now - self.last_change) * (st["samples_inflight"] > 0)
+        self.last_change = now
+        st["samples_inflight"] += samples
+        st["max_samples_inflight"] = max(st["max_samples_inflight"], st["samples_inflight"])
+
     async def generate(self, request: web.Request) -> web.Response:
         self.stats["generate_inflight"] += 1
         self.stats["max_generate_inflight"] = max(self.stats["max_generate_inflight"],
                                                   self.stats["generate_inflight"])
+        body, arrived, samples = await request.json(), time.time(), 0
+        if isinstance(body, dict) and isinstance(body.get("sampling_params"), dict):
+            samples = body["sampling_params"].get("n") or 1
+            samples = samples if isinstance(samples, int) else 1
+        self._count(samples)
         try:
-            return await self._generate(await request.json())
+            return await self._generate(body)
         except schemas.BadRequest as err:
             return error(str(err))
         finally:
+            self._count(-samples)
             self.stats["generate_inflight"] -= 1
+            rid = body.get("rid") if isinstance(body, dict) else None
+            self.stats["generate_times"].append([rid, arrived, time.time()])
+
+    async def _timed(self, item: Item) -> tuple:
+        """The timed backend's sequence: wait for a running slot, then 'decode'."""
+        async with self.running:
+            if item.rid in self.aborted or item.seq < self.abort_all_before:
+                return [], [], {"type": "abort", "message": "Abort request"}
+            self._count_running(1)
+            try:
+                n = self.backend.length(item)
+                await asyncio.sleep(self.backend.prefill_s + n * self.backend.token_time_s)
+            finally:
+                self._count_running(-1)
+            return self.backend.generate([item])[0]
+
+    def _count_running(self, change: int) -> None:
+        """Timed backend: sequences holding a running slot, and their time integral."""
+        now, st = time.monotonic(), self.stats
+        if self.last_running_change:
+            st["running_s"] += (now - self.last_running_change) * st["running"]
+        self.last_running_change = now
+        st["running"] += change
 
     async def _generate(self, body: Any) -> web.Response:
         req = schemas.parse(schemas.GenerateReqInput, body)
@@ -155,9 +218,13 @@ class StandIn:
         rids = [rid] if params.n == 1 else [f"{rid}_{i}" for i in range(params.n)]
         params.temperature = 0.0 if params.temperature < 1e-6 else params.temperature
         pending = []
-        for r in rids:
+        for j, r in enumerate(rids):
             self.seq += 1
-            item = Item(r, list(ids), params, self.seq)
+            split = re.search(r"-s(\d+)$", r) if params.n == 1 else None
+            item = Item(r, list(ids), params, self.seq, int(split.group(1)) if split else j)
+            if isinstance(self.backend, TimedBackend):
+                pending.append(_Pending(item, asyncio.ensure_future(self._timed(item))))
+                continue
             pending.append(_Pending(item, asyncio.get_running_loop().create_future()))
             await self.queue.put(pending[-1])
         outs = [await p.future for p in pending]
@@ -305,7 +372,12 @@ class StandIn:
         return web.json_response(values)
 
     async def info(self, request: web.Request) -> web.Response:
-        return web.json_response({"tp_size": self.ranks.tp,
+        return web.json_response({"tp_size": self.ranks.tp, "dp_size": 1,
+                                  "max_running_requests": self.max_running_arg,
+                                  "max_total_num_tokens": self.capacity
+                                  * self.backend.context_length,
+                                  "internal_states": [
+                                      {"effective_max_running_requests_per_dp": self.capacity}],
                                   "version": f"standin (sglang {schemas.SGLANG_VERSION} API)",
                                   "weight_version": self.weight_version,
                                   "context_length": self.backend.context_length,
@@ -385,6 +457,7 @@ def build_app(standin: StandIn, record: bool = False) -> web.Application:
 
     async def start_batcher(app: web.Application) -> None:
         standin.queue = asyncio.Queue()
+        standin.running = asyncio.Semaphore(standin.capacity)
         app["batcher"] = asyncio.create_task(standin.batcher())
     app.on_startup.append(start_batcher)
     return app
@@ -403,7 +476,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     for flag in ("--skip-tokenizer-init", "--enable-memory-saver",
                  "--enable-deterministic-inference"):
         p.add_argument(flag, action="store_true")
-    p.add_argument("--backend", choices=("model", "echo"), default="model")
+    p.add_argument("--max-running-requests", type=int, default=None)
+    p.add_argument("--backend", choices=("model", "echo", "timed"), default="model")
+    p.add_argument("--token-time-s", type=float, default=0.001, help="timed backend")
+    p.add_argument("--prefill-s", type=float, default=0.0, help="timed backend")
     p.add_argument("--no-begin-end", action="store_true", help="no /begin_/end_weight_update")
     p.add_argument("--record", action="store_true",
                    help="keep every request body (GET /standin/stats lists them)")
@@ -419,8 +495,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s standin %(message)s")
     if args.tp_size < 1:
         raise SystemExit(f"--tp-size must be >= 1 (got {args.tp_size})")
-    if args.backend == "echo":
+    if args.backend in ("echo", "timed"):
         backend = EchoBackend(args.model_path, context_length=args.context_length or 4096)
+        if args.backend == "timed":
+            backend = TimedBackend(args.model_path, context_length=args.context_length or 4096,
+                                   token_time_s=args.token_time_s, prefill_s=args.prefill_s)
     else:
         from tests.sglang_standin.backend import ModelBackend
         backend = ModelBackend(args.model_path, seed=args.random_seed,
@@ -429,7 +508,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                        drop_next=args.drop_next, die_next=args.die_next,
                        paths=list(args.fault_paths))
     standin = StandIn(backend, faults, begin_end=not args.no_begin_end,
-                      ranks=TPRanks(backend, args.model_path, args.tp_size))
+                      ranks=TPRanks(backend, args.model_path, args.tp_size),
+                      max_running=args.max_running_requests)
     log.info("serving %s (%s backend) on %s:%d", args.model_path, args.backend, args.host,
              args.port)
     web.run_app(build_app(standin, record=args.record), host=args.host, port=args.port, print=None,
