@@ -51,11 +51,15 @@ def memory_metrics(phase: str) -> dict[str, float]:
 
 @dataclass
 class OffloadedState:
-    """What `offload_train_state` moved, for `reload_train_state` to put back."""
-    tensors: list = field(default_factory=list)    # (tensor, its original .data)
-    storages: list = field(default_factory=list)   # (storage, host copy or None = zero, nbytes)
-    moved_bytes: int = 0
+    """What `offload_train_state` moved, one stage per call, for `reload_train_state`."""
+    stages: list = field(default_factory=list)  # ([(tensor, original .data)],
+    #                                             [(storage, host copy or None = zero, nbytes)])
+    owner: tuple = (None, None)                 # (model chunks, optimizer)
     metrics: dict = field(default_factory=dict)
+
+    @property
+    def moved_bytes(self) -> int:
+        return sum(n for _, storages in self.stages for _, _, n in storages)
 
 
 def _chunks(model_chunks: Any) -> list:
@@ -112,11 +116,11 @@ def offload_train_state(model_chunks: Any, optimizer: Any = None, *, params: boo
     """Move the trainer's tensors to host memory and free their device storage (see the module
     docstring). `params=False`: leave the parameters (and storages they share) in place.
     `state`: add to an earlier call's state (tensors already moved are skipped)."""
-    state = state or OffloadedState()
+    state = state or OffloadedState(owner=(model_chunks, optimizer))
     param_ts, opt_ts, grad_ts = _collect(_chunks(model_chunks), optimizer)
-    moved = {id(t) for t, _ in state.tensors}
+    moved = {id(t) for tensors, _ in state.stages for t, _ in tensors}
     kept = set() if params else {_key(t.untyped_storage()) for t in param_ts}
-    saved = {_key(s) for s, _, _ in state.storages}
+    saved = {_key(s) for _, storages in state.stages for s, _, _ in storages}
     chosen, new_storages = [], {}
     for tensors, keep_values in ((param_ts if params else [], True), (opt_ts, True),
                                  (grad_ts, False)):
@@ -130,6 +134,8 @@ def offload_train_state(model_chunks: Any, optimizer: Any = None, *, params: boo
                 continue
             old = new_storages.get(key)
             new_storages[key] = (storage, keep_values or (old is not None and old[1]))
+    stage: tuple = ([], [])
+    state.stages.append(stage)
     for storage, keep_values in new_storages.values():
         host = None
         if keep_values:
@@ -137,35 +143,37 @@ def offload_train_state(model_chunks: Any, optimizer: Any = None, *, params: boo
             if storage.device.type == "cuda":
                 host = host.pin_memory()
             host.copy_(storage, non_blocking=True)
-        state.storages.append((storage, host, storage.nbytes()))
-        state.moved_bytes += storage.nbytes()
+        stage[1].append((storage, host, storage.nbytes()))
     if torch.cuda.is_available():
         torch.cuda.synchronize()               # host copies complete before the storage goes
     for t in chosen:
-        state.tensors.append((t, t.data))
+        stage[0].append((t, t.data))
         t.data = torch.empty(0, dtype=t.dtype, device=t.device)
     for storage, _ in new_storages.values():
         storage.resize_(0)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()               # give the freed blocks back for SGLang
     log.info("offload_train_state: %d tensors, %.3f GiB in %d storages freed", len(chosen),
-             state.moved_bytes / GiB, len(state.storages))
+             state.moved_bytes / GiB, sum(len(st) for _, st in state.stages))
     state.metrics = memory_metrics("offloaded")
     return state
 
 
-def reload_train_state(state: Optional[OffloadedState]) -> dict[str, float]:
-    """Put back what `offload_train_state` moved: values bit-exact, gradients zeroed."""
-    if state is not None:
-        for storage, host, nbytes in state.storages:
+def reload_train_state(state: Optional[OffloadedState], last: bool = False) -> dict[str, float]:
+    """Put back what `offload_train_state` moved (`last`: only its latest call's stage): values
+    bit-exact, gradients zeroed."""
+    stages = [] if state is None else state.stages[-1:] if last else state.stages
+    for tensors, storages in reversed(stages):
+        for storage, host, nbytes in storages:
             storage.resize_(nbytes)
             if host is None:
                 storage.fill_(0)
             else:
                 storage.copy_(host, non_blocking=True)
-        for tensor, data in reversed(state.tensors):
+        for tensor, data in reversed(tensors):
             tensor.data = data
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()           # the host copies may go once the copies landed
-        state.tensors, state.storages, state.moved_bytes = [], [], 0
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()               # the host copies may go once the copies landed
+    if state is not None:
+        del state.stages[len(state.stages) - len(stages):]
     return memory_metrics("reloaded")
