@@ -71,18 +71,23 @@ def _control_calls(bodies: list) -> list:
     return calls
 
 
-def test_masa_train_performs_the_colocated_hand_off_in_order(workdir):
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_masa_train_performs_the_colocated_hand_off_in_order(workdir, ranks):
+    """One process, and two data-parallel ranks under torchrun (gloo barriers between them)."""
     import urllib.request
 
-    server = start_standin(str(workdir / "policy"), log_dir=str(workdir / "logs"),
+    server = start_standin(str(workdir / "policy"), log_dir=str(workdir / f"logs{ranks}"),
                            extra_args=["--record"])
-    out = workdir / "run"
+    out = workdir / f"run{ranks}"
+    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+                                      f"--master_port={_free_port()}"]
     try:
-        log = workdir / "train.log"
+        log = workdir / f"train{ranks}.log"
         with open(log, "w") as f:   # a file, not a pipe (torch_shm_manager outlives the run)
             run = subprocess.run(
-                [sys.executable, "-m", "masa_megatron.cli", "train", str(workdir / "exp.yaml"),
-                 f"trainer.output_dir={out}", f"rollout.sglang_urls=[{server.url}]"],
+                [sys.executable, *launcher, "-m", "masa_megatron.cli", "train",
+                 str(workdir / "exp.yaml"), f"trainer.output_dir={out}",
+                 f"rollout.sglang_urls=[{server.url}]"],
                 cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=600,
                 env={**os.environ, **standin_env()})
         assert run.returncode == 0, log.read_text()[-4000:]

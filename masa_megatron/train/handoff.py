@@ -87,7 +87,7 @@ class Handoff:
             reload_train_state(self.offloaded)
             self.offloaded = None
             self._phase(metrics, "trainer_reloaded")
-        metrics["time/handoff"] = time.perf_counter() - started
+        metrics["time/handoff_to_training"] = time.perf_counter() - started
         return metrics
 
     def to_rollout(self, engine: Any, actor: Any, version: int,
@@ -117,7 +117,8 @@ class Handoff:
             self.barrier()
             engine.resume(list(ROLLOUT_MEMORY))
             self._phase(metrics, "rollout_ready")
-        metrics["time/handoff"] = time.perf_counter() - started - metrics["time/weight_sync"]
+        metrics["time/handoff_to_rollout"] = (time.perf_counter() - started
+                                              - metrics["time/weight_sync"])
         if at_start:
             self.pending.update({k.replace("memory/", "memory/start_", 1): v
                                  for k, v in metrics.items() if k.startswith("memory/")})

@@ -266,7 +266,7 @@ def run_loop(parts: LoopParts, start_step: int) -> None:
             parts.save_checkpoint(done)
         handed = parts.handoff.to_rollout(parts.engine, parts.actor, version=done)
         metrics.update(handed)
-        metrics["time/step"] += handed["time/weight_sync"] + handed["time/handoff"]
+        metrics["time/step"] += handed["time/weight_sync"] + handed["time/handoff_to_rollout"]
         if parts.evaluator is not None and (done % cfg.trainer.eval_every == 0
                                             or done == cfg.trainer.steps):
             metrics.update(evaluate_in_loop(parts, done))
