@@ -73,11 +73,12 @@ def _control_calls(bodies: list) -> list:
 
 @pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_masa_train_performs_the_colocated_hand_off_in_order(workdir, ranks):
-    """One process, and two data-parallel ranks under torchrun (gloo barriers between them)."""
+    """One process with one server, and two data-parallel ranks under torchrun (gloo barriers
+    between them) with one server each (tensor sync: a colocated server per trainer GPU)."""
     import urllib.request
 
-    server = start_standin(str(workdir / "policy"), log_dir=str(workdir / f"logs{ranks}"),
-                           extra_args=["--record"])
+    servers = [start_standin(str(workdir / "policy"), log_dir=str(workdir / f"logs{ranks}_{i}"),
+                             extra_args=["--record"]) for i in range(ranks)]
     out = workdir / f"run{ranks}"
     launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
                                       f"--master_port={_free_port()}"]
@@ -87,21 +88,30 @@ def test_masa_train_performs_the_colocated_hand_off_in_order(workdir, ranks):
             run = subprocess.run(
                 [sys.executable, *launcher, "-m", "masa_megatron.cli", "train",
                  str(workdir / "exp.yaml"), f"trainer.output_dir={out}",
-                 f"rollout.sglang_urls=[{server.url}]"],
+                 f"rollout.sglang_urls=[{','.join(s.url for s in servers)}]"],
                 cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=600,
                 env={**os.environ, **standin_env()})
         assert run.returncode == 0, log.read_text()[-4000:]
-        with urllib.request.urlopen(f"{server.url}/standin/stats", timeout=30) as reply:
-            stats = json.loads(reply.read())
+        stats = []
+        for server in servers:
+            with urllib.request.urlopen(f"{server.url}/standin/stats", timeout=30) as reply:
+                stats.append(json.loads(reply.read()))
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
     hand_off = [("resume", ("weights",)), "sync", ("resume", ("cuda_graph", "kv_cache")),
                 "generate"]
     expected = [("release", ALL), *hand_off]             # start-up
     for _ in range(2):                                    # each step, after its generation
         expected += [("release", ALL), *hand_off]
-    assert _control_calls(stats["bodies"]) == expected
-    assert stats["released"] == []
+    calls = [_control_calls(s["bodies"]) for s in stats]
+    if ranks == 1:
+        assert calls[0] == expected
+    for server_calls in calls:   # which server a rank's requests reach varies: order apart
+        assert [c for c in server_calls if c != "generate"] == \
+            [c for c in expected if c != "generate"]
+    assert sum(c.count("generate") for c in calls) >= 3
+    assert all(s["released"] == [] for s in stats)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if r["step"] > 0]
     assert [r["step"] for r in trained] == [1, 2]
