@@ -58,8 +58,9 @@ class Handoff:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Handoff":
-        return cls(colocate=cfg.rollout.colocate, offload=cfg.rollout.offload_train_state,
-                   barrier=gloo_barrier())
+        colocate = cfg.rollout.colocate
+        return cls(colocate=colocate, offload=cfg.rollout.offload_train_state,
+                   barrier=gloo_barrier() if colocate else (lambda: None))
 
     def _phase(self, metrics: dict, phase: str) -> None:
         metrics.update(memory_metrics(phase))
