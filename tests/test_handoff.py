@@ -88,3 +88,18 @@ def test_without_colocation_the_hand_off_is_the_weight_sync():
     handoff.to_rollout(engine, actor, version=1)
     assert [c[:2] for c in engine.calls] == [("sync", 1)]
     assert _resident(model.weight)
+
+
+def test_colocation_needs_servers_and_offload_needs_colocation():
+    from masa_megatron.config import ConfigError, ExperimentConfig, validate_static
+
+    cfg = ExperimentConfig()
+    cfg.data.train_files = ["train.jsonl"]
+    cfg.rollout.colocate = True                 # the embedded engine (default)
+    with pytest.raises(ConfigError, match="'rollout.colocate'.*rollout.engine=sglang"):
+        validate_static(cfg)
+    cfg.rollout.colocate, cfg.rollout.offload_train_state = False, True
+    with pytest.raises(ConfigError, match="'rollout.offload_train_state'.*rollout.colocate"):
+        validate_static(cfg)
+    cfg.rollout.engine, cfg.rollout.colocate = "sglang", True
+    validate_static(cfg)
