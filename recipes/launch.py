@@ -111,11 +111,20 @@ def check_layout(cfg: ExperimentConfig, topo: Topology) -> None:
     if r.engine == "sglang" and not r.sglang_urls:
         gpus = world if r.colocate else topo.rollout_nodes * topo.procs_per_node
         needed = r.sglang_num_servers * r.sglang_tp
+        field = f"field 'rollout.sglang_num_servers' = {r.sglang_num_servers}"
         if needed > gpus or topo.procs_per_node % r.sglang_tp:
             where = "training" if r.colocate else "rollout"
-            raise UserError(f"field 'rollout.sglang_num_servers' = {r.sglang_num_servers}: "
-                            f"{r.sglang_num_servers} servers x TP {r.sglang_tp} = {needed} GPUs "
-                            f"do not fit the {gpus} {where} GPUs ({topo.procs_per_node} per node)")
+            raise UserError(f"{field}: {r.sglang_num_servers} servers x TP {r.sglang_tp} = "
+                            f"{needed} GPUs do not fit the {gpus} {where} GPUs "
+                            f"({topo.procs_per_node} per node)")
+        if r.colocate:   # each node's local rank 0 starts that node's share of the servers
+            if r.sglang_num_servers % topo.train_nodes:
+                raise UserError(f"{field}: colocated servers are started per node; "
+                                f"{topo.train_nodes} nodes cannot hold an equal share")
+            if r.weight_sync == "tensor" and needed != world:
+                raise UserError(f"{field}: weight_sync=tensor needs a server beside every "
+                                f"training rank: servers x TP = {r.sglang_num_servers} x "
+                                f"{r.sglang_tp} = {needed} GPUs, the launch has {world} ranks")
 
 
 def model_arch(cfg: ExperimentConfig, info: RecipeInfo) -> ModelArch | None:
@@ -155,14 +164,42 @@ def torchrun_command_line(recipe: str, overrides: list[str], topo: Topology) -> 
     return " ".join(shell_words(torchrun_argv(recipe, overrides, topo)))
 
 
-def rollout_env(cfg: ExperimentConfig, topo: Topology) -> dict[str, str]:
-    """What slurm/disaggregated.sbatch needs to start SGLang the way the config says."""
+def _absolute(folder: str, root: str) -> str:
+    return folder if os.path.isabs(folder) else os.path.join(root, folder)
+
+
+def with_absolute_folders(cfg: ExperimentConfig, overrides: list[str], root: str) -> list[str]:
+    """`overrides` plus absolute trainer.output_dir / checkpoint.dir under `root` (the checkout
+    on the shared file system) where the config has them relative: every rank, on every node,
+    then writes to the same folder whatever its working directory."""
+    extra = []
+    if not os.path.isabs(cfg.trainer.output_dir):
+        extra.append(f"trainer.output_dir={_absolute(cfg.trainer.output_dir, root)}")
+    if cfg.checkpoint.dir and not os.path.isabs(cfg.checkpoint.dir):
+        extra.append(f"checkpoint.dir={_absolute(cfg.checkpoint.dir, root)}")
+    return [*overrides, *extra]
+
+
+def rollout_env(cfg: ExperimentConfig, topo: Topology, root: str) -> dict[str, str]:
+    """What slurm/disaggregated.sbatch and slurm/sglang_node.sh need to start SGLang the way
+    the config says: the same flags as the colocated path (sglang_launch.server_flags, without
+    host, port and first GPU, which the node script sets per server) and the log folder."""
+    from masa_megatron.rollout.sglang_launch import ServerOptions, server_flags
+
     r = cfg.rollout
+    opts = ServerOptions(model_path=cfg.model.hf_path, tp=r.sglang_tp,
+                         mem_fraction=r.sglang_mem_fraction, seed=r.seed,
+                         deterministic=r.sglang_deterministic, memory_saver=r.colocate,
+                         extra_args=list(r.sglang_extra_args))
     return {"MODEL_PATH": cfg.model.hf_path, "SGLANG_TP": str(r.sglang_tp),
             "SGLANG_MEM_FRACTION": str(r.sglang_mem_fraction),
             "SGLANG_BASE_PORT": str(r.sglang_base_port),
             "SGLANG_SERVERS_PER_NODE": str(topo.procs_per_node // r.sglang_tp),
             "SGLANG_ROUTER": "1" if r.sglang_router else "0",
+            "SGLANG_SERVER_ARGS": shlex.join(server_flags(opts, placement=False)),
+            "SGLANG_SERVER_MODULE": r.sglang_server_module,
+            "SGLANG_LOG_DIR": os.path.join(_absolute(cfg.trainer.output_dir, root),
+                                           "sglang_logs"),
             "TRAIN_NODES": str(topo.train_nodes), "ROLLOUT_NODES": str(topo.rollout_nodes)}
 
 
@@ -309,10 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         topo = topology_for(info, cfg, args.nodes, args.gpus_per_node, args.rollout_nodes)
         check_layout(cfg, topo)
         if args.print_torchrun:
-            print(torchrun_command_line(info.name, args.overrides, topo))
+            overrides = with_absolute_folders(cfg, args.overrides, args.masa_root)
+            print(torchrun_command_line(info.name, overrides, topo))
             return 0
         if args.print_rollout_env:
-            print("\n".join(f"{k}={shlex.quote(v)}" for k, v in rollout_env(cfg, topo).items()))
+            env = rollout_env(cfg, topo, args.masa_root)
+            print("\n".join(f"{k}={shlex.quote(v)}" for k, v in env.items()))
             return 0
         if args.executor == "local" and topo.total_nodes != 1:
             raise UserError(f"recipe '{info.name}' needs {topo.total_nodes} nodes; "
@@ -325,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         if not ok and not args.ignore_memory_estimate:
             raise UserError(f"recipe '{info.name}' does not fit the GPU memory by the estimate "
                             f"above; change the layout or pass --ignore-memory-estimate")
+        if args.executor == "slurm":
+            args.overrides = with_absolute_folders(cfg, args.overrides, args.masa_root)
         return submit(args, info, topo)
     except UserError as err:
         print(f"launch: error: {err}", file=sys.stderr)

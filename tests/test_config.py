@@ -136,3 +136,13 @@ def test_cli_bad_config_exits_2_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "grpo.group_size" in result.stderr
+
+
+def test_sglang_extra_args_may_not_set_a_flag_another_field_owns():
+    from masa_megatron.config import ConfigError, ExperimentConfig, validate_static
+    cfg = ExperimentConfig()
+    cfg.rollout.sglang_extra_args = ["--chunked-prefill-size", "4096"]
+    validate_static(cfg)
+    cfg.rollout.sglang_extra_args = ["--disable-radix-cache", "--tp-size=4"]
+    with pytest.raises(ConfigError, match=r"rollout.sglang_extra_args\[1\].*rollout.sglang_tp"):
+        validate_static(cfg)

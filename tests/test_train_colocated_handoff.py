@@ -59,8 +59,7 @@ def _control_calls(bodies: list) -> list:
     for _method, path, body in bodies:
         if path in ("/release_memory_occupation", "/resume_memory_occupation"):
             call = (path[1:].split("_")[0], tuple(sorted((body or {}).get("tags") or ALL)))
-        elif path in ("/begin_weight_update", "/end_weight_update") or \
-                path.startswith("/update_weights"):
+        elif path.startswith("/update_weights"):   # session brackets and clean-up apart
             call = "sync"
         elif path == "/generate":
             call = "generate"

@@ -128,8 +128,10 @@ def build_training(cfg: ExperimentConfig, *, log=print):
         parts.nonfinite_streak = common.get("nonfinite_streak", 0)
         start = common["step"]
         parts.progress.step = parts.progress._s0 = start
-    if resume_from is not None or cfg.rollout.colocate:   # colocated: the servers released
-        handoff.to_rollout(engine, actor, version=start, at_start=True)   # their weights
+    # colocated: the servers released their weights; attached: they may hold another
+    # attempt's weights. Either way they are synced before the first generation.
+    if resume_from is not None or cfg.rollout.colocate or getattr(engine, "attached", False):
+        handoff.to_rollout(engine, actor, version=start, at_start=True)
     if logging_rank:   # rows of the steps about to be rerun are dropped: one row per step
         parts.sinks = open_sinks(cfg.logging, out_dir, cfg.name, config=None, resume_step=start)
     return parts, start
