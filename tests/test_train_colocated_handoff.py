@@ -34,7 +34,11 @@ CYCLE_PHASES = ("rollout_done", "server_released", "trainer_reloaded", "trained"
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("colocated")
-    hf, train = write_tiny_policy_and_problems(root, PROBLEMS)
+    from masa_megatron.data.prompts import PromptConfig
+
+    hf, train = write_tiny_policy_and_problems(   # meta prompts fit: the template in the BPE
+        root, PROBLEMS, extra_texts=[PromptConfig().meta_user_template], vocab_size=400,
+        max_position_embeddings=1024)
     cfg = {"model": {"hf_path": str(hf)},
            "rollout": {"engine": "sglang", "colocate": True, "offload_train_state": True,
                        "weight_sync": "tensor", "max_response_length": 8,
@@ -70,24 +74,29 @@ def _control_calls(bodies: list) -> list:
     return calls
 
 
-@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.slow)])
-def test_masa_train_performs_the_colocated_hand_off_in_order(workdir, ranks):
+@pytest.mark.parametrize("ranks, method", [
+    (1, "grpo"), (1, "masa_head"), pytest.param(2, "grpo", marks=pytest.mark.slow)])
+def test_masa_train_performs_the_colocated_hand_off_in_order(workdir, ranks, method):
     """One process with one server, and two data-parallel ranks under torchrun (gloo barriers
-    between them) with one server each (tensor sync: a colocated server per trainer GPU)."""
+    between them) with one server each (tensor sync: a colocated server per trainer GPU).
+    masa_head: MASA with the meta-head predictor, whose prompt-only forward runs while the
+    trainer's state is offloaded (the hand-off brings the parameters back for it)."""
     import urllib.request
 
-    servers = [start_standin(str(workdir / "policy"), log_dir=str(workdir / f"logs{ranks}_{i}"),
+    servers = [start_standin(str(workdir / "policy"), log_dir=str(workdir / f"logs{ranks}_{method}_{i}"),
                              extra_args=["--record"]) for i in range(ranks)]
-    out = workdir / f"run{ranks}"
+    out = workdir / f"run{ranks}_{method}"
+    extra = ["masa.mode=masa", "masa.predictor=both", "rollout.max_prompt_length=512"] \
+        if method == "masa_head" else []
     launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
                                       f"--master_port={_free_port()}"]
     try:
-        log = workdir / f"train{ranks}.log"
+        log = workdir / f"train{ranks}_{method}.log"
         with open(log, "w") as f:   # a file, not a pipe (torch_shm_manager outlives the run)
             run = subprocess.run(
                 [sys.executable, *launcher, "-m", "masa_megatron.cli", "train",
                  str(workdir / "exp.yaml"), f"trainer.output_dir={out}",
-                 f"rollout.sglang_urls=[{','.join(s.url for s in servers)}]"],
+                 f"rollout.sglang_urls=[{','.join(s.url for s in servers)}]", *extra],
                 cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=600,
                 env={**os.environ, **standin_env()})
         assert run.returncode == 0, log.read_text()[-4000:]
