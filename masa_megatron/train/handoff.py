@@ -17,7 +17,9 @@ Bracketed steps happen with rollout.offload_train_state (rollout/colocate.py). E
 is fenced by a barrier over all ranks on a gloo group (CPU, never NCCL: no collective spins on
 the GPUs SGLang is using), so no rank releases a server another rank still uses, and no rank
 syncs before every rank has its parameters back. The memory of each phase is returned as
-memory/<phase>/... metrics.
+memory/<phase>/... metrics: rollout_done, server_released, trainer_reloaded (to_training);
+trained, optimizer_offloaded, weights_synced, params_offloaded, rollout_ready (to_rollout);
+at start-up start_servers_released and start_<phase>, reported with the first step.
 
 Without colocation `to_training` does nothing and `to_rollout` is the weight sync.
 `trainer_params()` brings offloaded parameters back for a forward pass during rollouts (the
