@@ -43,23 +43,28 @@ def colocated():
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
-    barriers = []
-    handoff = Handoff(colocate=True, offload=True, barrier=lambda: barriers.append(1))
+    engine = RecordingEngine((model, opt))
+    handoff = Handoff(colocate=True, offload=True,
+                      barrier=lambda: engine.calls.append(("barrier", None, None)))
     actor = SimpleNamespace(model_chunks=[model], optimizer=opt)
-    return handoff, actor, RecordingEngine((model, opt)), barriers
+    return handoff, actor, engine
 
 
 def test_to_rollout_syncs_resident_parameters_then_moves_them_out(colocated):
-    handoff, actor, engine, barriers = colocated
+    handoff, actor, engine = colocated
     model = actor.model_chunks[0]
     before = [p.detach().clone() for p in model.parameters()]
     metrics = handoff.to_rollout(engine, actor, version=3)
-    assert [c[:2] for c in engine.calls] == [("resume", ("weights",)), ("sync", 3),
-                                             ("resume", ("kv_cache", "cuda_graph"))]
-    assert engine.calls[0][2] == {"params": True, "moments": False}   # optimizer state away
-    assert engine.calls[1][2] == {"params": True, "moments": False}   # sync reads the weights
-    assert engine.calls[2][2] == {"params": False, "moments": False}  # all away for generation
-    assert len(barriers) == 3
+    # every server transition has a barrier on both sides: no rank syncs before the weights
+    # are resumed, none generates before the KV cache is
+    barrier = ("barrier", None)
+    assert [c[:2] for c in engine.calls] == [
+        barrier, ("resume", ("weights",)), barrier, ("sync", 3),
+        barrier, ("resume", ("kv_cache", "cuda_graph")), barrier]
+    calls = [c for c in engine.calls if c[0] != "barrier"]
+    assert calls[0][2] == {"params": True, "moments": False}   # optimizer state away
+    assert calls[1][2] == {"params": True, "moments": False}   # sync reads the weights
+    assert calls[2][2] == {"params": False, "moments": False}  # all away for generation
     for phase in ("trained", "optimizer_offloaded", "weights_synced", "params_offloaded",
                   "rollout_ready"):
         assert any(k.startswith(f"memory/{phase}/") for k in metrics), phase
@@ -69,10 +74,11 @@ def test_to_rollout_syncs_resident_parameters_then_moves_them_out(colocated):
         assert torch.equal(model.weight, before[0])
         assert not _resident(next(iter(actor.optimizer.state.values()))["exp_avg"])
     assert not _resident(model.weight)
+    engine.calls.clear()
     handoff.to_training(engine)
-    assert engine.calls[3][:2] == ("release", ("kv_cache", "cuda_graph", "weights"))
-    assert engine.calls[3][2] == {"params": False, "moments": False}  # released before reload
-    assert len(barriers) == 5
+    assert [c[:2] for c in engine.calls] == [
+        barrier, ("release", ("kv_cache", "cuda_graph", "weights")), barrier]
+    assert engine.calls[1][2] == {"params": False, "moments": False}  # released before reload
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert _resident(next(iter(actor.optimizer.state.values()))["exp_avg"])
 
