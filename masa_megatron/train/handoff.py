@@ -13,13 +13,15 @@ trainer, so each side gives it back before the other takes it:
                  [kv_cache, cuda_graph, weights] -> [reload trainer state]; then old
                  log-probs, update, head fit, behaviour cloning, checkpoint if due
 
-Bracketed steps happen with rollout.offload_train_state (rollout/colocate.py). Every transition
-is fenced by a barrier over all ranks on a gloo group (CPU, never NCCL: no collective spins on
-the GPUs SGLang is using), so no rank releases a server another rank still uses, and no rank
-syncs before every rank has its parameters back. The memory of each phase is returned as
-memory/<phase>/... metrics: rollout_done, server_released, trainer_reloaded (to_training);
-trained, optimizer_offloaded, weights_synced, params_offloaded, rollout_ready (to_rollout);
-at start-up start_servers_released and start_<phase>, reported with the first step.
+Bracketed steps happen with rollout.offload_train_state (rollout/colocate.py). Every server
+transition (rank 0 sends it) sits between two barriers over all ranks on a gloo group (CPU,
+never NCCL: no collective spins on the GPUs SGLang is using): no rank releases a server another
+rank still uses, and no rank syncs or generates before the memory it needs is resumed.
+
+The memory of each phase is returned as memory/<phase>/... metrics: rollout_done,
+server_released, trainer_reloaded (to_training); trained, optimizer_offloaded, weights_synced,
+params_offloaded, rollout_ready (to_rollout); at start-up start_servers_released and
+start_<phase>, reported with the first step.
 
 Without colocation `to_training` does nothing and `to_rollout` is the weight sync.
 `trainer_params()` brings offloaded parameters back for a forward pass during rollouts (the
@@ -67,12 +69,17 @@ class Handoff:
     def _phase(self, metrics: dict, phase: str) -> None:
         metrics.update(memory_metrics(phase))
 
+    def _on_servers(self, change: Callable[[], None]) -> None:
+        """A server transition (rank 0 sends it) between two barriers: no rank changes the
+        servers' state while another still uses it, none goes on before the change is done."""
+        self.barrier()
+        change()
+        self.barrier()
+
     def start(self, engine: Any) -> None:
         """Servers just started, the trainer has nothing yet: they give their memory back."""
         if self.colocate:
-            self.barrier()
-            engine.release(ALL_MEMORY)
-            self.barrier()
+            self._on_servers(lambda: engine.release(ALL_MEMORY))
             self._phase(self.pending, "start_servers_released")
 
     def to_training(self, engine: Any) -> dict[str, float]:
@@ -82,9 +89,7 @@ class Handoff:
             return metrics
         started = time.perf_counter()
         self._phase(metrics, "rollout_done")
-        self.barrier()                         # every rank's requests are answered
-        engine.release(ALL_MEMORY)
-        self.barrier()
+        self._on_servers(lambda: engine.release(ALL_MEMORY))   # every rank's requests answered
         self._phase(metrics, "server_released")
         if self.offloaded is not None:
             reload_train_state(self.offloaded)
@@ -106,19 +111,17 @@ class Handoff:
                 self.offloaded = offload_train_state(actor.model_chunks, actor.optimizer,
                                                      params=False)
                 self._phase(metrics, "optimizer_offloaded")
-            self.barrier()
-            engine.resume(["weights"])
+            self._on_servers(lambda: engine.resume(["weights"]))
         sync_started = time.perf_counter()
         engine.update_weights(actor.model_chunks, version=version)
         metrics["time/weight_sync"] = time.perf_counter() - sync_started
         if self.colocate:
-            self.barrier()                     # every rank has sent its shards
             self._phase(metrics, "weights_synced")
             if self.offload:
                 offload_train_state(actor.model_chunks, actor.optimizer, state=self.offloaded)
                 self._phase(metrics, "params_offloaded")
-            self.barrier()
-            engine.resume(list(ROLLOUT_MEMORY))
+            # the first barrier: every rank has sent its shards
+            self._on_servers(lambda: engine.resume(list(ROLLOUT_MEMORY)))
             self._phase(metrics, "rollout_ready")
         metrics["time/handoff_to_rollout"] = (time.perf_counter() - started
                                               - metrics["time/weight_sync"])
