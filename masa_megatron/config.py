@@ -496,6 +496,12 @@ def validate_static(cfg: ExperimentConfig) -> None:
     if cfg.rollout.weight_sync != "disk" and cfg.rollout.engine == "embedded":
         _fail("rollout.weight_sync", cfg.rollout.weight_sync,
               "the embedded engine shares the trainer's weights; only 'disk' (a no-op) applies")
+    if cfg.rollout.colocate and cfg.rollout.engine == "embedded":
+        _fail("rollout.colocate", True, "the embedded engine already shares the trainer's "
+              "weights; colocation hands the GPUs to SGLang servers (rollout.engine=sglang)")
+    if cfg.rollout.offload_train_state and not cfg.rollout.colocate:
+        _fail("rollout.offload_train_state", True, "the trainer's state leaves the GPUs only "
+              "for colocated servers: set rollout.colocate")
     if cfg.trainer.eval_top_p is not None and not 0 < cfg.trainer.eval_top_p <= 1:
         _fail("trainer.eval_top_p", cfg.trainer.eval_top_p, "must be in (0, 1]")
     if cfg.trainer.eval_every and not cfg.data.eval_files:

@@ -138,16 +138,35 @@ def test_prompt_beyond_context_is_an_abort(engine):
 
 def test_pause_resume_and_update_order(engine, tmp_path):
     engine.pause()
-    assert _stats(engine)["released"] == ["kv_cache", "weights"]
+    assert _stats(engine)["released"] == ["cuda_graph", "kv_cache", "weights"]
     with pytest.raises(EngineError, match="released"):
         engine.generate([REQ])
     engine.update_weights(path=str(tmp_path))          # resumes the weights first
-    assert _stats(engine)["released"] == ["kv_cache"]
+    assert _stats(engine)["released"] == ["cuda_graph", "kv_cache"]
     engine.resume()
     assert _stats(engine)["released"] == []
     assert engine.weight_version == 1 and engine.generate([REQ])[0].weight_version == 1
-    assert {"memory/rollout_paused/rss_gb", "memory/rollout_resumed/rss_gb"} <= set(
-        engine.metrics) or any(k.endswith("allocated_gb") for k in engine.metrics)
+
+
+def test_release_and_resume_take_sglang_tags_and_skip_what_is_already_done(engine):
+    engine.release(["kv_cache", "cuda_graph"])
+    engine.release(["kv_cache", "cuda_graph", "weights"])   # only weights goes out
+    assert _stats(engine)["released"] == ["cuda_graph", "kv_cache", "weights"]
+    engine.resume(["weights"])
+    assert _stats(engine)["released"] == ["cuda_graph", "kv_cache"]
+    engine.resume(["weights", "kv_cache", "cuda_graph"])    # weights is not sent twice
+    assert _stats(engine)["released"] == []
+    assert len(engine.generate([REQ])[0].completions) == 2
+
+
+def test_release_is_refused_while_requests_of_this_process_are_in_flight(engine):
+    engine._inflight.add((engine.server_urls[0], "masa-busy"))
+    try:
+        with pytest.raises(EngineError, match="in flight.*masa-busy"):
+            engine.release()
+    finally:
+        engine._inflight.clear()
+    assert _stats(engine)["released"] == []
 
 
 def test_abort_all_reaches_the_server(engine):

@@ -36,7 +36,7 @@ An interrupted or failed generate aborts its outstanding requests on the servers
 
 SPMD: construct on every rank (rank 0 launches the servers and shares their URLs); call
 `generate` on every rank of a model-parallel group (its first rank sends, see dp_flow);
-`update_weights` is a collective over all ranks; pause/resume/abort talk to the servers from
+`update_weights` is a collective over all ranks; release/resume/abort talk to the servers from
 rank 0 only.
 """
 from __future__ import annotations
@@ -59,6 +59,7 @@ from masa_megatron.rollout.sglang_launch import (ATTACHED_REFUSED_LIMIT, EngineE
 __all__ = ["EngineError", "HTTPClient", "SGLangEngine", "generate_payloads", "parse_completions"]
 
 log = logging.getLogger(__name__)
+MEMORY_TAGS = ("kv_cache", "cuda_graph", "weights")   # SGLang's GPU memory types
 
 
 # ---------------------------------------------------------------- the engine
@@ -122,7 +123,7 @@ class SGLangEngine(RolloutEngine):
         self.http = HTTPClient(timeout_s=request_timeout_s, max_retries=max_retries,
                                backoff_s=retry_backoff_s, connections=concurrency)
         self._released: list[str] = []
-        self.metrics: dict[str, float] = {}          # last sync stats and memory per phase
+        self.metrics: dict[str, float] = {}          # last sync stats
         self.last_sync_stats: dict[str, float] = {}
         self._inflight: set[tuple[str, str]] = set()
         self._alive = True
@@ -378,21 +379,29 @@ class SGLangEngine(RolloutEngine):
         else:
             self._released = [t for t in self._released if t not in tags]
 
+    def release(self, tags: Sequence[str] = MEMORY_TAGS) -> None:
+        """The servers free the GPU memory of `tags` (SGLang's kv_cache, cuda_graph, weights;
+        needs --enable-memory-saver, which `colocate` adds). Call on every rank (rank 0 talks).
+        SGLang asserts it is idle: call once every rank's generation has returned (the
+        hand-off's barrier); requests of this process still in flight are refused here."""
+        if self._inflight:
+            raise EngineError(f"release_memory_occupation with {len(self._inflight)} requests "
+                              f"of this process in flight (e.g. {sorted(self._inflight)[0]}): "
+                              f"the server must be idle")
+        tags = [t for t in tags if t not in self._released]
+        if tags:
+            self._memory("/release_memory_occupation", tags)
+
+    def resume(self, tags: Optional[Sequence[str]] = None) -> None:
+        """The servers take back the memory of `tags` (default: everything released)."""
+        tags = [t for t in (self._released if tags is None else tags) if t in self._released]
+        if tags:
+            self._memory("/resume_memory_occupation", tags)
+
     def pause(self) -> None:
-        """Colocated servers release their weights and KV cache (needs --enable-memory-saver,
-        which `colocate` adds); otherwise nothing to do. Memory metrics land in `metrics`."""
-        from masa_megatron.rollout.colocate import memory_metrics
-
-        if self.colocate and not self._released:
-            self._memory("/release_memory_occupation", ["kv_cache", "weights"])
-        self.metrics.update(memory_metrics("rollout_paused"))
-
-    def resume(self) -> None:
-        from masa_megatron.rollout.colocate import memory_metrics
-
-        if self._released:
-            self._memory("/resume_memory_occupation", list(self._released))
-        self.metrics.update(memory_metrics("rollout_resumed"))
+        """Colocated servers release all their GPU memory; otherwise nothing to do."""
+        if self.colocate:
+            self.release(MEMORY_TAGS)
 
     def flush_cache(self) -> None:
         if self.rank == 0:

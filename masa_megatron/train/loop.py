@@ -13,8 +13,15 @@
     update    = PPO loss, one optimizer step per mini-batch                (train/actor.py)
                 (+ masa.head_loss_weight x meta-head loss through the backbone, when > 0)
     head fit  = meta-head on this step's statistics (incl. audited problems)
+    checkpoint (when due)
     sync      = engine.update_weights
-    log, checkpoint
+    eval (when due), log
+
+With colocated servers (train/handoff.py) the servers release their memory and the trainer's
+state comes back between generation and the old log-probs (`to_training`); after the
+checkpoint the trainer's state leaves, the servers take their weights, the sync runs, then
+the servers take their KV cache back (`to_rollout`); in-loop eval and the next generation
+use the servers.
 
 Every phase is timed; the times are logged as time/<phase>.
 """
@@ -35,6 +42,7 @@ from masa_megatron.masa.meta_head import joint_targets
 from masa_megatron.masa.predictors import head_in_use
 from masa_megatron.masa.scoring import (SOLUTION, build_samples, drop_zero_variance_groups,
                                         grade_solutions, relabel_for_cloning, score_metas)
+from masa_megatron.train.handoff import Handoff
 
 
 class PhaseTimer:
@@ -68,6 +76,7 @@ class LoopParts:
     progress: Any = None
     reference_parse: Optional[Callable[[str], dict]] = None
     evaluator: Any = None            # eval.run.Evaluator on the held-out problems, or None
+    handoff: Any = field(default_factory=lambda: Handoff(colocate=False, offload=False))
     eval_problems: list = field(default_factory=list)
     bc_buffer: list = field(default_factory=list)
     nonfinite_streak: int = 0
@@ -103,6 +112,7 @@ def run_step(parts: LoopParts, step: int) -> dict[str, float]:
             short = _informative_problems(items, stats) < target
             if not (cfg.grpo.dynamic_sampling and parts.dp.any_rank(short)):
                 break
+        handoff_metrics = parts.handoff.to_training(parts.engine)   # servers idle from here
         samples = build_samples(items, stats, meta_scores)
         dropped = 0
         if cfg.grpo.dynamic_sampling:
@@ -127,14 +137,13 @@ def run_step(parts: LoopParts, step: int) -> dict[str, float]:
                 bc_metrics = behaviour_cloning(parts, step, items, stats, meta_scores)
         else:
             bc_metrics = {}
-        with timer("weight_sync"):
-            parts.engine.update_weights(parts.actor.model_chunks, version=step + 1)
     metrics = parts.dp.reduce_step_metrics(items, stats, meta_scores, cfg, parts.reference_parse)
     metrics.update(logprob_metrics)  # entropy, trainer-vs-rollout log-prob gap
     metrics.update(train_metrics)
     metrics.update(head_metrics)
     metrics.update(bc_metrics)
     metrics.update(parts.planner.metrics)   # rollout/*: the generation phase's scheduling
+    metrics.update(handoff_metrics)
     metrics.update(timer.times)
     metrics["time/step"] -= metrics["time/audit"]   # the gate's measurement is not the step's cost
     metrics["dynamic_sampling/dropped_groups"] = dropped
@@ -151,7 +160,8 @@ def predict_heads(parts: LoopParts, problems: list[str]) -> Optional[list[tuple[
     if not head_in_use(parts.cfg.masa):
         return None
     prompts = [render_solution_prompt(parts.tokenizer, p, parts.planner.prompts) for p in problems]
-    hidden = parts.actor.prompt_last_hidden(prompts)
+    with parts.handoff.trainer_params():
+        hidden = parts.actor.prompt_last_hidden(prompts)
     preds = parts.head.predict(hidden) if (hidden is not None and parts.head) else None
     return parts.actor.broadcast_from_last_stage(preds)
 
@@ -250,8 +260,14 @@ def run_loop(parts: LoopParts, start_step: int) -> None:
         if parts.sinks is not None:
             parts.sinks.log(0, initial)
     for step in range(start_step, cfg.trainer.steps):
-        metrics = run_step(parts, step)
+        metrics = run_step(parts, step)     # ends with the trainer holding the GPU
         done = step + 1
+        if parts.save_checkpoint is not None and cfg.checkpoint.save_every and \
+                (done % cfg.checkpoint.save_every == 0 or done == cfg.trainer.steps):
+            parts.save_checkpoint(done)
+        handed = parts.handoff.to_rollout(parts.engine, parts.actor, version=done)
+        metrics.update(handed)
+        metrics["time/step"] += handed["time/weight_sync"] + handed["time/handoff_to_rollout"]
         if parts.evaluator is not None and (done % cfg.trainer.eval_every == 0
                                             or done == cfg.trainer.steps):
             metrics.update(evaluate_in_loop(parts, done))
@@ -260,9 +276,6 @@ def run_loop(parts: LoopParts, start_step: int) -> None:
         if parts.progress is not None:
             parts.progress.update(done, {k: metrics[k] for k in _PROGRESS_KEYS if k in metrics
                                          and not _nan(metrics[k])})
-        if parts.save_checkpoint is not None and cfg.checkpoint.save_every and \
-                (done % cfg.checkpoint.save_every == 0 or done == cfg.trainer.steps):
-            parts.save_checkpoint(done)
 
 
 _PROGRESS_KEYS = ("solution/accuracy", "meta/r_score", "gating/fraction", "time/step")

@@ -30,6 +30,7 @@ def build_training(cfg: ExperimentConfig, *, log=print):
     from masa_megatron.metrics import Progress, is_logging_rank, open_sinks
     from masa_megatron.model import build_gpt_model, load_hf_weights
     from masa_megatron.model.checkpoint_io import read_checkpoint_meta
+    from masa_megatron.model.hf_config import read_hf_config
     from masa_megatron.rewards.meta import parse_meta_prediction
     from masa_megatron.rewards.registry import get_batch_reward
     from masa_megatron.rollout.base import get_engine_class
@@ -38,6 +39,7 @@ def build_training(cfg: ExperimentConfig, *, log=print):
                                                 load_data_parallel_list,
                                                 load_trainer_state)
     from masa_megatron.train.dist import DataParallelInfo
+    from masa_megatron.train.handoff import Handoff
     from masa_megatron.train.loop import LoopParts
     from masa_megatron.train.optim import build_optimizer, wrap_ddp
 
@@ -60,6 +62,16 @@ def build_training(cfg: ExperimentConfig, *, log=print):
             f"{too_long} dropped for a prompt over {cfg.rollout.max_prompt_length} tokens)")
     if not problems:
         raise UserError("data.train_files: no usable training problems")
+    handoff = Handoff.from_config(cfg)
+
+    def make_engine(model):   # the whole config: SGLang
+        return get_engine_class(cfg.rollout.engine).from_config(
+            model, cfg, vocab_size=read_hf_config(cfg.model.hf_path)["vocab_size"],
+            eos_token_ids=[tokenizer.eos_token_id])
+    engine = None
+    if cfg.rollout.colocate:   # SGLang sizes its KV cache from the memory free at its start:
+        engine = make_engine(None)    # servers first, then they release it for the trainer
+        handoff.start(engine)
     # a checkpoint saved at another TP has another padded vocabulary: build with its size
     padded = (read_checkpoint_meta(resume_from / "model")["padded_vocab_size"]
               if resume_from is not None else None)
@@ -75,8 +87,7 @@ def build_training(cfg: ExperimentConfig, *, log=print):
     vocab = model.masa_hf_config["vocab_size"]
     actor = Actor(chunks, optimizer, scheduler, cfg.grpo, temperature=cfg.rollout.temperature,
                   vocab_size=vocab, ratio_tolerance=cfg.trainer.ratio_tolerance)
-    engine = get_engine_class(cfg.rollout.engine).from_config(   # the whole config: SGLang
-        model, cfg, vocab_size=vocab, eos_token_ids=[tokenizer.eos_token_id])
+    engine = engine or make_engine(model)
 
     sampler = ResumableSampler(len(problems), cfg.data.prompt_batch_size, cfg.data.seed,
                                cfg.data.shuffle)
@@ -94,13 +105,14 @@ def build_training(cfg: ExperimentConfig, *, log=print):
         cfg=cfg, tokenizer=tokenizer, problems=problems, sampler=sampler, planner=planner,
         actor=actor, engine=engine, grade_batch=get_batch_reward(cfg.data.reward),
         sinks=None,                                  # opened below, once the start step is known
-        dp=dp, head=head, checkpoints=checkpoints,
+        dp=dp, head=head, checkpoints=checkpoints, handoff=handoff,
         progress=Progress(cfg.trainer.steps, cfg.name, enabled=cfg.logging.progress and
                           logging_rank),
         reference_parse=lambda text: parse_meta_prediction(text, "reference"))
     parts.save_checkpoint = lambda step: save_checkpoint(parts, step)
     if cfg.trainer.eval_every:
-        parts.evaluator, parts.eval_problems = build_evaluator(cfg, engine, tokenizer, actor, head)
+        parts.evaluator, parts.eval_problems = build_evaluator(cfg, engine, tokenizer, actor, head,
+                                                               handoff)
     start = 0
     if resume_from is not None:
         actor.load_checkpoint(str(resume_from / "model"))
@@ -116,19 +128,21 @@ def build_training(cfg: ExperimentConfig, *, log=print):
         parts.nonfinite_streak = common.get("nonfinite_streak", 0)
         start = common["step"]
         parts.progress.step = parts.progress._s0 = start
-    if resume_from is not None or getattr(engine, "attached", False):
-        # servers we attach to may hold another attempt's weights: resync before generating
-        engine.update_weights(actor.model_chunks, version=start)
+    # colocated: the servers released their weights; attached: they may hold another
+    # attempt's weights. Either way they are synced before the first generation.
+    if resume_from is not None or cfg.rollout.colocate or getattr(engine, "attached", False):
+        handoff.to_rollout(engine, actor, version=start, at_start=True)
     if logging_rank:   # rows of the steps about to be rerun are dropped: one row per step
         parts.sinks = open_sinks(cfg.logging, out_dir, cfg.name, config=None, resume_step=start)
     return parts, start
 
 
-def build_evaluator(cfg: ExperimentConfig, engine, tokenizer, actor, head):
+def build_evaluator(cfg: ExperimentConfig, engine, tokenizer, actor, head, handoff=None):
     """In-loop evaluation on data.eval_files (or a fixed seeded sample of trainer.eval_subset of
     them): trainer.eval_n solutions and eval_meta_n meta rollouts per problem (meta rollouts in
     every mode, so a GRPO run is a control for MASA), at trainer.eval_temperature and
-    eval_top_p."""
+    eval_top_p. The head's predictions need the trainer's parameters: `handoff` brings them
+    back while the servers generate."""
     import copy
 
     from masa_megatron.eval.benchmarks import read_problems, seeded_sample
@@ -151,6 +165,8 @@ def build_evaluator(cfg: ExperimentConfig, engine, tokenizer, actor, head):
         problems = [(name, p) for name, p in problems if p.id in keep]
     predict = (head_predictor(actor, head.head if head is not None else None)
                if head_in_use(cfg.masa) else None)
+    if handoff is not None:
+        predict = handoff.wrap(predict)
     return Evaluator(engine, tokenizer, eval_cfg, predict), problems
 
 
