@@ -285,7 +285,6 @@ def test_flattened_broadcast_is_a_config_choice(echo, tmp_path):
 def test_from_config_launches_deterministic_servers_when_configured(monkeypatch, tmp_path):
     """rollout.sglang_deterministic reaches the servers' command line
     (--enable-deterministic-inference): without it per-request sampling seeds are ignored."""
-    import masa_megatron.rollout.sglang as sglang_module
     from masa_megatron.config import ExperimentConfig
     from masa_megatron.rollout.sglang_launch import server_command
 
@@ -295,7 +294,7 @@ def test_from_config_launches_deterministic_servers_when_configured(monkeypatch,
         launched.append(server_command(opts))
         raise EngineError("launch recorded")
 
-    monkeypatch.setattr(sglang_module, "launch_servers", record_and_stop)
+    monkeypatch.setattr("masa_megatron.rollout.sglang_placement.launch_servers", record_and_stop)
     cfg = ExperimentConfig()
     cfg.model.hf_path, cfg.trainer.output_dir = str(tmp_path), str(tmp_path)
     cfg.rollout.engine = "sglang"
@@ -311,7 +310,6 @@ def test_servers_and_router_start_with_the_configured_sglang_python(monkeypatch,
     image puts it in /opt/sglang) runs the servers and the router; empty means this one."""
     import sys
 
-    import masa_megatron.rollout.sglang as sglang_module
     from masa_megatron.config import ExperimentConfig
     from masa_megatron.rollout.sglang_launch import server_command
 
@@ -326,8 +324,8 @@ def test_servers_and_router_start_with_the_configured_sglang_python(monkeypatch,
         launched.append([kwargs.get("python", sys.executable), "router"])   # its default
         raise EngineError("launch recorded")
 
-    monkeypatch.setattr(sglang_module, "launch_servers", record_servers)
-    monkeypatch.setattr(sglang_module, "launch_router", record_router)
+    monkeypatch.setattr("masa_megatron.rollout.sglang_placement.launch_servers", record_servers)
+    monkeypatch.setattr("masa_megatron.rollout.sglang_placement.launch_router", record_router)
     cfg = ExperimentConfig()
     cfg.model.hf_path, cfg.trainer.output_dir = str(tmp_path), str(tmp_path)
     cfg.rollout.engine, cfg.rollout.sglang_router = "sglang", True
@@ -345,7 +343,6 @@ def test_from_config_passes_extra_flags_and_logs_under_the_output_folder(monkeyp
     node-local temporary folder (issue 24, defect 6)."""
     import socket
 
-    import masa_megatron.rollout.sglang as sglang_module
     from masa_megatron.config import ExperimentConfig
     from masa_megatron.rollout.sglang_launch import server_command
 
@@ -355,7 +352,7 @@ def test_from_config_passes_extra_flags_and_logs_under_the_output_folder(monkeyp
         launched.append((server_command(opts), kwargs.get("log_dir")))
         raise EngineError("launch recorded")
 
-    monkeypatch.setattr(sglang_module, "launch_servers", record_and_stop)
+    monkeypatch.setattr("masa_megatron.rollout.sglang_placement.launch_servers", record_and_stop)
     cfg = ExperimentConfig()
     cfg.model.hf_path, cfg.trainer.output_dir = str(tmp_path), str(tmp_path / "run")
     cfg.rollout.engine = "sglang"

@@ -133,7 +133,6 @@ def test_colocated_servers_start_before_the_trainer_allocates(monkeypatch, workd
     """rollout.colocate with launched servers: SGLang sizes its KV cache from the free memory at
     its start, so it must start before the trainer's model and optimizer exist."""
     import masa_megatron.model as model_pkg
-    import masa_megatron.rollout.sglang as sglang_module
     from masa_megatron.rollout.sglang_launch import EngineError
     from masa_megatron.train.main import run_training
 
@@ -148,7 +147,7 @@ def test_colocated_servers_start_before_the_trainer_allocates(monkeypatch, workd
         events.append("build")
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(sglang_module, "launch_servers", launch)
+    monkeypatch.setattr("masa_megatron.rollout.sglang_placement.launch_servers", launch)
     monkeypatch.setattr(model_pkg, "build_gpt_model", build)
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     with pytest.raises(EngineError, match="launch recorded"):

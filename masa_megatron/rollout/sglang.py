@@ -34,7 +34,8 @@ becomes completions with finish reason "abort" (the embedded engine aborts promp
 its context; keep max_prompt_length + max_response_length below the server's context length).
 An interrupted or failed generate aborts its outstanding requests on the servers.
 
-SPMD: construct on every rank (rank 0 launches the servers and shares their URLs); call
+SPMD: construct on every rank (servers are launched where their GPUs are and their URLs shared,
+or attached to: sglang_placement.py); call
 `generate` on every rank of a model-parallel group (its first rank sends, see dp_flow);
 `update_weights` is a collective over all ranks; release/resume/abort talk to the servers from
 rank 0 only.
@@ -53,8 +54,9 @@ from masa_megatron.rollout.sglang_protocol import (_signed64, generate_payloads,
 from masa_megatron.rollout.sglang_scheduler import (RequestRunner, ServerSlots,
                                                     data_parallel_senders, server_capacity)
 from masa_megatron.rollout.sglang_launch import (ATTACHED_REFUSED_LIMIT, EngineError, HTTPClient,
-                                                 ManagedProcess, ServerOptions, launch_router,
-                                                 launch_servers, wait_healthy)
+                                                 ManagedProcess, ServerOptions, wait_healthy)
+from masa_megatron.rollout.sglang_placement import (clear_previous_attempt, launch_by_node,
+                                                    launch_router_for)
 
 __all__ = ["EngineError", "HTTPClient", "SGLangEngine", "generate_payloads", "parse_completions"]
 
@@ -70,22 +72,6 @@ def _dist_rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _node_layout() -> tuple[int, int]:
-    """(nodes, local rank) of this torchrun launch; (1, 0) outside torchrun."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    return max(1, world // max(1, local_world)), int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def _advertised(url: str) -> str:
-    """`url` (a local listener) as other nodes reach it: by this node's hostname."""
-    from urllib.parse import urlparse
-
-    return f"http://{socket.gethostname()}:{urlparse(url).port}"
 
 
 class SGLangEngine(RolloutEngine):
@@ -139,20 +125,24 @@ class SGLangEngine(RolloutEngine):
                 opts.module = server_module
             if python:
                 opts.python = python
-            urls = self._launch_by_node(opts, num_servers, log_dir, health_timeout_s)
+            self.processes, urls = launch_by_node(opts, num_servers, rank=self.rank,
+                                                  world=self.world, log_dir=log_dir,
+                                                  health_timeout_s=health_timeout_s)
         if self.rank == 0:
             try:
                 for url in urls if attached else ():   # not ours: a refusal will not go away
                     wait_healthy(url, health_timeout_s, refused_limit=ATTACHED_REFUSED_LIMIT)
                 if attached:
-                    self._clear_previous_attempt(urls)
+                    clear_previous_attempt(self.http, urls)
                 if router_url:
                     wait_healthy(router_url, health_timeout_s,
                                  refused_limit=ATTACHED_REFUSED_LIMIT)
                 elif router:
-                    router_url = self._launch_router(urls, host, router_port or base_port + 100,
-                                                     router_module, python, launch_env, log_dir,
-                                                     health_timeout_s)
+                    proc, router_url = launch_router_for(
+                        urls, host=host, port=router_port or base_port + 100,
+                        module=router_module, python=python, env=launch_env, log_dir=log_dir,
+                        health_timeout_s=health_timeout_s)
+                    self.processes.append(proc)
             except BaseException as err:
                 self._share((None, None, f"{err}"))
                 self.shutdown()
@@ -169,68 +159,6 @@ class SGLangEngine(RolloutEngine):
         self.weight_sync = build_weight_sync(
             weight_sync, target, bucket_bytes=bucket_mb << 20, verify=verify_sync,
             sync_dir=sync_dir, source_dir=model_path, **(sync_options or {}))
-
-    def _clear_previous_attempt(self, urls: list[str]) -> None:
-        """Servers we attach to may have outlived a killed trainer attempt: abort the requests
-        it left running and close a weight-update session it left open (a server with none
-        answers 400, an older one without sessions 404: both are fine). The caller resyncs the
-        weights before generating (train/main.py)."""
-        for reply in self.http.call_all(urls, "/abort_request", {"rid": "", "abort_all": True},
-                                        retries=1, timeout_s=30.0):
-            reply.check()
-        for reply in self.http.call_all(urls, "/end_weight_update", {}, retries=1,
-                                        timeout_s=30.0):
-            if reply.status == 200:
-                log.warning("SGLang server %s: closed a weight-update session left open by a "
-                            "previous trainer attempt", reply.url)
-
-    def _launch_by_node(self, opts: ServerOptions, num_servers: int, log_dir: Optional[str],
-                        health_timeout_s: float) -> list[str]:
-        """Start the servers where their GPUs are (collective); every server's URL, in rank
-        order. One node: rank 0 starts them all on 127.0.0.1 (or `host`). Several nodes: each
-        node's local rank 0 starts num_servers / nodes servers on that node's GPUs, listening
-        on every interface, named by the node's hostname (resolved by each client, as Slurm's
-        node names are); server s then sits beside global ranks s*tp .. s*tp+tp-1."""
-        nodes, local_rank = _node_layout()
-        if nodes > 1:
-            if num_servers % nodes:
-                raise EngineError(f"rollout.sglang_num_servers={num_servers}: colocated servers "
-                                  f"are started per node and {nodes} nodes cannot hold an "
-                                  f"equal share")
-            num_servers //= nodes
-            opts.host = "0.0.0.0"
-        starts_here = local_rank == 0 if nodes > 1 else self.rank == 0
-        mine, error = [], None
-        if starts_here:
-            try:
-                self.processes = launch_servers(opts, num_servers, log_dir=log_dir,
-                                                health_timeout_s=health_timeout_s)
-                mine = [_advertised(p.url) if nodes > 1 else p.url for p in self.processes]
-            except Exception as err:   # raised on every rank below
-                error = f"{socket.gethostname()}: {err}"
-        everyone = [(mine, error)]
-        if self.world > 1:
-            import torch
-
-            everyone = [None] * self.world
-            torch.distributed.all_gather_object(everyone, (mine, error))
-        errors = [e for _, e in everyone if e]
-        if errors:
-            self.shutdown()
-            raise EngineError("SGLang servers failed to start: " + "; ".join(errors))
-        return [url for urls, _ in everyone for url in urls]
-
-    def _launch_router(self, urls, host, port, module, python, env, log_dir,
-                       health_timeout_s) -> str:
-        """An sglang-router in front of the servers this engine launched (rank 0); its URL."""
-        spans_nodes = _node_layout()[0] > 1
-        extra = {"module": module} if module else {}
-        if python:
-            extra["python"] = python
-        proc = launch_router(urls, host="0.0.0.0" if spans_nodes else host, log_dir=log_dir,
-                             env=env, port=port, health_timeout_s=health_timeout_s, **extra)
-        self.processes.append(proc)
-        return _advertised(proc.url) if spans_nodes else proc.url
 
     @classmethod
     def from_config(cls, model: Any, cfg: Any, *, model_path: Optional[str] = None,
