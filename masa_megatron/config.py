@@ -90,6 +90,7 @@ class RolloutConfig:
     sglang_python: str = ""                # interpreter of the servers and router ("" = this one)
     # module run as `python -m MODULE` for each launched server (masa rehearse: the stand-in)
     sglang_server_module: str = "sglang.launch_server"
+    sglang_router_module: str = "sglang_router.launch_router"   # the router's, likewise
     # extra sglang.launch_server flags, on every server (colocated and slurm/sglang_node.sh alike)
     sglang_extra_args: list[str] = field(default_factory=list)
     weight_sync: str = "disk"              # disk | broadcast | tensor

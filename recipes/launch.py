@@ -205,6 +205,7 @@ def rollout_env(cfg: ExperimentConfig, topo: Topology, root: str) -> dict[str, s
             "SGLANG_ROUTER": "1" if r.sglang_router else "0",
             "SGLANG_SERVER_ARGS": shlex.join(server_flags(opts, placement=False)),
             "SGLANG_SERVER_MODULE": r.sglang_server_module,
+            "SGLANG_ROUTER_MODULE": r.sglang_router_module,
             "SGLANG_LOG_DIR": os.path.join(_absolute(cfg.trainer.output_dir, root),
                                            "sglang_logs"),
             "TRAIN_NODES": str(topo.train_nodes), "ROLLOUT_NODES": str(topo.rollout_nodes)}

@@ -130,6 +130,8 @@ def test_rollout_env_gives_the_colocated_paths_server_flags_and_a_shared_log_fol
     assert flags[-2:] == ["--chunked-prefill-size", "4096"]
     assert not {"--host", "--port", "--base-gpu-id"} & set(flags)   # set per server by the script
     assert env["SGLANG_LOG_DIR"] == "/shared/masa/runs/x/sglang_logs"
+    assert (env["SGLANG_SERVER_MODULE"], env["SGLANG_ROUTER_MODULE"]) == \
+        ("sglang.launch_server", "sglang_router.launch_router")
 
 
 # ---------------------------------------------------------------- NeMo-Run dry runs

@@ -185,6 +185,7 @@ class SGLangEngine(RolloutEngine):
             health_timeout_s=cfg.sglang_health_timeout_s,
             python=cfg.sglang_python,
             server_module=getattr(cfg, "sglang_server_module", None),
+            router_module=getattr(cfg, "sglang_router_module", None),
             colocate=cfg.colocate, weight_sync=cfg.weight_sync,
             bucket_mb=cfg.weight_sync_bucket_mb, seed=cfg.seed,
             deterministic=cfg.sglang_deterministic, extra_server_args=list(cfg.sglang_extra_args),
