@@ -1,6 +1,8 @@
 """Per-GPU memory estimate of a training layout, used to choose and check the recipes' settings.
 
-`estimate(cfg, arch)` returns GiB by component plus `total`; `format_estimate` prints it. All
+`estimate(cfg, arch)` returns a `MemoryEstimate`: GiB by component, the components on the GPU in
+each phase of the colocated cycle (below), the peak phase and what dominates it, and SGLang's KV
+capacity; `format_estimate` prints it. All
 numbers are for the busiest rank (an upper bound: the first pipeline stage's weights, activations
 and the last stage's logits are added together). Notation: h hidden, L layers, f FFN size,
 hq = heads * head_dim, hkv = kv_heads * head_dim, V vocab, t TP, p PP, c CP, d DP.
