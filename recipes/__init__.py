@@ -82,18 +82,19 @@ def _layout_cells(info: RecipeInfo, cfg: ExperimentConfig) -> list[str]:
         rollout = f"sglang coloc {r.sglang_num_servers}xTP{r.sglang_tp}"
     else:
         rollout = f"sglang {info.rollout_nodes}n {r.sglang_num_servers}xTP{r.sglang_tp}"
-    total = f"{estimate(cfg, info.arch).total:.1f}" if info.arch else "cpu"
+    est = estimate(cfg, info.arch) if info.arch else None
+    total, peak = (f"{est.total:.1f}", f"{est.peak_phase}: {est.dominant}") if est else ("cpu", "")
     nodes = f"{info.train_nodes}+{info.rollout_nodes}" if info.rollout_nodes else \
         str(info.train_nodes)
     return [info.name, cfg.masa.mode, "fp8" if cfg.model.fp8 else cfg.model.dtype, nodes,
             f"{p.tensor_model_parallel_size}/{p.pipeline_model_parallel_size}/{dp}", rollout,
-            str(cfg.grpo.micro_batch_tokens), "yes" if r.offload_train_state else "no", total]
+            str(cfg.grpo.micro_batch_tokens), "yes" if r.offload_train_state else "no", total, peak]
 
 
 def recipe_table() -> str:
     """Every recipe with its layout and the estimated GiB per GPU (of 80)."""
     header = ["recipe", "method", "precision", "nodes", "TP/PP/DP", "rollout", "mb tokens",
-              "offload", "GiB/GPU"]
+              "offload", "GiB/GPU", "peak phase"]
     rows = [header] + [_layout_cells(_REGISTRY[n], _REGISTRY[n].build()) for n in list_recipes()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
