@@ -70,7 +70,7 @@ def _cmd_convert(args) -> int:
 
 def _cmd_recipes(args) -> int:
     from recipes import print_recipe_table
-    print_recipe_table()
+    print_recipe_table(markdown=args.markdown)
     return 0
 
 
@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("direction", choices=["hf2mcore", "mcore2hf"])
     p.add_argument("convert_args", nargs=argparse.REMAINDER,
                    help="arguments of the converter (see `masa convert DIRECTION --help`)")
-    add("recipes", "List the registered training recipes.", _cmd_recipes)
+    p = add("recipes", "List the registered training recipes.", _cmd_recipes)
+    p.add_argument("--markdown", action="store_true",
+                   help="docs/launching.md's table (one row per model size) instead")
     return parser
 
 

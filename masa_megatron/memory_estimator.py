@@ -1,6 +1,8 @@
 """Per-GPU memory estimate of a training layout, used to choose and check the recipes' settings.
 
-`estimate(cfg, arch)` returns GiB by component plus `total`; `format_estimate` prints it. All
+`estimate(cfg, arch)` returns a `MemoryEstimate`: GiB by component, the components on the GPU in
+each phase of the colocated cycle (below), the peak phase and what dominates it, and SGLang's KV
+capacity; `format_estimate` prints it. All
 numbers are for the busiest rank (an upper bound: the first pipeline stage's weights, activations
 and the last stage's logits are added together). Notation: h hidden, L layers, f FFN size,
 hq = heads * head_dim, hkv = kv_heads * head_dim, V vocab, t TP, p PP, c CP, d DP.
@@ -45,24 +47,46 @@ Tokens per rank = grpo.micro_batch_tokens / c. Under 1F1B the first stage holds 
 of its L/p layers (Korthikanti section 4.2.3), so stored activations ~ L layers of one
 micro-batch, whatever p (the recompute formulas above take L likewise).
 
-Logits (last stage, one micro-batch): tokens * V/t * (2 + 4) bytes plus ENTROPY_TEMPORARIES_GIB,
-as measured by benchmarks/vocab_parallel_memory.py (6.00 bytes per logit element in both
-passes): the forward holds the bf16 output of the output layer and one fp32 copy, which
-Megatron's vocab-parallel cross entropy turns into the softmax in place and keeps for backward;
-the entropy of the old-log-prob pass reads it in chunks (its temporaries: the fixed term); the
-backward holds the fp32 gradient and its bf16 copy, after the bf16 logits are freed.
+Tokens per micro-batch: the planner (train/batching.py) packs rows, each rounded up to the
+layout's multiple (TP under SP; x16 with FP8, x32 with MXFP8: model/shape_check.py), while rows x
+padded width <= grpo.micro_batch_tokens, so the padding stays inside the budget the estimate uses.
 
-SGLang on the same GPUs (rollout.colocate): its static pool (weights + KV cache) takes
-sglang_mem_fraction of the GPU during generation and is released while training (torch memory
-saver keeps ~SGLANG_RELEASED_GIB: CUDA graphs, runtime). Trainer weights/grads/optimizer stay
-resident during generation unless rollout.offload_train_state moves them to host, so::
+Logits (last stage, one micro-batch), as measured by benchmarks/vocab_parallel_memory.py on CPU:
+the old-log-prob pass (no grad, chunked entropy) holds the bf16 logits (2 B per logit element)
+plus 4.00 B + 198 MiB; the update holds 6.00 B (the fp32 gradient and its bf16 copy, after the
+bf16 logits are freed). Both are tokens * V/t * 6 B + ENTROPY_TEMPORARIES_GIB, the `logits` term.
 
-    train phase    = trainer static + activations + logits + SGLANG_RELEASED_GIB
-    generate phase = sglang_mem_fraction * GPU + (0 if offload_train_state else trainer static)
-    total          = max(train phase, generate phase), each phase including the overhead
+The colocated cycle (rollout.colocate; train/handoff.py has the order). Each phase is the sum of
+what is on the GPU during it; the estimate is the largest phase (`MemoryEstimate.total`), not
+the sum::
 
-Overhead: CUDA context and kernels (~1 GiB), NCCL communicators and buffers (~1.5 GiB) and
-allocator fragmentation (10% of activations + logits).
+    generation   SGLang weights + KV cache + CUDA graphs + SGLang runtime + trainer runtime
+                 [+ trainer weights, gradients, optimizer and its allocator cache (activations +
+                 logits + fragmentation, not returned: torch.cuda.empty_cache only runs when
+                 offloading) without rollout.offload_train_state]
+    weight_sync  SGLang weights (resumed) + trainer weights + one sync bucket + both runtimes
+                 [+ gradients, optimizer, cache without offload]
+    update       trainer weights + gradients + optimizer + activations + logits + fragmentation
+                 + trainer runtime + SGLang runtime (weights, KV cache and graphs released)
+    head_forward generation + trainer weights (handoff.trainer_params, when offloaded) + a
+                 no-grad forward (bf16 logits of one micro-batch + one layer's activations),
+                 only when the MASA meta-head predictor is in use (predictors.head_in_use)
+
+SGLang's static pool (weights + KV cache) is sglang_mem_fraction of the memory free when its
+server starts (SGLang's ModelRunner measures the free memory at start and keeps that fraction);
+the servers start before the trainer allocates, so free = GPU - the trainer's CUDA context -
+SGLang's own runtime. KV cache per GPU = pool - weights / sglang_tp. Disaggregated: the training
+node has only the update phase (no SGLang runtime); the KV cache is that of a server alone on
+its GPUs.
+
+Calibration: the activation formula's MLP share and the logits' bytes were measured on CPU
+(benchmarks/activation_memory.py, vocab_parallel_memory.py; benchmarks/RESULTS.md); the attention
+and norm shares, weights/gradients/optimizer and the phase model are formulas. The constants below
+(CUDA context, NCCL buffers, fragmentation, SGLang's runtime and CUDA graphs) are assumptions; no
+GPU has checked the phases (the H100 rows in RESULTS.md predate the hand-off).
+
+Runtime of each process: the trainer's CUDA context and kernels (~1 GiB) and NCCL communicators
+and buffers (~1.5 GiB); allocator fragmentation: 10% of activations + logits.
 """
 from __future__ import annotations
 
@@ -78,9 +102,9 @@ GPU_MEMORY_GIB = 80.0                 # what the recipes are sized for (H100/A10
 CUDA_CONTEXT_GIB = 1.0
 NCCL_BUFFERS_GIB = 1.5
 FRAGMENTATION = 0.10                  # of the dynamic (activation + logit) memory
-SGLANG_RELEASED_GIB = 2.0             # what a paused SGLang engine keeps (CUDA graphs, runtime)
+SGLANG_RUNTIME_GIB = 1.0              # an SGLang server's context and runtime, kept when released
+SGLANG_GRAPHS_GIB = 1.0               # its CUDA graphs (memory type cuda_graph)
 ENTROPY_TEMPORARIES_GIB = 0.2         # chunked entropy (vocab_parallel.py): 198 MiB measured
-
 
 @dataclass(frozen=True)
 class ModelArch:
@@ -157,8 +181,36 @@ def _activation_bytes_per_token(arch: ModelArch, model, tp: int, sequence_parall
     return n * unit_input + (layers - n) * act + act
 
 
-def estimate(cfg, arch: ModelArch, gpu_memory_gib: float = GPU_MEMORY_GIB) -> dict[str, float]:
-    """GiB per GPU by component for `cfg` (an ExperimentConfig) and `arch`, plus `total`."""
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """GiB per GPU: `components` (each once), `phases` (phase -> the components on the GPU then)
+    and the SGLang KV capacity in tokens per server (None without SGLang)."""
+    components: dict[str, float]
+    phases: dict[str, dict[str, float]]
+    kv_tokens: int | None
+
+    @property
+    def phase_totals(self) -> dict[str, float]:
+        return {name: sum(parts.values()) for name, parts in self.phases.items()}
+
+    @property
+    def peak_phase(self) -> str:
+        totals = self.phase_totals
+        return max(totals, key=totals.get)
+
+    @property
+    def total(self) -> float:
+        return self.phase_totals[self.peak_phase]
+
+    @property
+    def dominant(self) -> str:
+        """The largest component of the peak phase."""
+        parts = self.phases[self.peak_phase]
+        return max(parts, key=parts.get)
+
+
+def _trainer_components(cfg, arch: ModelArch) -> dict[str, float]:
+    """The trainer's GiB per GPU by component (module docstring)."""
     p = cfg.parallel
     tp, pp, cp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                   p.context_parallel_size)
@@ -176,58 +228,82 @@ def estimate(cfg, arch: ModelArch, gpu_memory_gib: float = GPU_MEMORY_GIB) -> di
     tokens = cfg.grpo.micro_batch_tokens / cp
     activations = tokens * _activation_bytes_per_token(arch, cfg.model, tp, sp)
     logits = tokens * arch.vocab / tp * (2 + 4) + ENTROPY_TEMPORARIES_GIB * GIB
-
-    parts = {
-        "weights": params * weight_bytes / GIB,
-        "gradients": params * 4 / GIB,
-        "optimizer": params * optimizer_bytes / GIB,
-        "activations": activations / GIB,
-        "logits": logits / GIB,
-    }
-    static = parts["weights"] + parts["gradients"] + parts["optimizer"]
-    dynamic = parts["activations"] + parts["logits"]
-    parts["overhead"] = CUDA_CONTEXT_GIB + NCCL_BUFFERS_GIB + FRAGMENTATION * dynamic
-    train_phase = static + dynamic + parts["overhead"]
-    generate_phase = 0.0
-    if cfg.rollout.engine == "sglang" and cfg.rollout.colocate:
-        parts["sglang_pool"] = cfg.rollout.sglang_mem_fraction * gpu_memory_gib
-        parts["sglang_paused"] = SGLANG_RELEASED_GIB
-        train_phase += SGLANG_RELEASED_GIB
-        resident = 0.0 if cfg.rollout.offload_train_state else static
-        generate_phase = parts["sglang_pool"] + resident + parts["overhead"]
-    parts["train_phase"] = train_phase
-    parts["generate_phase"] = generate_phase
-    parts["total"] = max(train_phase, generate_phase)
+    parts = {"weights": params * weight_bytes, "gradients": params * 4,
+             "optimizer": params * optimizer_bytes, "activations": activations, "logits": logits,
+             "fragmentation": FRAGMENTATION * (activations + logits),
+             "head_forward": tokens * (arch.vocab / tp * 2
+                                       + _activation_bytes_per_token_layer(arch, tp, sp))}
+    parts = {k: v / GIB for k, v in parts.items()}
+    parts["trainer_runtime"] = CUDA_CONTEXT_GIB + NCCL_BUFFERS_GIB
     return parts
 
 
-def rollout_kv_tokens(cfg, arch: ModelArch, gpu_memory_gib: float = GPU_MEMORY_GIB) -> int:
-    """KV-cache capacity (tokens) of one SGLang server: its pool minus its weight shard."""
+def _sglang_components(cfg, arch: ModelArch, gpu_memory_gib: float) -> dict[str, float]:
+    """One SGLang server's GiB per GPU: its pool is mem_fraction of the memory free at its start."""
     r = cfg.rollout
-    pool = r.sglang_mem_fraction * gpu_memory_gib * GIB * r.sglang_tp
-    free = pool - arch.total_params * 2
-    return max(0, int(free // arch.kv_cache_bytes_per_token()))
+    used_at_start = SGLANG_RUNTIME_GIB + (CUDA_CONTEXT_GIB if r.colocate else 0.0)
+    pool = r.sglang_mem_fraction * (gpu_memory_gib - used_at_start)
+    weights = arch.total_params * 2 / r.sglang_tp / GIB
+    return {"sglang_weights": weights, "sglang_kv": max(0.0, pool - weights),
+            "sglang_graphs": SGLANG_GRAPHS_GIB, "sglang_runtime": SGLANG_RUNTIME_GIB,
+            "sync_bucket": r.weight_sync_bucket_mb / 1024}
 
 
-def fits(parts: dict[str, float], gpu_memory_gib: float = GPU_MEMORY_GIB) -> bool:
-    return parts["total"] < gpu_memory_gib
+def _pick(parts: dict[str, float], *names: str) -> dict[str, float]:
+    return {n: parts[n] for n in names}
 
 
-def format_estimate(parts: dict[str, float], title: str = "",
-                    gpu_memory_gib: float = GPU_MEMORY_GIB, kv_tokens: int | None = None) -> str:
-    """One row per component, then the two phases (when colocated) and the total vs the GPU."""
-    rows = [f"memory estimate per GPU{f' ({title})' if title else ''}:"]
-    for key, value in parts.items():
-        if key not in _SUMMARY_KEYS:
-            rows.append(f"  {key:<15}{value:8.1f} GiB")
-    if parts["generate_phase"]:
-        rows.append(f"  {'train phase':<15}{parts['train_phase']:8.1f} GiB")
-        rows.append(f"  {'generate phase':<15}{parts['generate_phase']:8.1f} GiB")
-    verdict = "fits" if fits(parts, gpu_memory_gib) else "DOES NOT FIT"
-    rows.append(f"  {'total':<15}{parts['total']:8.1f} GiB of {gpu_memory_gib:.0f} GiB: {verdict}")
-    if kv_tokens is not None:
-        rows.append(f"  SGLang KV cache: ~{kv_tokens:,} tokens per server")
+def estimate(cfg, arch: ModelArch, gpu_memory_gib: float = GPU_MEMORY_GIB) -> MemoryEstimate:
+    """GiB per GPU of `cfg` (an ExperimentConfig) on `arch`, phase by phase (module docstring)."""
+    from masa_megatron.masa.predictors import head_in_use
+
+    parts = _trainer_components(cfg, arch)
+    state = ("weights", "gradients", "optimizer")
+    dynamic = ("activations", "logits", "fragmentation")
+    update = _pick(parts, "trainer_runtime", *state, *dynamic)
+    r = cfg.rollout
+    if r.engine != "sglang":
+        return MemoryEstimate(parts, {"update": update}, None)
+    sg = _sglang_components(cfg, arch, gpu_memory_gib)
+    parts.update(sg)
+    kv_tokens = int(sg["sglang_kv"] * r.sglang_tp * GIB // arch.kv_cache_bytes_per_token())
+    if not r.colocate:
+        return MemoryEstimate(parts, {"update": update}, kv_tokens)
+
+    update["sglang_runtime"] = sg["sglang_runtime"]
+    runtimes = _pick(parts, "trainer_runtime", "sglang_runtime")
+    resident = {}                      # what of the trainer stays on the GPU beside the servers
+    if not r.offload_train_state:
+        resident = _pick(parts, *state)
+        resident["trainer_cache"] = sum(parts[k] for k in dynamic)
+    generation = {**runtimes, **_pick(parts, "sglang_weights", "sglang_kv", "sglang_graphs"),
+                  **resident}
+    phases = {
+        "generation": generation,
+        "weight_sync": {**runtimes, **_pick(parts, "sglang_weights", "weights", "sync_bucket"),
+                        **resident},
+        "update": update,
+    }
+    if head_in_use(cfg.masa):
+        phases["head_forward"] = {**generation, **_pick(parts, "weights", "head_forward")}
+    return MemoryEstimate(parts, phases, kv_tokens)
+
+
+def fits(est: MemoryEstimate, gpu_memory_gib: float = GPU_MEMORY_GIB) -> bool:
+    return est.total < gpu_memory_gib
+
+
+def format_estimate(est: MemoryEstimate, title: str = "",
+                    gpu_memory_gib: float = GPU_MEMORY_GIB) -> str:
+    """One row per phase with its components, then the peak and what dominates it."""
+    rows = [f"memory estimate per GPU{f' ({title})' if title else ''}, by phase:"]
+    for name, parts in est.phases.items():
+        cells = ", ".join(f"{k} {v:.1f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+        rows.append(f"  {name:<13}{sum(parts.values()):6.1f} GiB = {cells}")
+    verdict = "fits" if fits(est, gpu_memory_gib) else "DOES NOT FIT"
+    rows.append(f"  peak: {est.peak_phase} {est.total:.1f} GiB of {gpu_memory_gib:.0f} GiB "
+                f"({verdict}), dominated by {est.dominant} "
+                f"({est.phases[est.peak_phase][est.dominant]:.1f} GiB)")
+    if est.kv_tokens is not None:
+        rows.append(f"  SGLang KV cache: ~{est.kv_tokens:,} tokens per server")
     return "\n".join(rows)
-
-
-_SUMMARY_KEYS = ("train_phase", "generate_phase", "total")

@@ -38,7 +38,6 @@ from masa_megatron.memory_estimator import (
     estimate,
     fits,
     format_estimate,
-    rollout_kv_tokens,
 )
 from recipes import RecipeInfo, get_recipe_info
 
@@ -140,9 +139,8 @@ def memory_report(cfg: ExperimentConfig, info: RecipeInfo) -> tuple[str, bool]:
     arch = model_arch(cfg, info) if info.gpus_per_node else None
     if arch is None:
         return "memory estimate: skipped (CPU recipe)", True
-    parts = estimate(cfg, arch)
-    kv = rollout_kv_tokens(cfg, arch) if cfg.rollout.engine == "sglang" else None
-    return format_estimate(parts, f"{cfg.name}, {arch.name}", kv_tokens=kv), fits(parts)
+    est = estimate(cfg, arch)
+    return format_estimate(est, f"{cfg.name}, {arch.name}"), fits(est)
 
 
 # ---------------------------------------------------------------- the command each node runs

@@ -12,10 +12,13 @@ meta rollouts, AdamW lr 1e-6, weight decay 0.1, 20 warm-up steps then constant, 
 prompts up to 2048 and responses up to 8192 tokens, temperature 1.0, top-p 1.0, no KL, 314 steps
 (one DeepScaleR epoch).
 
-Each layout was chosen with `masa_megatron.memory_estimator` (its totals are in `masa recipes`
-and checked < 80 GiB by tests/test_recipes.py):
+Each layout was chosen with `masa_megatron.memory_estimator` (its peak phase is in `masa recipes`
+and checked < 80 GiB by tests/test_memory_estimator.py; docs/launching.md's table is
+`masa recipes --markdown`):
 - 1.7B: one node, SGLang colocated (one engine per GPU), TP 1; logits (151,936-token
-  vocabulary) dominate, so 12,288 tokens per micro-batch.
+  vocabulary) are large, so 12,288 tokens per micro-batch; trainer state offloaded to host while
+  SGLang generates (without it the trainer's state and its allocator cache, which is emptied only
+  when offloading, sit beside SGLang's pool: over 80 GiB by the phase estimate).
 - 4B: one node, colocated, TP 2 with sequence parallelism, trainer state offloaded to host
   while SGLang (TP 2) generates.
 - 8B: one node, colocated, TP 4 (activations of a 16k-token micro-batch), offload while
@@ -82,6 +85,7 @@ class Layout:
     offload_train_state: bool
     rollout_nodes: int = 0
     pp: int = 1
+    memory_change: str = ""      # what was raised to fit 80 GiB by the phase estimate (docs table)
 
     @property
     def scale(self) -> str:
@@ -95,7 +99,9 @@ class Layout:
 
 LAYOUTS = {
     "1p7b": Layout(train_nodes=1, tp=1, micro_batch_tokens=12288, colocate=True, sglang_tp=1,
-                   sglang_mem_fraction=0.5, offload_train_state=False),
+                   sglang_mem_fraction=0.5, offload_train_state=True,
+                   memory_change="offload on (off: the trainer's state and allocator cache "
+                                 "stayed beside SGLang while generating: over 80 GiB)"),
     "4b": Layout(train_nodes=1, tp=2, micro_batch_tokens=16384, colocate=True, sglang_tp=2,
                  sglang_mem_fraction=0.6, offload_train_state=True),
     "8b": Layout(train_nodes=1, tp=4, micro_batch_tokens=16384, colocate=True, sglang_tp=2,
