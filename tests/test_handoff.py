@@ -109,3 +109,22 @@ def test_colocation_needs_servers_and_offload_needs_colocation():
         validate_static(cfg)
     cfg.rollout.engine, cfg.rollout.colocate = "sglang", True
     validate_static(cfg)
+
+
+def test_the_trainers_cached_blocks_go_back_before_the_servers_resume(monkeypatch):
+    """Without offload the trainer's tensors stay, but the blocks its allocator cached for the
+    update's activations and logits must be returned to the device before SGLang takes its
+    memory back (torch.cuda.empty_cache), or the KV pool resumes beside them."""
+    from masa_megatron.train.handoff import Handoff
+
+    model = torch.nn.Linear(2, 2)
+    actor = SimpleNamespace(model_chunks=[model], optimizer=None)
+    engine = RecordingEngine((model, SimpleNamespace(state={})))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: engine.calls.append(
+        ("empty_cache", None, None)))
+    monkeypatch.setattr("masa_megatron.train.handoff.memory_metrics", lambda phase: {})
+    Handoff(colocate=True, offload=False, barrier=lambda: None).to_rollout(engine, actor, 1)
+    names = [c[0] for c in engine.calls]
+    assert "empty_cache" in names and names.index("empty_cache") < names.index("resume")
