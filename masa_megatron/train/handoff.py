@@ -30,6 +30,7 @@ meta-head's prompt states) and moves them out again.
 from __future__ import annotations
 
 import time
+import torch
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
@@ -38,6 +39,14 @@ from masa_megatron.rollout.colocate import (memory_metrics, offload_train_state,
 
 ALL_MEMORY = ("kv_cache", "cuda_graph", "weights")   # SGLang's GPU memory types
 ROLLOUT_MEMORY = ("kv_cache", "cuda_graph")          # what generation needs beside the weights
+
+
+def release_cached_blocks() -> None:
+    """Give the blocks torch's CUDA allocator keeps cached back to the device (a no-op on CPU),
+    so that SGLang resumes its memory beside the trainer's live tensors only."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def gloo_barrier() -> Callable[[], None]:
@@ -111,6 +120,7 @@ class Handoff:
                 self.offloaded = offload_train_state(actor.model_chunks, actor.optimizer,
                                                      params=False)
                 self._phase(metrics, "optimizer_offloaded")
+            release_cached_blocks()   # the update's activations and logits, kept by the allocator
             self._on_servers(lambda: engine.resume(["weights"]))
         sync_started = time.perf_counter()
         engine.update_weights(actor.model_chunks, version=version)
