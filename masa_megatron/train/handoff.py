@@ -30,9 +30,10 @@ meta-head's prompt states) and moves them out again.
 from __future__ import annotations
 
 import time
-import torch
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
+
+import torch
 
 from masa_megatron.rollout.colocate import (memory_metrics, offload_train_state,
                                             reload_train_state)
