@@ -1,12 +1,14 @@
 """Test-only: make a training rank vanish at a chosen point, as a killed process does.
 
-Put this folder first on PYTHONPATH and set MASA_TEST_KILL="<point>:<call>:<rank>" in a run's
-environment. In the first attempt only (TORCHELASTIC_RESTART_COUNT unset or 0), global rank
-<rank> calls os._exit(9) at its <call>-th pass through <point>:
+Put this folder first on PYTHONPATH and set MASA_TEST_KILL to a comma-separated list of
+"<point>:<n>:<rank>[:<attempt>]" (attempt: torchrun's TORCHELASTIC_RESTART_COUNT, default 0).
+In that attempt, global rank <rank> calls os._exit(9):
 
-- `update`: entering Actor.update (the middle of an RL step, after generation);
-- `sync_bucket`: sending a broadcast weight-sync bucket (BroadcastSync._send_bucket), after the
-  servers were told to receive it: they are left waiting in the collective.
+- `update:<n>`: entering Actor.update for the n-th time (the middle of an RL step, after
+  generation);
+- `sync_bucket:<n>`: sending the first broadcast weight-sync bucket of weight version n
+  (BroadcastSync._send_bucket), after the servers were told to receive it: they are left
+  waiting in the collective.
 
 Nothing in the project imports this; it patches the classes right after their modules load.
 """
@@ -20,25 +22,26 @@ POINTS = {"update": ("masa_megatron.train.actor", "Actor", "update"),
                           "_send_bucket")}
 
 
-def _armed():
-    spec = os.environ.get("MASA_TEST_KILL", "")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return None
-    point, call, rank = spec.split(":")
-    if os.environ.get("RANK", "0") != rank:
-        return None
-    return point, int(call)
+def _armed() -> list[tuple[str, int]]:
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    found = []
+    for spec in filter(None, os.environ.get("MASA_TEST_KILL", "").split(",")):
+        point, n, rank, *when = spec.split(":")
+        if os.environ.get("RANK", "0") == rank and (when or ["0"])[0] == attempt:
+            found.append((point, int(n)))
+    return found
 
 
-def _patch(module, point: str, call: int) -> None:
+def _patch(module, point: str, n: int) -> None:
     _, cls_name, method = POINTS[point]
     cls = getattr(module, cls_name)
     real, seen = getattr(cls, method), [0]
 
     def wrapper(*args, **kwargs):
         seen[0] += 1
-        if seen[0] == call:
-            print(f"kill switch: rank {os.environ.get('RANK')} exits at {point} #{call}",
+        hit = seen[0] == n if point == "update" else int(args[2]) == n   # (self, bucket, version)
+        if hit:
+            print(f"kill switch: rank {os.environ.get('RANK')} exits at {point} {n}",
                   file=sys.stderr, flush=True)
             os._exit(9)
         return real(*args, **kwargs)
@@ -67,6 +70,5 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-_ARMED = _armed()
-if _ARMED is not None:
-    sys.meta_path.insert(0, _AfterImport(POINTS[_ARMED[0]][0], *_ARMED))
+for _point, _n in _armed():
+    sys.meta_path.insert(0, _AfterImport(POINTS[_point][0], _point, _n))
