@@ -100,3 +100,51 @@ def test_readme_cluster_quick_start_runs_as_written(tmp_path, tiny_inputs):
     job = (out_dir / f"slurm-{job_id}.out")
     assert job.exists(), logs
     assert metrics_steps(out_dir) == [1, 2], job.read_text()[-4000:]
+
+
+def _server_stats(node, url: str) -> dict:
+    out = node.run(["curl", "-s", f"{url}/standin/stats"], capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def test_disaggregated_14b_recipe_survives_killed_ranks_next_to_running_servers(tmp_path):
+    """qwen3_14b_grpo_2n8g as submitted (slurm/disaggregated.sbatch): node0 runs the 4 stand-in
+    servers (TP 2) and the router, node1 the 8 training ranks (TP 8, broadcast sync), shrunk
+    only in model, batch and lengths (masa rehearse's plan). 3 steps with a checkpoint after
+    each and MAX_RESTARTS=2: one training rank is killed in the middle of step 2 (attempt 0),
+    the sender in the middle of the version-2 weight sync (attempt 1). Each new attempt finds the
+    servers running, aborts their leftovers, joins a group of its own and resyncs: the job ends
+    with every step logged once and rollout log-probs equal to the trainer's."""
+    from masa_megatron.rehearsal.run import plan
+
+    recipe = "qwen3_14b_grpo_2n8g"
+    p = plan(recipe, tmp_path / "rehearsal", steps=3)
+    out_dir = tmp_path / "rehearsal" / "run"
+    overrides = [*p["overrides"], "checkpoint.save_every=1",
+                 "rollout.sglang_router_module=tests.sglang_standin.router"]
+    kill_switch = REPO / "tests/support/kill_switch"
+    env = job_env(RECIPE=recipe, GPUS_PER_NODE="8", MAX_RESTARTS="2", HEALTH_TIMEOUT_S="300",
+                  MASA_TEST_KILL="update:2:3:0,sync_bucket:2:0:1")
+    env["PYTHONPATH"] = f"{kill_switch}{os.pathsep}{env['PYTHONPATH']}"
+    job_out = tmp_path / "job.out"
+    with simulated_nodes.SimulatedNodes(2) as nodes, \
+            slurm_cluster.SlurmCluster(nodes, tmp_path) as cluster:
+        result = cluster.run(["sbatch", "--wait", "--nodes=2", f"--output={job_out}",
+                              str(REPO / "slurm/disaggregated.sbatch"), *overrides],
+                             env=env, cwd=str(REPO), capture_output=True, text=True,
+                             timeout=1500)
+        job = job_out.read_text() if job_out.exists() else ""
+        urls = [u for u in job.split("rollout.sglang_urls=[", 1)[1].split("]", 1)[0].split(",")]
+        stats = [_server_stats(nodes[0], url.replace(nodes[0].name, "127.0.0.1")) for url in urls]
+        logs = cluster.logs()
+    assert result.returncode == 0, f"{result.stderr}\n{job[-6000:]}\n{logs}"
+    assert job.count("kill switch: rank") == 2, job[-4000:]
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["logprob/rollout_gap_mean"] < 1e-4 for r in rows), rows
+    for server in stats:
+        bodies = server["bodies"]
+        groups = [b["group_name"] for _, path, b in bodies if path == "/init_weights_update_group"]
+        assert len(groups) == len(set(groups)) == 3       # one group per attempt
+        assert sum(1 for _, path, b in bodies
+                   if path == "/abort_request" and b.get("abort_all")) >= 3
