@@ -414,8 +414,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# what torchrun gives a rank; a server launched by a colocated trainer rank inherits them, but
+# (like SGLang, which builds its own groups) it is a world of its own
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                      "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    for name in LAUNCHER_VARIABLES:
+        os.environ.pop(name, None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s standin %(message)s")
     if args.tp_size < 1:
         raise SystemExit(f"--tp-size must be >= 1 (got {args.tp_size})")
