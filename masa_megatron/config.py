@@ -83,6 +83,9 @@ class RolloutConfig:
     sglang_retry_backoff_s: float = 1.0
     sglang_deterministic: bool = False     # --enable-deterministic-inference (seeded sampling)
     sglang_python: str = ""                # interpreter of the servers and router ("" = this one)
+    # module run as `python -m MODULE` for each launched server (masa rehearse: the stand-in)
+    sglang_server_module: str = "sglang.launch_server"
+    sglang_server_args: list[str] = field(default_factory=list)   # extra flags for every server
     weight_sync: str = "disk"              # disk | broadcast | tensor
     weight_sync_bucket_mb: int = 512
     weight_sync_verify: bool = False       # compare sampled weights after every sync
@@ -507,8 +510,10 @@ def validate_environment(cfg: ExperimentConfig, world_size: Optional[int] = None
         python = cfg.rollout.sglang_python
         if python and not os.access(python, os.X_OK):
             _fail("rollout.sglang_python", python, "no such executable")
-        if not python and importlib.util.find_spec("sglang") is None:
-            _fail("rollout.engine", "sglang", "sglang is not installed here, no "
+        package = cfg.rollout.sglang_server_module.split(".")[0]
+        if not python and importlib.util.find_spec(package) is None:
+            _fail("rollout.engine", "sglang", f"{package} (rollout.sglang_server_module="
+                  f"{cfg.rollout.sglang_server_module}) is not installed here, no "
                   "rollout.sglang_python names an interpreter that has it, and no "
                   "rollout.sglang_urls were given to attach to")
     if world_size is not None:

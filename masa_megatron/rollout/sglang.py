@@ -210,6 +210,8 @@ class SGLangEngine(RolloutEngine):
             base_port=cfg.sglang_base_port, router=cfg.sglang_router,
             concurrency=cfg.sglang_concurrency, health_timeout_s=cfg.sglang_health_timeout_s,
             python=cfg.sglang_python,
+            server_module=getattr(cfg, "sglang_server_module", None),
+            extra_server_args=list(getattr(cfg, "sglang_server_args", ())),
             colocate=cfg.colocate, weight_sync=cfg.weight_sync,
             bucket_mb=cfg.weight_sync_bucket_mb, seed=cfg.seed,
             deterministic=cfg.sglang_deterministic,
