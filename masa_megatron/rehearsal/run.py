@@ -68,7 +68,7 @@ def free_port_block(count: int, low: int = 20000, high: int = 32000) -> int:
     raise UserError(f"no {count} consecutive free ports in [{low}, {high})")
 
 
-def plan(recipe: str, root: Path, steps: int) -> dict:
+def plan(recipe: str, root: Path, steps: int, server_module: str = STANDIN_MODULE) -> dict:
     """The recipe, its tiny assets and the overrides of run 1 (no process is started)."""
     from recipes import get_recipe_info
 
@@ -90,7 +90,7 @@ def plan(recipe: str, root: Path, steps: int) -> dict:
     overrides += [f"model.hf_path={assets.model_dir}",
                   f"data.train_files=[{assets.train_file}]",
                   f"trainer.output_dir={root / 'run'}",
-                  f"rollout.sglang_server_module={STANDIN_MODULE}",
+                  f"rollout.sglang_server_module={server_module}",
                   "rollout.sglang_server_args=[--record]",
                   f"rollout.sglang_base_port={free_port_block(cfg.rollout.sglang_num_servers)}"]
     if cfg.data.eval_files:
@@ -131,15 +131,16 @@ def _export(ckpt: Path, out: Path, log: Path, env: dict) -> int:
                               timeout=RUN_TIMEOUT_S).returncode
 
 
-def rehearse(recipe: str, steps: int = 3, workdir: Optional[Path] = None,
-             say=print) -> list[checks.Check]:
-    """Rehearse `recipe` in `workdir` (see the module docstring); returns the checks."""
+def rehearse(recipe: str, steps: int = 3, workdir: Optional[Path] = None, say=print,
+             server_module: str = STANDIN_MODULE) -> list[checks.Check]:
+    """Rehearse `recipe` in `workdir` (see the module docstring); returns the checks.
+    `server_module`: what the trainer launches as each server (tests break it on purpose)."""
     _standin_available()
     root = Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
     probe, log = root / "probe", root / "rehearsal.log"
     probe.mkdir(exist_ok=True)
-    p = plan(recipe, root, steps)
+    p = plan(recipe, root, steps, server_module)
     cfg, assets, overrides = p["cfg"], p["assets"], p["overrides"]
     (probe / "probe.json").write_text(json.dumps({"tokenizer_size": assets.tokenizer_size}))
     world = cfg.parallel.world_size
