@@ -86,6 +86,7 @@ class RolloutConfig:
     # module run as `python -m MODULE` for each launched server (masa rehearse: the stand-in)
     sglang_server_module: str = "sglang.launch_server"
     sglang_server_args: list[str] = field(default_factory=list)   # extra flags for every server
+    sglang_router_module: str = "sglang_router.launch_router"      # run for rollout.sglang_router
     weight_sync: str = "disk"              # disk | broadcast | tensor
     weight_sync_bucket_mb: int = 512
     weight_sync_verify: bool = False       # compare sampled weights after every sync

@@ -212,6 +212,7 @@ class SGLangEngine(RolloutEngine):
             python=cfg.sglang_python,
             server_module=getattr(cfg, "sglang_server_module", None),
             extra_server_args=list(getattr(cfg, "sglang_server_args", ())),
+            router_module=getattr(cfg, "sglang_router_module", None),
             colocate=cfg.colocate, weight_sync=cfg.weight_sync,
             bucket_mb=cfg.weight_sync_bucket_mb, seed=cfg.seed,
             deterministic=cfg.sglang_deterministic,
