@@ -36,6 +36,7 @@ from masa_megatron.rehearsal.probe import ENV as PROBE_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STANDIN_MODULE = "tests.sglang_standin.server"
+ROUTER_MODULE = "tests.sglang_standin.router"
 RUN_TIMEOUT_S = 1800
 
 
@@ -80,10 +81,9 @@ def plan(recipe: str, root: Path, steps: int, server_module: str = STANDIN_MODUL
     if info.arch is None:
         raise UserError(f"recipe '{recipe}' brings no model to shrink (a CPU recipe): rehearse "
                         f"a GPU recipe, or run it with `masa train --recipe {recipe}`")
-    r = cfg.rollout
-    if r.engine != "sglang" or not r.colocate:
-        raise UserError(f"recipe '{recipe}': only colocated SGLang recipes can be rehearsed yet "
-                        f"(this one runs its servers on {info.rollout_nodes} other node(s))")
+    if cfg.rollout.engine != "sglang":
+        raise UserError(f"recipe '{recipe}': rollout.engine={cfg.rollout.engine}; the rehearsal "
+                        f"stands in for SGLang servers only")
     shape = tiny_shape(info.arch, cfg)
     assets = ensure_assets(root / "assets", shape, lambda n: model_vocab_size(n, cfg))
     overrides = shrink_overrides(cfg, prompt_tokens=assets.prompt_tokens, steps=steps)
@@ -92,10 +92,29 @@ def plan(recipe: str, root: Path, steps: int, server_module: str = STANDIN_MODUL
                   f"trainer.output_dir={root / 'run'}",
                   f"rollout.sglang_server_module={server_module}",
                   "rollout.sglang_server_args=[--record]",
+                  f"rollout.sglang_router_module={ROUTER_MODULE}",
                   f"rollout.sglang_base_port={free_port_block(cfg.rollout.sglang_num_servers)}"]
     if cfg.data.eval_files:
         overrides.append(f"data.eval_files=[{assets.eval_file}]")
     return {"info": info, "cfg": cfg, "shape": shape, "assets": assets, "overrides": overrides}
+
+
+def start_rollout_nodes(cfg, info, root: Path, base_port: int, server_module: str, env: dict):
+    """A disaggregated recipe's servers, started as slurm/disaggregated.sbatch starts them on
+    its rollout nodes (every node's GPUs in servers of rollout.sglang_tp, consecutive ports,
+    before the trainer), here on this machine; -> (processes, their URLs)."""
+    from recipes.qwen3 import GPUS_PER_NODE
+
+    from masa_megatron.rollout.sglang_launch import ServerOptions, launch_servers
+
+    r = cfg.rollout
+    count = info.rollout_nodes * GPUS_PER_NODE // r.sglang_tp
+    opts = ServerOptions(model_path=str(cfg.model.hf_path), tp=r.sglang_tp,
+                         mem_fraction=r.sglang_mem_fraction, port=base_port, module=server_module,
+                         seed=r.seed, extra_args=["--record"], env=env)
+    procs = launch_servers(opts, count, health_timeout_s=r.sglang_health_timeout_s,
+                           log_dir=str(root / "rollout-nodes"))
+    return procs, [p.url for p in procs]
 
 
 def _torchrun(recipe: str, world: int, overrides: list[str], env: dict, log: Path) -> int:
@@ -150,16 +169,30 @@ def rehearse(recipe: str, steps: int = 3, workdir: Optional[Path] = None, say=pr
         f"sync {cfg.rollout.weight_sync}, offload {cfg.rollout.offload_train_state}; tiny "
         f"{p['shape']}; tokenizer {assets.tokenizer_size} < vocab {assets.model_vocab}; "
         f"log {log}")
-    env, results = _env(probe), []
+    env, results, servers = _env(probe), [], []
     started = time.monotonic()
-    for name, extra in (("run", [f"trainer.steps={steps}"]),
-                        ("resume", [f"trainer.steps={steps + 1}"])):
-        code = _torchrun(recipe, world, overrides + extra, env, log)
-        results.append(checks.Check(name, checks.PASS if code == 0 else checks.FAIL,
-                                    f"exit code {code} after {time.monotonic() - started:.0f} s"
-                                    + ("" if code == 0 else f"; log tail:\n{_tail(log)}")))
-        if code:
-            break
+    try:
+        if not cfg.rollout.colocate:
+            from masa_megatron.config import load_config
+
+            resolved = load_config(overrides=overrides, base=p["info"].build())
+            servers, urls = start_rollout_nodes(resolved, p["info"], root,
+                                                resolved.rollout.sglang_base_port,
+                                                server_module, env)
+            overrides += [f"rollout.sglang_urls=[{','.join(urls)}]",
+                          f"rollout.sglang_num_servers={len(urls)}"]
+        for name, extra in (("run", [f"trainer.steps={steps}"]),
+                            ("resume", [f"trainer.steps={steps + 1}"])):
+            code = _torchrun(recipe, world, overrides + extra, env, log)
+            results.append(checks.Check(name, checks.PASS if code == 0 else checks.FAIL,
+                                        f"exit code {code} after "
+                                        f"{time.monotonic() - started:.0f} s" + (
+                                            "" if code == 0 else f"; log tail:\n{_tail(log)}")))
+            if code:
+                break
+    finally:
+        for proc in servers:
+            proc.stop()
     ckpt_root = root / "run" / "checkpoints"
     step_rows = checks.read_jsonl(probe / "steps.jsonl")
     step_metrics = {r["step"]: r["metrics"] for r in step_rows}
