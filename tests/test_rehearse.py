@@ -185,15 +185,20 @@ def test_sequence_parallel_layers_fail_without_sp_or_with_an_unpadded_sequence()
 # ---------------------------------------------------------------- real rehearsals
 
 SMALLEST = "qwen3_1p7b_grpo_1n8g"     # 8 ranks (TP 1, DP 8), 8 colocated stand-ins
+# one recipe per single-node layout, with masa_efficient (its k inside the 3 steps)
+LAYOUTS = ["qwen3_1p7b_masa_efficient_1n8g",   # TP 1 / DP 8, 8 servers x TP 1
+           "qwen3_4b_masa_efficient_1n8g",     # TP 2 + SP / DP 4, offload, 4 servers x TP 2
+           "qwen3_8b_masa_efficient_1n8g"]     # TP 4 + SP / DP 2, offload, untied, 4 x TP 2
 
 
 @pytest.mark.slow
-def test_the_smallest_recipe_rehearses_at_its_topology(tmp_path):
-    """8 trainer ranks and the 8 servers they launch, 3 steps, resume for one, export: every
+@pytest.mark.parametrize("recipe", LAYOUTS)
+def test_each_single_node_layout_rehearses_at_its_topology(recipe, tmp_path):
+    """8 trainer ranks and the servers they launch, 3 steps, resume for one, export: every
     check passes except the colocation hand-off, which may still be reported as not wired."""
     from masa_megatron.rehearsal.run import rehearse
 
-    results = {c.name: c for c in rehearse(SMALLEST, 3, tmp_path, say=lambda m: None)}
+    results = {c.name: c for c in rehearse(recipe, 3, tmp_path, say=lambda m: None)}
     lines = "\n".join(c.line() for c in results.values())
     for name in ("run", "resume", "checkpoint_resume", "weight_sync_checksum", "logprob_gap",
                  "out_of_tokenizer_ids", "sequence_parallel_layers", "export_hf"):
