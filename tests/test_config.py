@@ -136,3 +136,18 @@ def test_cli_bad_config_exits_2_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "grpo.group_size" in result.stderr
+
+
+def test_the_environment_check_looks_for_the_configured_server_module(tmp_path):
+    """rollout.sglang_server_module: its package must be importable here (the stand-in's is;
+    a misspelt one is named)."""
+    from masa_megatron.config import validate_environment
+    from masa_megatron.model.tiny import make_tiny_hf_model
+
+    make_tiny_hf_model(tmp_path, "qwen3")
+    base = [f"model.hf_path={tmp_path}", "rollout.engine=sglang", "model.layer_spec=local"]
+    validate_environment(load_config(overrides=base + [
+        "rollout.sglang_server_module=tests.sglang_standin.server"]))
+    with pytest.raises(ConfigError, match="no_such_sglang .*rollout.sglang_server_module"):
+        validate_environment(load_config(overrides=base + [
+            "rollout.sglang_server_module=no_such_sglang.launch_server"]))

@@ -316,3 +316,42 @@ def test_servers_and_router_start_with_the_configured_sglang_python(monkeypatch,
             SGLangEngine.from_config(None, cfg)
     assert [cmd[0] for cmd in launched] == ["/opt/sglang/bin/python", "/opt/sglang/bin/python",
                                             sys.executable, sys.executable]
+
+
+def test_servers_and_router_run_the_configured_modules_with_the_extra_server_flags(monkeypatch,
+                                                                                   tmp_path):
+    """rollout.sglang_server_module / sglang_server_args / sglang_router_module: what each
+    launched server and the router run (`masa rehearse` points them at the stand-ins)."""
+    import masa_megatron.rollout.sglang as sglang_module
+    from masa_megatron.config import ExperimentConfig
+    from masa_megatron.rollout.sglang_launch import server_command
+
+    launched = []
+
+    def record_servers(opts, num_servers, **kwargs):
+        launched.append(server_command(opts))
+        return [type("P", (), {"url": f"http://127.0.0.1:{9000 + i}", "stop": lambda s: None})()
+                for i in range(num_servers)]
+
+    def record_router(urls, **kwargs):
+        launched.append(["router", kwargs.get("module", "sglang_router.launch_router")])
+        raise EngineError("launch recorded")
+
+    monkeypatch.setattr(sglang_module, "launch_servers", record_servers)
+    monkeypatch.setattr(sglang_module, "launch_router", record_router)
+    cfg = ExperimentConfig()
+    cfg.model.hf_path, cfg.trainer.output_dir = str(tmp_path), str(tmp_path)
+    cfg.rollout.engine, cfg.rollout.sglang_router = "sglang", True
+    with pytest.raises(EngineError, match="launch recorded"):
+        SGLangEngine.from_config(None, cfg)
+    cfg.rollout.sglang_server_module = "tests.sglang_standin.server"
+    cfg.rollout.sglang_server_args = ["--record", "--no-begin-end"]
+    cfg.rollout.sglang_router_module = "tests.sglang_standin.router"
+    with pytest.raises(EngineError, match="launch recorded"):
+        SGLangEngine.from_config(None, cfg)
+    default_server, default_router, server, router = launched
+    assert default_server[2] == "sglang.launch_server" and "--record" not in default_server
+    assert default_router == ["router", "sglang_router.launch_router"]
+    assert server[2] == "tests.sglang_standin.server"
+    assert server[-2:] == ["--record", "--no-begin-end"]
+    assert router == ["router", "tests.sglang_standin.router"]
