@@ -42,7 +42,7 @@ class ModelConfig:
     fp8_param: bool = False
     recompute: str = "none"                # none | selective (core attention) | full (layers)
     recompute_method: str = "uniform"      # full: uniform (groups of n layers) | block (first n)
-    recompute_num_layers: int = 1          # full: the n of recompute_method
+    recompute_num_layers: int = 1          # full: the n of recompute_method (uniform: divides L/PP)
     random_init: bool = False              # build from config.json only, no weights (tests/demo)
     seed: int = 1234
 
@@ -75,7 +75,10 @@ class RolloutConfig:
     sglang_mem_fraction: float = 0.7
     sglang_host: str = "127.0.0.1"
     sglang_base_port: int = 30000
-    sglang_router: bool = False
+    sglang_router: bool = False            # generation through an sglang-router
+    # a running router (disaggregated: the one slurm/disaggregated.sbatch starts); "" = the
+    # trainer starts one, only in front of servers it launched itself
+    sglang_router_url: str = ""
     sglang_concurrency: int = 256
     sglang_health_timeout_s: float = 600.0
     sglang_request_timeout_s: float = 3600.0
@@ -85,14 +88,16 @@ class RolloutConfig:
     sglang_python: str = ""                # interpreter of the servers and router ("" = this one)
     # module run as `python -m MODULE` for each launched server (masa rehearse: the stand-in)
     sglang_server_module: str = "sglang.launch_server"
-    sglang_server_args: list[str] = field(default_factory=list)   # extra flags for every server
-    sglang_router_module: str = "sglang_router.launch_router"      # run for rollout.sglang_router
+    # extra sglang.launch_server flags, on every server (colocated and slurm/sglang_node.sh alike)
+    sglang_extra_args: list[str] = field(default_factory=list)
     weight_sync: str = "disk"              # disk | broadcast | tensor
     weight_sync_bucket_mb: int = 512
     weight_sync_verify: bool = False       # compare sampled weights after every sync
     # broadcast sync: one collective per bucket (load_format "flattened_bucket"); needs an SGLang
     # whose /update_weights_from_distributed takes load_format (see weight_sync/broadcast.py)
     weight_sync_flattened_broadcast: bool = False
+    # broadcast sync: the address servers reach the sender at; "" = the route's source address
+    weight_sync_master_address: str = ""
     colocate: bool = False
     offload_train_state: bool = False
 
@@ -491,6 +496,25 @@ def validate_static(cfg: ExperimentConfig) -> None:
     for i, path in enumerate(cfg.data.train_files):
         if not str(path).strip():
             _fail(f"data.train_files[{i}]", path, "empty path")
+    _check_sglang_extra_args(cfg.rollout)
+
+
+# launch_server flags that other fields or the launch set (see sglang_launch.server_flags)
+_MANAGED_SGLANG_FLAGS = {
+    "--model-path": "model.hf_path", "--tp-size": "rollout.sglang_tp",
+    "--tp": "rollout.sglang_tp", "--mem-fraction-static": "rollout.sglang_mem_fraction",
+    "--random-seed": "rollout.seed", "--enable-memory-saver": "rollout.colocate",
+    "--enable-deterministic-inference": "rollout.sglang_deterministic",
+    "--host": "the launch", "--port": "the launch", "--base-gpu-id": "the launch",
+    "--skip-tokenizer-init": "the trainer (always on)"}
+
+
+def _check_sglang_extra_args(rollout: RolloutConfig) -> None:
+    for i, arg in enumerate(rollout.sglang_extra_args):
+        flag = str(arg).split("=", 1)[0]
+        if flag in _MANAGED_SGLANG_FLAGS:
+            _fail(f"rollout.sglang_extra_args[{i}]", arg,
+                  f"{flag} is set from {_MANAGED_SGLANG_FLAGS[flag]}; change that instead")
 
 
 def validate_environment(cfg: ExperimentConfig, world_size: Optional[int] = None) -> None:
@@ -532,13 +556,18 @@ def validate_environment(cfg: ExperimentConfig, world_size: Optional[int] = None
     if not (model_path / "config.json").is_file():
         _fail("model.hf_path", cfg.model.hf_path, "no config.json in that folder")
     from masa_megatron.model.hf_config import (decoder_shape, parallel_layout_problem,
-                                               read_hf_config)
+                                               read_hf_config, recompute_layout_problem)
     p = cfg.parallel
-    problem = parallel_layout_problem(decoder_shape(read_hf_config(model_path)),
-                                      p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    shape = decoder_shape(read_hf_config(model_path))
+    problem = parallel_layout_problem(shape, p.tensor_model_parallel_size,
+                                      p.pipeline_model_parallel_size)
     if problem is not None:
         name = f"{problem[0]}_model_parallel_size"
         _fail(f"parallel.{name}", getattr(p, name), f"{model_path / 'config.json'}: {problem[1]}")
+    why = recompute_layout_problem(shape, p.pipeline_model_parallel_size, cfg.model)
+    if why is not None:
+        _fail("model.recompute_num_layers", cfg.model.recompute_num_layers,
+              f"{model_path / 'config.json'}: {why}")
     for i, f in enumerate(cfg.data.train_files):
         if not Path(f).is_file():
             _fail(f"data.train_files[{i}]", f, "file does not exist")

@@ -26,6 +26,11 @@ s x s score matrix, so the 5*a*s/h term drops. Bytes per token per layer in bf16
                                                           FC1 out (gate, up) + SwiGLU out
     with t_sp = t under sequence parallelism, else 1    (Qwen3-8B at t=1: 33.5h, cf. 34h)
 
+The MLP's 6f is Megatron's fused SwiGLU, which the model builder turns on with CUDA (it keeps
+the FC1 output only; the unfused GLU also keeps silu(gate) and a copy of the up half, 10f);
+benchmarks/activation_memory.py measures the MLP share equal to the formula at TP 1, 2 and
+2 with SP on the local spec (the norms there are torch's CPU RMSNorm, which keeps fp32 copies).
+
 Sequence parallelism (parallel.sequence_parallel, applied by the model builder) shards the
 norm/residual activations over TP: the 8h/t_sp term. Recomputation (model.recompute, see
 masa_megatron/model/builder.py): "selective" recomputes core attention, which with flash/fused

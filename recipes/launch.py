@@ -111,11 +111,20 @@ def check_layout(cfg: ExperimentConfig, topo: Topology) -> None:
     if r.engine == "sglang" and not r.sglang_urls:
         gpus = world if r.colocate else topo.rollout_nodes * topo.procs_per_node
         needed = r.sglang_num_servers * r.sglang_tp
+        field = f"field 'rollout.sglang_num_servers' = {r.sglang_num_servers}"
         if needed > gpus or topo.procs_per_node % r.sglang_tp:
             where = "training" if r.colocate else "rollout"
-            raise UserError(f"field 'rollout.sglang_num_servers' = {r.sglang_num_servers}: "
-                            f"{r.sglang_num_servers} servers x TP {r.sglang_tp} = {needed} GPUs "
-                            f"do not fit the {gpus} {where} GPUs ({topo.procs_per_node} per node)")
+            raise UserError(f"{field}: {r.sglang_num_servers} servers x TP {r.sglang_tp} = "
+                            f"{needed} GPUs do not fit the {gpus} {where} GPUs "
+                            f"({topo.procs_per_node} per node)")
+        if r.colocate:   # each node's local rank 0 starts that node's share of the servers
+            if r.sglang_num_servers % topo.train_nodes:
+                raise UserError(f"{field}: colocated servers are started per node; "
+                                f"{topo.train_nodes} nodes cannot hold an equal share")
+            if r.weight_sync == "tensor" and needed != world:
+                raise UserError(f"{field}: weight_sync=tensor needs a server beside every "
+                                f"training rank: servers x TP = {r.sglang_num_servers} x "
+                                f"{r.sglang_tp} = {needed} GPUs, the launch has {world} ranks")
 
 
 def model_arch(cfg: ExperimentConfig, info: RecipeInfo) -> ModelArch | None:
@@ -139,11 +148,16 @@ def memory_report(cfg: ExperimentConfig, info: RecipeInfo) -> tuple[str, bool]:
 # ---------------------------------------------------------------- the command each node runs
 
 def torchrun_argv(recipe: str, overrides: list[str], topo: Topology,
-                  standalone: bool = False) -> list[str]:
-    """torchrun on one training node: c10d rendezvous at $MASTER_ADDR (Slurm), or standalone."""
+                  standalone: bool = False, max_restarts: int = 0) -> list[str]:
+    """torchrun on one training node: c10d rendezvous at $MASTER_ADDR (Slurm), or standalone.
+    With `max_restarts`, torchrun restarts every rank after one fails, up to that many times;
+    the run resumes from its last checkpoint (checkpoint.resume=auto), next to SGLang servers
+    that kept running (disaggregated) or with new ones (colocated)."""
     rendezvous = ["--standalone"] if standalone else ["--rdzv-backend=c10d", *RUNTIME_TOKENS]
+    restarts = [f"--max-restarts={max_restarts}"] if max_restarts else []
     return ["torchrun", f"--nnodes={topo.train_nodes}", f"--nproc-per-node={topo.procs_per_node}",
-            *rendezvous, "-m", "masa_megatron.cli", "train", "--recipe", recipe, *overrides]
+            *rendezvous, *restarts, "-m", "masa_megatron.cli", "train", "--recipe", recipe,
+            *overrides]
 
 
 def shell_words(argv: list[str]) -> list[str]:
@@ -151,18 +165,48 @@ def shell_words(argv: list[str]) -> list[str]:
     return [word if word in RUNTIME_TOKENS else shlex.quote(word) for word in argv]
 
 
-def torchrun_command_line(recipe: str, overrides: list[str], topo: Topology) -> str:
-    return " ".join(shell_words(torchrun_argv(recipe, overrides, topo)))
+def torchrun_command_line(recipe: str, overrides: list[str], topo: Topology,
+                          max_restarts: int = 0) -> str:
+    return " ".join(shell_words(torchrun_argv(recipe, overrides, topo,
+                                              max_restarts=max_restarts)))
 
 
-def rollout_env(cfg: ExperimentConfig, topo: Topology) -> dict[str, str]:
-    """What slurm/disaggregated.sbatch needs to start SGLang the way the config says."""
+def _absolute(folder: str, root: str) -> str:
+    return folder if os.path.isabs(folder) else os.path.join(root, folder)
+
+
+def with_absolute_folders(cfg: ExperimentConfig, overrides: list[str], root: str) -> list[str]:
+    """`overrides` plus absolute trainer.output_dir / checkpoint.dir under `root` (the checkout
+    on the shared file system) where the config has them relative: every rank, on every node,
+    then writes to the same folder whatever its working directory."""
+    extra = []
+    if not os.path.isabs(cfg.trainer.output_dir):
+        extra.append(f"trainer.output_dir={_absolute(cfg.trainer.output_dir, root)}")
+    if cfg.checkpoint.dir and not os.path.isabs(cfg.checkpoint.dir):
+        extra.append(f"checkpoint.dir={_absolute(cfg.checkpoint.dir, root)}")
+    return [*overrides, *extra]
+
+
+def rollout_env(cfg: ExperimentConfig, topo: Topology, root: str) -> dict[str, str]:
+    """What slurm/disaggregated.sbatch and slurm/sglang_node.sh need to start SGLang the way
+    the config says: the same flags as the colocated path (sglang_launch.server_flags, without
+    host, port and first GPU, which the node script sets per server) and the log folder."""
+    from masa_megatron.rollout.sglang_launch import ServerOptions, server_flags
+
     r = cfg.rollout
+    opts = ServerOptions(model_path=cfg.model.hf_path, tp=r.sglang_tp,
+                         mem_fraction=r.sglang_mem_fraction, seed=r.seed,
+                         deterministic=r.sglang_deterministic, memory_saver=r.colocate,
+                         extra_args=list(r.sglang_extra_args))
     return {"MODEL_PATH": cfg.model.hf_path, "SGLANG_TP": str(r.sglang_tp),
             "SGLANG_MEM_FRACTION": str(r.sglang_mem_fraction),
             "SGLANG_BASE_PORT": str(r.sglang_base_port),
             "SGLANG_SERVERS_PER_NODE": str(topo.procs_per_node // r.sglang_tp),
             "SGLANG_ROUTER": "1" if r.sglang_router else "0",
+            "SGLANG_SERVER_ARGS": shlex.join(server_flags(opts, placement=False)),
+            "SGLANG_SERVER_MODULE": r.sglang_server_module,
+            "SGLANG_LOG_DIR": os.path.join(_absolute(cfg.trainer.output_dir, root),
+                                           "sglang_logs"),
             "TRAIN_NODES": str(topo.train_nodes), "ROLLOUT_NODES": str(topo.rollout_nodes)}
 
 
@@ -198,7 +242,8 @@ def build_local(run, args, info: RecipeInfo, topo: Topology):
     # torchrun and python of this environment, even when it is not activated
     os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
     executor = run.LocalExecutor(ntasks_per_node=1, env_vars=_env_vars(args))
-    argv = torchrun_argv(info.name, list(args.overrides), topo, standalone=True)
+    argv = torchrun_argv(info.name, list(args.overrides), topo, standalone=True,
+                         max_restarts=args.max_restarts)
     return executor, run.Script(path=argv[1], entrypoint=argv[0], args=argv[2:])
 
 
@@ -229,7 +274,8 @@ def build_slurm(run, args, info: RecipeInfo, topo: Topology):
     env |= {"MASTER_ADDR": "$head_node_ip", "MASTER_PORT": str(MASTER_PORT)}
     executor = run.SlurmExecutor(**common, env_vars=_quoted(env),
                                  container_image=args.container_image, container_mounts=mounts)
-    words = shell_words(torchrun_argv(info.name, list(args.overrides), topo))
+    words = shell_words(torchrun_argv(info.name, list(args.overrides), topo,
+                                      max_restarts=args.max_restarts))
     return executor, run.Script(path=words[1], entrypoint=words[0], args=words[2:])
 
 
@@ -275,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rollout-nodes", type=int,
                         help="nodes that only run SGLang (disaggregated recipes; default: the "
                              "recipe's)")
+    parser.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                        help="torchrun restarts every rank up to N times after one fails; the "
+                             "run resumes from its last checkpoint (default 0)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment variable for the job (repeatable)")
     parser.add_argument("--ignore-memory-estimate", action="store_true",
@@ -309,10 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         topo = topology_for(info, cfg, args.nodes, args.gpus_per_node, args.rollout_nodes)
         check_layout(cfg, topo)
         if args.print_torchrun:
-            print(torchrun_command_line(info.name, args.overrides, topo))
+            overrides = with_absolute_folders(cfg, args.overrides, args.masa_root)
+            print(torchrun_command_line(info.name, overrides, topo, args.max_restarts))
             return 0
         if args.print_rollout_env:
-            print("\n".join(f"{k}={shlex.quote(v)}" for k, v in rollout_env(cfg, topo).items()))
+            env = rollout_env(cfg, topo, args.masa_root)
+            print("\n".join(f"{k}={shlex.quote(v)}" for k, v in env.items()))
             return 0
         if args.executor == "local" and topo.total_nodes != 1:
             raise UserError(f"recipe '{info.name}' needs {topo.total_nodes} nodes; "
@@ -325,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         if not ok and not args.ignore_memory_estimate:
             raise UserError(f"recipe '{info.name}' does not fit the GPU memory by the estimate "
                             f"above; change the layout or pass --ignore-memory-estimate")
+        if args.executor == "slurm":
+            args.overrides = with_absolute_folders(cfg, args.overrides, args.masa_root)
         return submit(args, info, topo)
     except UserError as err:
         print(f"launch: error: {err}", file=sys.stderr)

@@ -62,6 +62,10 @@ def test_layout_matches_single_process(results, layout):
         assert got["weights_vs_ref"] <= 1e-6         # SGD, 2 optimizer steps
         assert got["joint_weights_vs_ref"] <= 1e-6   # with the joint meta-head term
         assert got["nan_skipped_steps"] == 2
+        assert got["linear_inputs_checked"] > 0      # every linear saw a splittable sequence
+    if layout == "tp2sp_pp1_dp1":   # micro-batches padded to TP: some were odd before padding
+        assert results[f"{layout}_rank0"]["sequence_multiple"] == 2
+        assert any(w % 2 for w in results[f"{layout}_rank0"]["unpadded_widths_first_mini"])
     if layout == "tp1_pp1_dp2":  # uneven token counts on the two DP ranks
         tokens = {results[f"{layout}_rank{r}"]["local_response_tokens"] for r in (0, 1)}
         assert len(tokens) == 2

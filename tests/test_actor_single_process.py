@@ -171,6 +171,69 @@ def test_sequence_padding_for_the_layout_is_neutral_to_logprobs_and_loss(fresh, 
     assert padded_actor.update(batch)["train/loss"] == pytest.approx(loss, rel=1e-5, abs=1e-7)
 
 
+def test_every_linear_layer_sees_the_layouts_padded_sequence(fresh, monkeypatch):
+    """With FP8 the layout needs 16-token sequences: the linear-input hook of
+    model/shape_check.py sees only such inputs in every actor pass (log-probs, update, hidden
+    states), and refuses the unpadded micro-batches of an actor that does not pad."""
+    from masa_megatron.model.shape_check import (LinearShapeCheck, LinearShapeError,
+                                                 sequence_multiple)
+    from masa_megatron.train.actor import Actor
+
+    batch = make_batch()
+    fresh.cfg.micro_batch_tokens = 150   # several micro-batches of different widths
+    assert any(n % 16 for n in batch.row_lengths())
+    monkeypatch.setattr(fresh.model_config, "fp8", "hybrid")
+    multiple = sequence_multiple(fresh.model_config)
+    padded = Actor(fresh.model_chunks, fresh.optimizer, fresh.scheduler, fresh.cfg,
+                   temperature=fresh.temperature)
+    monkeypatch.setattr(fresh.model_config, "fp8", None)       # the forward itself stays fp32
+    assert multiple == 16
+    with LinearShapeCheck(fresh.model_chunks, multiple, tp=1) as check:
+        batch.old_logprobs = padded.logprobs(batch)
+        padded.update(batch)
+        padded.prompt_last_hidden(batch.prompt_ids)
+        with pytest.raises(LinearShapeError, match="linear_qkv.*not a multiple of 16"):
+            fresh.logprobs(batch)                               # pads to its longest row only
+    assert all(chunk.training for chunk in fresh.model_chunks)  # back to training mode
+    layers = {n for n, m in fresh.model_chunks[0].named_modules()
+              if type(m).__name__.endswith("ParallelLinear")}
+    assert len(layers) == 4 * 4 + 1 and set(check.shapes) == layers
+    assert check.calls > 3 * len(layers)
+
+
+def test_micro_batch_token_budget_holds_after_the_layouts_padding(fresh, monkeypatch):
+    """grpo.micro_batch_tokens bounds rows x padded width (what the activations take), so the
+    planner must count each row at its padded length (one row longer than the budget excepted)."""
+    from masa_megatron.train.actor import Actor
+
+    batch = make_batch()
+    monkeypatch.setattr(fresh.model_config, "fp8", "hybrid")   # 16-token sequences
+    padded = Actor(fresh.model_chunks, fresh.optimizer, fresh.scheduler, fresh.cfg,
+                   temperature=fresh.temperature)
+    for budget in (100, 150, 256):
+        padded.cfg.micro_batch_tokens = budget
+        micro = padded._micro_batches(batch, range(len(batch)))
+        assert sorted(i for mb in micro for i in mb.sample_index) == list(range(len(batch)))
+        sizes = [mb.tokens.numel() for mb in micro if mb.num_rows > 1]
+        assert sizes and max(sizes) <= budget, (budget, sizes)
+
+
+@pytest.mark.parametrize("recipe,multiple", [("tensorwise", 16), ("delayed", 16),
+                                             ("blockwise", 16), ("mxfp8", 32)])
+def test_fp8_padding_follows_the_recipes_gemm_alignment(fresh, monkeypatch, recipe, multiple):
+    """Transformer Engine's MXFP8 scales blocks of 32 elements, so its GEMMs need a token
+    dimension divisible by 32 (Megatron's get_fp8_align_size); the other recipes need 16."""
+    from masa_megatron.train.actor import Actor
+
+    monkeypatch.setattr(fresh.model_config, "fp8", "hybrid")
+    monkeypatch.setattr(fresh.model_config, "fp8_recipe", recipe)
+    padded = Actor(fresh.model_chunks, fresh.optimizer, fresh.scheduler, fresh.cfg,
+                   temperature=fresh.temperature)
+    assert padded.sequence_multiple == multiple
+    widths = [mb.tokens.shape[1] for mb in padded._micro_batches(make_batch(), range(3))]
+    assert widths and all(w % multiple == 0 for w in widths)
+
+
 def test_ratio_tolerance_follows_the_model_dtype_unless_given(fresh, monkeypatch):
     from masa_megatron.train.actor import RATIO_TOLERANCE, Actor
 

@@ -59,16 +59,16 @@ def test_batch_validation_names_the_problem():
         TrainBatch([[1]], [[1]], [0.0, 1.0])
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_micro_batches_respect_the_token_budget_and_cover_every_row(seed):
+@pytest.mark.parametrize("seed,multiple", [(s, m) for s in range(5) for m in (1, 16)])
+def test_micro_batches_respect_the_token_budget_and_cover_every_row(seed, multiple):
     rng = random.Random(seed)
     lengths = [rng.choice([rng.randint(1, 20), rng.randint(100, 400)]) for _ in range(60)]
     budget = 512
-    plan = plan_micro_batches(lengths, budget)
+    plan = plan_micro_batches(lengths, budget, multiple_of=multiple)
     assert sorted(i for g in plan for i in g) == list(range(60))
     for group in plan:
-        padded = len(group) * max(lengths[i] for i in group)
-        assert padded <= budget or len(group) == 1
+        width = -(-max(lengths[i] for i in group) // multiple) * multiple   # pack_micro_batch's
+        assert len(group) * width <= budget or len(group) == 1
     # greedy packing is not wasteful: short rows share micro-batches
     assert len(plan) < len(lengths) / 2
 
@@ -76,6 +76,11 @@ def test_micro_batches_respect_the_token_budget_and_cover_every_row(seed):
 def test_a_row_over_budget_gets_its_own_micro_batch():
     assert plan_micro_batches([1000, 10, 10], 100) == [[0], [1, 2]]
     assert plan_micro_batches([], 100) == []
+    # rows count at their padded length: 17 -> 32 leaves no room for a 9 -> 16 at budget 40
+    assert plan_micro_batches([17, 9, 9], 40) == [[0, 1], [2]]
+    assert plan_micro_batches([17, 9, 9], 40, multiple_of=16) == [[0], [1, 2]]
+    with pytest.raises(ValueError, match="multiple_of=0"):
+        plan_micro_batches([1], 10, multiple_of=0)
 
 
 @pytest.mark.parametrize("dp", [1, 2, 3, 4])

@@ -138,6 +138,16 @@ def test_cli_bad_config_exits_2_without_traceback(tmp_path):
     assert result.stderr.count("\n") == 1 and "grpo.group_size" in result.stderr
 
 
+def test_sglang_extra_args_may_not_set_a_flag_another_field_owns():
+    from masa_megatron.config import ConfigError, ExperimentConfig, validate_static
+    cfg = ExperimentConfig()
+    cfg.rollout.sglang_extra_args = ["--chunked-prefill-size", "4096"]
+    validate_static(cfg)
+    cfg.rollout.sglang_extra_args = ["--disable-radix-cache", "--tp-size=4"]
+    with pytest.raises(ConfigError, match=r"rollout.sglang_extra_args\[1\].*rollout.sglang_tp"):
+        validate_static(cfg)
+
+
 def test_the_environment_check_looks_for_the_configured_server_module(tmp_path):
     """rollout.sglang_server_module: its package must be importable here (the stand-in's is;
     a misspelt one is named)."""

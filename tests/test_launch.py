@@ -44,6 +44,23 @@ def test_bad_config_or_layout_fails_before_submission(overrides, words, capsys, 
     assert all(word in err for word in words), err
 
 
+@pytest.mark.parametrize("overrides, words", [
+    # 2 nodes x 8 GPUs but servers for one node: tensor sync needs a server beside every rank
+    (["parallel.world_size=16"], ["rollout.sglang_num_servers", "beside every training rank",
+                                  "= 8 GPUs, the launch has 16 ranks"]),
+    # an odd number of servers cannot be split evenly over 2 nodes
+    (["parallel.world_size=16", "rollout.weight_sync=disk", "rollout.sglang_num_servers=3"],
+     ["rollout.sglang_num_servers", "2 nodes"]),
+])
+def test_colocated_layouts_across_nodes_must_put_servers_on_every_node(overrides, words, capsys,
+                                                                       no_submission):
+    """Colocated servers are started per node, beside the ranks they serve (issue 24, defect 2):
+    layouts that cannot be placed so are refused before submission."""
+    assert main([RECIPE, "--nodes", "2", "--print-torchrun", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+
+
 def test_more_gpus_than_the_recipe_needs_is_a_world_size_error(capsys, no_submission):
     assert main([RECIPE, "--executor", "slurm", "--account", "a", "--nodes", "2"]) == 2
     assert "override parallel.world_size=16" in capsys.readouterr().err
@@ -70,16 +87,49 @@ def test_print_torchrun_is_the_slurm_command_line(capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith("torchrun --nnodes=1 --nproc-per-node=8 --rdzv-backend=c10d ")
     assert "--rdzv-endpoint=${MASTER_ADDR}:${MASTER_PORT} --rdzv-id=${SLURM_JOB_ID}" in line
-    assert line.endswith(f"train --recipe {RECIPE} trainer.steps=5 "
-                         "'data.train_files=[/data/my train.parquet]'")
+    assert f"train --recipe {RECIPE} trainer.steps=5 'data.train_files=[/data/my train.parquet]'" \
+        in line
+
+
+def test_torchrun_gets_absolute_output_folders_under_the_masa_root(capsys):
+    """Ranks on different nodes must write to one folder: relative trainer.output_dir and
+    checkpoint.dir are made absolute under --masa-root (the checkout on the shared file system)
+    in the torchrun command (issue 24, defect 6); absolute ones are left alone."""
+    assert main([RECIPE, "--print-torchrun", "trainer.output_dir=runs/a", "checkpoint.dir=ck",
+                 "--masa-root", "/shared/masa"]) == 0
+    words = capsys.readouterr().out.split()
+    assert words[-2:] == ["trainer.output_dir=/shared/masa/runs/a", "checkpoint.dir=/shared/masa/ck"]
+    assert main([RECIPE, "--print-torchrun", "trainer.output_dir=/abs/run"]) == 0
+    words = capsys.readouterr().out.split()
+    assert [w for w in words if w.startswith("trainer.output_dir=")] == ["trainer.output_dir=/abs/run"]
 
 
 def test_print_rollout_env_for_a_disaggregated_recipe(capsys):
     assert main(["qwen3_14b_masa_2n8g", "--print-rollout-env"]) == 0
-    env = dict(line.split("=", 1) for line in capsys.readouterr().out.split())
+    env = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
     assert env["SGLANG_TP"] == "2" and env["SGLANG_SERVERS_PER_NODE"] == "4"
     assert (env["TRAIN_NODES"], env["ROLLOUT_NODES"]) == ("1", "1")
     assert env["MODEL_PATH"] == "/models/Qwen3-14B-Base"
+
+
+def test_rollout_env_gives_the_colocated_paths_server_flags_and_a_shared_log_folder(capsys):
+    """slurm/sglang_node.sh starts servers with the flags the colocated path uses (one source:
+    sglang_launch.server_flags), rollout.sglang_extra_args included, and logs under the run's
+    absolute output folder (issue 24, defect 6)."""
+    import shlex
+
+    assert main(["qwen3_14b_masa_2n8g", "--print-rollout-env", "--masa-root", "/shared/masa",
+                 "trainer.output_dir=runs/x", "rollout.sglang_deterministic=true",
+                 "rollout.sglang_extra_args=[--chunked-prefill-size,4096]"]) == 0
+    env = {k: shlex.split(v)[0] if v else "" for k, v in
+           (line.split("=", 1) for line in capsys.readouterr().out.splitlines())}
+    flags = shlex.split(env["SGLANG_SERVER_ARGS"])
+    for flag in ("--skip-tokenizer-init", "--enable-deterministic-inference", "--random-seed"):
+        assert flag in flags
+    assert flags[flags.index("--tp-size") + 1] == "2"
+    assert flags[-2:] == ["--chunked-prefill-size", "4096"]
+    assert not {"--host", "--port", "--base-gpu-id"} & set(flags)   # set per server by the script
+    assert env["SGLANG_LOG_DIR"] == "/shared/masa/runs/x/sglang_logs"
 
 
 # ---------------------------------------------------------------- NeMo-Run dry runs
@@ -129,7 +179,8 @@ def test_slurm_dry_run_renders_sbatch_lines_and_torchrun(colocated_dry_run):
     assert "--container-image nvcr.io#nvidia/pytorch:25.04-py3" in srun
     assert "/data:/data" in srun
     topo = topology_for(get_recipe_info(RECIPE), get_recipe(RECIPE))
-    assert srun.endswith(" " + torchrun_command_line(RECIPE, OVERRIDES, topo))
+    absolute = [f"trainer.output_dir={REPO}/runs/{RECIPE}"]    # the shared checkout's folder
+    assert srun.endswith(" " + torchrun_command_line(RECIPE, OVERRIDES + absolute, topo))
     assert "memory estimate per GPU" in out and "fits" in out
 
 
@@ -152,7 +203,8 @@ def test_disaggregated_recipe_runs_the_sbatch_orchestration_in_the_allocation(tm
     assert "export RECIPE=qwen3_14b_masa_2n8g" in script
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     assert "--nodes=1 --ntasks=1 --overlap" in srun and "--container-image" not in srun
-    assert srun.endswith(f"bash {REPO}/slurm/disaggregated.sbatch")
+    assert srun.endswith(f"bash {REPO}/slurm/disaggregated.sbatch "
+                         f"trainer.output_dir={REPO}/runs/qwen3_14b_masa_2n8g")
 
 
 def sections(text: str) -> dict[str, str]:

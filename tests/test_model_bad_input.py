@@ -162,3 +162,16 @@ def test_train_config_whose_tp_cannot_split_the_heads_fails_before_any_rank_star
     with pytest.raises(UserError, match=r"parallel.tensor_model_parallel_size' = 3: .*config.json: "
                                         r"num_attention_heads=4 is not divisible"):
         validate_environment(cfg)
+
+
+def test_train_config_whose_uniform_recompute_cannot_group_a_stages_layers_fails_before_start(tiny):
+    from masa_megatron.config import ExperimentConfig, validate_environment
+    from masa_megatron.errors import UserError
+    cfg = ExperimentConfig()
+    cfg.model.hf_path = str(tiny)
+    cfg.model.recompute, cfg.model.recompute_num_layers = "full", 3
+    with pytest.raises(UserError, match=r"model.recompute_num_layers' = 3: .*config.json: .*2 "
+                                        r"layers of each pipeline stage"):
+        validate_environment(cfg)
+    cfg.model.recompute_method = "block"
+    validate_environment(cfg)

@@ -47,6 +47,29 @@ def test_recompute_options_reach_transformer_config(fields, expected):
             config.recompute_num_layers) == expected
 
 
+def test_megatrons_fused_swiglu_is_used_on_gpus(monkeypatch):
+    """Megatron's unfused GLU keeps, besides FC2's input, the FC1 output, silu(gate) and a copy
+    of the up half for backward (10f bytes per token per layer at TP 1); its fused SwiGLU keeps
+    the FC1 output only (6f with FC2's input), which is what the memory estimator counts
+    (benchmarks/activation_memory.py measures both). CPU keeps the unfused path (the fused one
+    is torch.compile'd)."""
+    assert not transformer_config_from_hf(tiny_hf_config("qwen3"), _cfg()).bias_activation_fusion
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config = transformer_config_from_hf(tiny_hf_config("qwen3"), _cfg())
+    assert config.bias_activation_fusion and config.gated_linear_unit
+
+
+def test_uniform_recompute_groups_that_do_not_divide_a_stages_layers_are_refused():
+    """Megatron's uniform method runs layers [i, i + n) per group and indexes past the stage's
+    last layer when n does not divide it (IndexError in the first training forward)."""
+    with pytest.raises(ModelLoadError, match=r"model\.recompute_num_layers=3.* 2 layers"):
+        transformer_config_from_hf(tiny_hf_config("llama"), _cfg(recompute="full",
+                                                                 recompute_num_layers=3))
+    config = transformer_config_from_hf(tiny_hf_config("llama"), _cfg(
+        recompute="full", recompute_method="block", recompute_num_layers=3))  # the first n: any n
+    assert config.recompute_num_layers == 3
+
+
 @pytest.mark.parametrize("fields,forwards_per_layer", [
     ({}, [1, 1]),
     (dict(recompute="full", recompute_method="uniform", recompute_num_layers=1), [2, 2]),

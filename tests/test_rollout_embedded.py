@@ -223,3 +223,31 @@ def test_bf16_model_generates_like_its_plain_forward(family, parallel, tmp_path_
         assert len(got) == 6
         diff = (torch.tensor(got) - ref.float()).abs().max().item()
         assert diff <= 0.05, (seq, diff)
+
+
+def test_kv_step_runs_the_mlp_activation_the_trainer_runs(qwen, monkeypatch):
+    """With bias_activation_fusion (the builder sets it with CUDA) Megatron's MLP computes the
+    SwiGLU in one fused function; the engine's KV-cached step must run that same function, not
+    its own unfused copy (in bf16 the two round differently)."""
+    import megatron.core.transformer.mlp as megatron_mlp
+
+    from masa_megatron.rollout.megatron_step import MegatronStep
+
+    _, model = qwen
+    calls = []
+
+    def fused(x, bias, *args):                         # stands in for the torch.compile'd one
+        calls.append(x.shape)
+        gate, up = torch.chunk(x, 2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+    monkeypatch.setattr(megatron_mlp, "bias_swiglu_impl", fused)
+    monkeypatch.setattr(model.config, "bias_activation_fusion", True)
+    mlp = model.decoder.layers[0].mlp
+    hidden = torch.randn(3, 2, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = mlp(hidden)[0]
+        calls.clear()
+        got = MegatronStep(model)._mlp(mlp, hidden)[0]
+    assert calls == [(3, 2, 2 * model.config.ffn_hidden_size)]
+    assert torch.equal(got, expected)

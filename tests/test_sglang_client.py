@@ -318,40 +318,82 @@ def test_servers_and_router_start_with_the_configured_sglang_python(monkeypatch,
                                             sys.executable, sys.executable]
 
 
-def test_servers_and_router_run_the_configured_modules_with_the_extra_server_flags(monkeypatch,
-                                                                                   tmp_path):
-    """rollout.sglang_server_module / sglang_server_args / sglang_router_module: what each
-    launched server and the router run (`masa rehearse` points them at the stand-ins)."""
+def test_from_config_passes_extra_flags_and_logs_under_the_output_folder(monkeypatch, tmp_path):
+    """rollout.sglang_extra_args reach the servers' command line, and their logs go to
+    <output_dir>/sglang_logs/<hostname>/ (shared storage, one folder per node), not to a
+    node-local temporary folder (issue 24, defect 6)."""
+    import socket
+
     import masa_megatron.rollout.sglang as sglang_module
     from masa_megatron.config import ExperimentConfig
     from masa_megatron.rollout.sglang_launch import server_command
 
     launched = []
 
-    def record_servers(opts, num_servers, **kwargs):
-        launched.append(server_command(opts))
-        return [type("P", (), {"url": f"http://127.0.0.1:{9000 + i}", "stop": lambda s: None})()
-                for i in range(num_servers)]
-
-    def record_router(urls, **kwargs):
-        launched.append(["router", kwargs.get("module", "sglang_router.launch_router")])
+    def record_and_stop(opts, num_servers, **kwargs):
+        launched.append((server_command(opts), kwargs.get("log_dir")))
         raise EngineError("launch recorded")
 
-    monkeypatch.setattr(sglang_module, "launch_servers", record_servers)
-    monkeypatch.setattr(sglang_module, "launch_router", record_router)
+    monkeypatch.setattr(sglang_module, "launch_servers", record_and_stop)
     cfg = ExperimentConfig()
-    cfg.model.hf_path, cfg.trainer.output_dir = str(tmp_path), str(tmp_path)
-    cfg.rollout.engine, cfg.rollout.sglang_router = "sglang", True
-    with pytest.raises(EngineError, match="launch recorded"):
-        SGLangEngine.from_config(None, cfg)
+    cfg.model.hf_path, cfg.trainer.output_dir = str(tmp_path), str(tmp_path / "run")
+    cfg.rollout.engine = "sglang"
+    cfg.rollout.sglang_extra_args = ["--chunked-prefill-size", "4096", "--disable-radix-cache"]
     cfg.rollout.sglang_server_module = "tests.sglang_standin.server"
-    cfg.rollout.sglang_server_args = ["--record", "--no-begin-end"]
-    cfg.rollout.sglang_router_module = "tests.sglang_standin.router"
     with pytest.raises(EngineError, match="launch recorded"):
         SGLangEngine.from_config(None, cfg)
-    default_server, default_router, server, router = launched
-    assert default_server[2] == "sglang.launch_server" and "--record" not in default_server
-    assert default_router == ["router", "sglang_router.launch_router"]
-    assert server[2] == "tests.sglang_standin.server"
-    assert server[-2:] == ["--record", "--no-begin-end"]
-    assert router == ["router", "tests.sglang_standin.router"]
+    (cmd, log_dir), = launched
+    assert cmd[1:3] == ["-m", "tests.sglang_standin.server"]
+    assert cmd[-3:] == ["--chunked-prefill-size", "4096", "--disable-radix-cache"]
+    assert log_dir == str(tmp_path / "run" / "sglang_logs" / socket.gethostname())
+
+
+def test_attached_servers_use_the_launchs_router_and_never_start_their_own(echo, tmp_path):
+    """Disaggregated: the router is started once, by slurm/disaggregated.sbatch, on a rollout
+    node. The trainer uses it (rollout.sglang_router_url) for generation and the servers for
+    control calls; with rollout.sglang_urls and sglang_router but no router URL it refuses to
+    start a router of its own on rank 0's loopback, which other nodes cannot reach
+    (issue 24, defect 3)."""
+    from masa_megatron.rollout.sglang_launch import free_port
+    from tests.sglang_standin import standin_env
+
+    router_port = free_port()
+    router = start_router([echo.url], router_port, tmp_path)
+    try:
+        eng = SGLangEngine(None, urls=[echo.url], router=True,
+                           router_url=f"http://127.0.0.1:{router_port}", health_timeout_s=30)
+        assert eng.processes == [] and eng.router_url == f"http://127.0.0.1:{router_port}"
+        eng.generate([GenerationRequest([3], SamplingParams(max_new_tokens=2))])
+        per_worker = eng.http.call(eng.router_url, "/standin/stats", method="GET").body
+        assert sum(per_worker.values()) == 1
+        eng.shutdown()
+    finally:
+        router.stop()
+    with pytest.raises(EngineError, match="rollout.sglang_router_url"):
+        SGLangEngine(None, urls=[echo.url], router=True, launch_env=standin_env())
+
+
+def start_router(worker_urls, port, log_dir):
+    from masa_megatron.rollout.sglang_launch import launch_router
+    from tests.sglang_standin import standin_env
+    return launch_router(worker_urls, host="127.0.0.1", port=port, health_timeout_s=30,
+                         log_dir=str(log_dir), module="tests.sglang_standin.router",
+                         env=standin_env())
+
+
+def test_from_config_passes_the_router_url():
+    import masa_megatron.rollout.sglang as sglang_module
+    from masa_megatron.config import ExperimentConfig
+
+    cfg = ExperimentConfig()
+    cfg.rollout.engine, cfg.rollout.sglang_router = "sglang", True
+    cfg.rollout.sglang_urls = ["http://roll0:30000"]
+    cfg.rollout.sglang_router_url = "http://roll0:30080"
+    seen = {}
+
+    class Recorder(sglang_module.SGLangEngine):
+        def __init__(self, model_path=None, **kwargs):
+            seen.update(kwargs)
+
+    Recorder.from_config(None, cfg)
+    assert seen["router_url"] == "http://roll0:30080" and seen["urls"] == ["http://roll0:30000"]

@@ -128,3 +128,23 @@ def test_refused_connection_on_an_attached_url_fails_within_seconds():
                                           rf"rollout.sglang_urls"):
         SGLangEngine(urls=[url], health_timeout_s=600.0)
     assert time.monotonic() - start < 15
+
+
+def test_servers_do_not_inherit_the_ranks_rendezvous_variables(tmp_path, monkeypatch):
+    """A server launched from a torchrun rank must not see that rank's RANK / WORLD_SIZE /
+    MASTER_ADDR...: anything in it that initialises torch.distributed from the environment
+    would join the trainer's rendezvous and hang (the stand-in's model backend did, in the
+    2-node colocated rehearsal). Variables the caller passes explicitly still arrive."""
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "node0",
+                       "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x",
+                       "GROUP_RANK": "1", "KEEP_ME": "yes"}.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "env.txt"
+    code = f"import os; open({str(out)!r}, 'w').write(repr(dict(os.environ)))"
+    proc = ManagedProcess("env", [sys.executable, "-c", code], tmp_path / "env.log",
+                          env={"MASTER_PORT": "31000"})
+    proc.popen.wait(timeout=30)
+    env = eval(out.read_text())
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "TORCHELASTIC_RUN_ID",
+                "GROUP_RANK"} & set(env)
+    assert env["KEEP_ME"] == "yes" and env["MASTER_PORT"] == "31000"

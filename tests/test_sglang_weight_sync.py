@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # for tests.sglang_standin
 
+from masa_megatron.rollout.sglang_launch import EngineError  # noqa: E402
 from masa_megatron.rollout.weight_sync import compare_weights  # noqa: E402
 from masa_megatron.rollout.weight_sync.buckets import (bucketize, dtype_name,  # noqa: E402
                                                        flatten_bucket, unflatten_bucket)
@@ -149,3 +150,29 @@ def test_standin_maps_sampling_seed_to_the_embedded_row_seed():
     rng = random.Random(0)
     for seed in [0, 1, 2 ** 63, 2 ** 64 - 1] + [rng.getrandbits(64) for _ in range(200)]:
         assert mix_seed(row_seed_to_request_seed(seed), 0) == seed
+
+
+def _local_non_loopback_ipv4():
+    import psutil
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family.name == "AF_INET" and not a.address.startswith("127."):
+                return a.address
+    return None
+
+
+def test_broadcast_sender_address_is_the_route_to_the_servers_and_checked():
+    """The broadcast master address is the local address the servers are reached from (the
+    route's source), not gethostbyname(gethostname()) (127.0.1.1 / 127.0.0.1 on many hosts);
+    a configured one must be an address of this host; unresolvable servers and addresses name
+    what to fix (issue 24, defect 1)."""
+    from masa_megatron.rollout.weight_sync.broadcast import sender_address
+    assert sender_address(["http://127.0.0.1:30000", "http://localhost:30001"]) == "127.0.0.1"
+    mine = _local_non_loopback_ipv4()
+    if mine is not None:     # a server on this host's network address: reached from it
+        assert sender_address([f"http://{mine}:30000"]) == mine
+    assert sender_address(["http://10.9.9.9:1"], configured="127.0.0.1") == "127.0.0.1"
+    with pytest.raises(EngineError, match="rollout.weight_sync_master_address.*203.0.113.7"):
+        sender_address(["http://127.0.0.1:1"], configured="203.0.113.7")  # not this host's
+    with pytest.raises(EngineError, match="no-such-host.invalid"):
+        sender_address(["http://no-such-host.invalid:30000"])

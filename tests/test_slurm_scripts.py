@@ -134,12 +134,15 @@ def stub_slurm(tmp_path):
 
 def test_colocated_run_expands_the_rendezvous_on_the_node(stub_slurm):
     env, log, _ = stub_slurm
-    result = run_script("colocated.sbatch", *OVERRIDES, STUB_HOSTS="gpu7", NODES="1", **env)
+    result = run_script("colocated.sbatch", *OVERRIDES, STUB_HOSTS="gpu7", NODES="1",
+                        MAX_RESTARTS="2", **env)
     assert result.returncode == 0, result.stderr
     args = [line.split(" ", 1)[1] for line in log.read_text().splitlines()
             if line.startswith("torchrun-arg ")]
     assert "--rdzv-endpoint=gpu7:29500" in args and "--rdzv-id=4242" in args
-    assert args[-2:] == ["trainer.steps=5", "data.train_files=[/data/my train.parquet]"]
+    assert "--max-restarts=2" in args
+    assert args[-3:] == ["trainer.steps=5", "data.train_files=[/data/my train.parquet]",
+                         f"trainer.output_dir={REPO}/runs/qwen3_8b_masa_1n8g"]
 
 
 @pytest.mark.parametrize("torchrun_exit", [0, 3])
@@ -155,4 +158,29 @@ def test_disaggregated_run_stops_servers_and_router_at_exit(stub_slurm, torchrun
         assert f"--port {30000 + i}" in calls
     assert "-m sglang_router.launch_router --worker-urls http://roll0:30000" in calls
     assert "torchrun-arg rollout.sglang_urls=[http://roll0:30000," in calls
+    # the trainer uses the router this script started (issue 24, defect 3)
+    assert "torchrun-arg rollout.sglang_router_url=http://roll0:30080" in calls
     assert "stopping 2 background step(s)" in result.stderr
+
+
+def test_rollout_nodes_start_servers_like_the_colocated_path_and_log_to_the_run(stub_slurm,
+                                                                                 tmp_path):
+    """slurm/sglang_node.sh gets its flags from the resolved config (--skip-tokenizer-init, the
+    seed, determinism, rollout.sglang_extra_args) and writes each server's log to
+    <output_dir>/sglang_logs/<node>/server-<i>.log on the shared file system (issue 24, defect 6)."""
+    env, log, _ = stub_slurm
+    run_dir = tmp_path / "run"
+    result = run_script("disaggregated.sbatch", f"trainer.output_dir={run_dir}",
+                        "rollout.sglang_deterministic=true",
+                        "rollout.sglang_extra_args=[--chunked-prefill-size,4096]",
+                        STUB_HOSTS="roll0 train0", SLURM_JOB_NUM_NODES="2", **env)
+    assert result.returncode == 0, result.stderr
+    servers = [line for line in log.read_text().splitlines()
+               if line.startswith("server ") and "-m sglang.launch_server" in line]
+    assert len(servers) == 4
+    for line in servers:
+        for flag in ("--skip-tokenizer-init", "--enable-deterministic-inference",
+                     "--random-seed 0", "--chunked-prefill-size 4096", "--host 0.0.0.0"):
+            assert flag in line, line
+    logs = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("server-*.log"))
+    assert len(logs) == 4 and all(p.startswith("sglang_logs/") for p in logs), logs

@@ -1,9 +1,10 @@
 """HF config -> Megatron `TransformerConfig` + `GPTModel` for the dense families in the registry.
 
-Mapping of the architecture: RMSNorm (eps = rms_norm_eps), SwiGLU MLP (gated_linear_unit, silu),
-no linear biases except Qwen2's q/k/v, Qwen3's q/k RMSNorm (qk_layernorm), grouped-query
-attention (num_query_groups = num_key_value_heads, kv_channels = head_dim), RoPE with
-rotary_base = rope_theta, tied input/output embeddings per tie_word_embeddings.
+Mapping of the architecture: RMSNorm (eps = rms_norm_eps), SwiGLU MLP (gated_linear_unit, silu;
+Megatron's fused SwiGLU with CUDA), no linear biases except Qwen2's q/k/v, Qwen3's q/k RMSNorm
+(qk_layernorm), grouped-query attention (num_query_groups = num_key_value_heads, kv_channels =
+head_dim), RoPE with rotary_base = rope_theta, tied input/output embeddings per
+tie_word_embeddings.
 
 The vocabulary is padded so each TP rank holds an equal slice: padded = the smallest multiple of
 `make_vocab_size_divisible_by * TP` that is >= vocab_size.
@@ -15,8 +16,9 @@ between the TP-parallel blocks are sharded along the sequence (s/TP rows per ran
 
 Recomputation (model.recompute): "selective" recomputes core attention (nothing to save with
 fused/flash attention, which stores no s x s scores); "full" stores only each layer's input and
-recomputes the layer in backward: method "uniform" checkpoints groups of recompute_num_layers
-layers, "block" the first recompute_num_layers layers of each pipeline stage.
+recomputes the layer in backward: method "uniform" checkpoints groups of n = recompute_num_layers
+layers (n must divide the layers of a pipeline stage), "block" the first n layers of each
+stage.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ import torch.nn.functional as F
 from masa_megatron.compat.cpu import trim_host_memory
 from masa_megatron.config import ModelConfig
 from masa_megatron.model.hf_config import (
-    HFConfigLike, ModelLoadError, RopeSpec, decoder_shape, parallel_layout_problem, read_hf_config)
+    HFConfigLike, ModelLoadError, RopeSpec, decoder_shape, parallel_layout_problem, read_hf_config,
+    recompute_layout_problem)
 from masa_megatron.model.registry import FamilySpec, family_for
 from masa_megatron.parallel import sequence_parallel_enabled
 
@@ -100,6 +103,10 @@ def transformer_config_from_hf(hf_config: HFConfigLike, model_cfg: ModelConfig):
     if model_cfg.recompute == "selective":
         recompute = dict(recompute_granularity="selective")
     elif model_cfg.recompute == "full":
+        why = recompute_layout_problem(shape, pp, model_cfg)
+        if why is not None:
+            raise ModelLoadError(f"model.recompute_num_layers={model_cfg.recompute_num_layers}: "
+                                 f"config.json: {why}")
         recompute = dict(recompute_granularity="full", recompute_method=model_cfg.recompute_method,
                          recompute_num_layers=model_cfg.recompute_num_layers)
     return TransformerConfig(
@@ -130,8 +137,11 @@ def transformer_config_from_hf(hf_config: HFConfigLike, model_cfg: ModelConfig):
         use_cpu_initialization=not cuda,
         perform_initialization=True,  # Megatron sets the TP attributes of weights only there
         **_init_methods(model_cfg.random_init),
-        # fused kernels need CUDA (and apex/TE); the unfused paths are exact
-        bias_activation_fusion=False,
+        # Megatron's fused SwiGLU keeps only the FC1 output for backward (the unfused GLU also
+        # keeps silu(gate) and a copy of the up half: 10f instead of 6f bytes per token per
+        # layer, benchmarks/activation_memory.py); it is torch.compile'd, so GPUs only
+        bias_activation_fusion=cuda,
+        # the other fused kernels need CUDA (and apex/TE); the unfused paths are exact
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,

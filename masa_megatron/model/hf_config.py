@@ -134,3 +134,17 @@ def parallel_layout_problem(shape: DecoderShape, tp: int, pp: int) -> Optional[t
         if count % size:
             return kind, f"{name}={count} is not divisible by the {kind}-parallel size {size}"
     return None
+
+
+def recompute_layout_problem(shape: DecoderShape, pp: int, model_cfg) -> Optional[str]:
+    """Why model.recompute_num_layers cannot be used, else None: Megatron's uniform full
+    recompute runs layers [i, i + n) per group and indexes past a stage's last layer unless n
+    divides the L / PP layers of a stage (block recomputes the first n, any n)."""
+    stage_layers = shape.num_layers // pp
+    if (model_cfg.recompute == "full" and model_cfg.recompute_method == "uniform"
+            and stage_layers % model_cfg.recompute_num_layers):
+        return (f"full recompute with method uniform checkpoints groups of "
+                f"recompute_num_layers layers, which must divide the {stage_layers} layers of "
+                f"each pipeline stage (num_hidden_layers={shape.num_layers} / PP {pp}); or use "
+                f"method block")
+    return None

@@ -91,21 +91,22 @@ def plan(recipe: str, root: Path, steps: int, server_module: str = STANDIN_MODUL
                   f"data.train_files=[{assets.train_file}]",
                   f"trainer.output_dir={root / 'run'}",
                   f"rollout.sglang_server_module={server_module}",
-                  "rollout.sglang_server_args=[--record]",
-                  f"rollout.sglang_router_module={ROUTER_MODULE}",
-                  f"rollout.sglang_base_port={free_port_block(cfg.rollout.sglang_num_servers)}"]
+                  "rollout.sglang_extra_args=[--record]",
+                  f"rollout.sglang_base_port={free_port_block(cfg.rollout.sglang_num_servers + 1)}"]
     if cfg.data.eval_files:
         overrides.append(f"data.eval_files=[{assets.eval_file}]")
     return {"info": info, "cfg": cfg, "shape": shape, "assets": assets, "overrides": overrides}
 
 
 def start_rollout_nodes(cfg, info, root: Path, base_port: int, server_module: str, env: dict):
-    """A disaggregated recipe's servers, started as slurm/disaggregated.sbatch starts them on
-    its rollout nodes (every node's GPUs in servers of rollout.sglang_tp, consecutive ports,
-    before the trainer), here on this machine; -> (processes, their URLs)."""
+    """A disaggregated recipe's servers and router, started as slurm/disaggregated.sbatch
+    starts them on its rollout nodes (every node's GPUs in servers of rollout.sglang_tp,
+    consecutive ports, then the router over them, before the trainer), here on this machine;
+    -> (processes, the overrides that point the trainer at them)."""
     from recipes.qwen3 import GPUS_PER_NODE
 
-    from masa_megatron.rollout.sglang_launch import ServerOptions, launch_servers
+    from masa_megatron.rollout.sglang_launch import (ServerOptions, launch_router,
+                                                     launch_servers)
 
     r = cfg.rollout
     count = info.rollout_nodes * GPUS_PER_NODE // r.sglang_tp
@@ -114,7 +115,20 @@ def start_rollout_nodes(cfg, info, root: Path, base_port: int, server_module: st
                          seed=r.seed, extra_args=["--record"], env=env)
     procs = launch_servers(opts, count, health_timeout_s=r.sglang_health_timeout_s,
                            log_dir=str(root / "rollout-nodes"))
-    return procs, [p.url for p in procs]
+    urls = [p.url for p in procs]
+    overrides = [f"rollout.sglang_urls=[{','.join(urls)}]", f"rollout.sglang_num_servers={count}"]
+    if r.sglang_router:
+        try:
+            procs.append(launch_router(urls, host="127.0.0.1", port=base_port + count,
+                                       health_timeout_s=r.sglang_health_timeout_s,
+                                       log_dir=str(root / "rollout-nodes"),
+                                       module=ROUTER_MODULE, env=env))
+        except BaseException:
+            for proc in procs:
+                proc.stop()
+            raise
+        overrides.append(f"rollout.sglang_router_url={procs[-1].url}")
+    return procs, overrides
 
 
 def _torchrun(recipe: str, world: int, overrides: list[str], env: dict, log: Path) -> int:
@@ -176,11 +190,10 @@ def rehearse(recipe: str, steps: int = 3, workdir: Optional[Path] = None, say=pr
             from masa_megatron.config import load_config
 
             resolved = load_config(overrides=overrides, base=p["info"].build())
-            servers, urls = start_rollout_nodes(resolved, p["info"], root,
-                                                resolved.rollout.sglang_base_port,
-                                                server_module, env)
-            overrides += [f"rollout.sglang_urls=[{','.join(urls)}]",
-                          f"rollout.sglang_num_servers={len(urls)}"]
+            servers, attach = start_rollout_nodes(resolved, p["info"], root,
+                                                  resolved.rollout.sglang_base_port,
+                                                  server_module, env)
+            overrides += attach
         for name, extra in (("run", [f"trainer.steps={steps}"]),
                             ("resume", [f"trainer.steps={steps + 1}"])):
             code = _torchrun(recipe, world, overrides + extra, env, log)

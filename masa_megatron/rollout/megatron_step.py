@@ -16,7 +16,7 @@ every step and layer (about 30% of a CPU decode step) and has no per-row positio
 Local-spec modules (ColumnParallelLinear, RowParallelLinear, MLP) take a direct path that
 performs exactly their forward ops (matmul, TP all-reduce / all-gather, bias, GLU) without their
 autograd.Function wrappers, which cost more than the matmuls of small CPU models; any other
-module (Transformer Engine, MoE) is called as is.
+module (Transformer Engine, MoE, an MLP with Megatron's fused activation) is called as is.
 """
 from __future__ import annotations
 
@@ -225,8 +225,9 @@ class MegatronStep:
     def _mlp(self, mlp: Any, hidden: torch.Tensor) -> tuple:
         c = self.config
         if type(mlp) is not self._mlp_type or getattr(c, "use_te_activation_func", False) or \
+                c.bias_activation_fusion or \
                 type(mlp.linear_fc1) is not self._column or type(mlp.linear_fc2) is not self._row:
-            return mlp(hidden)
+            return mlp(hidden)      # fused activations (CUDA): the trainer's very function
         x, bias = self._linear(mlp.linear_fc1, hidden)
         if bias is not None:
             x = x + bias

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import uuid
 from typing import Any, Optional, Sequence
 
@@ -112,6 +113,22 @@ def _dist_rank() -> tuple[int, int]:
     return 0, 1
 
 
+def _node_layout() -> tuple[int, int]:
+    """(nodes, local rank) of this torchrun launch; (1, 0) outside torchrun."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return max(1, world // max(1, local_world)), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _advertised(url: str) -> str:
+    """`url` (a local listener) as other nodes reach it: by this node's hostname."""
+    from urllib.parse import urlparse
+
+    return f"http://{socket.gethostname()}:{urlparse(url).port}"
+
+
 class SGLangEngine(RolloutEngine):
     """Rollouts from SGLang servers it launches (`model_path`, `num_servers` x `tp` GPUs) or
     attaches to (`urls`). See the module docstring for the protocol and the SPMD contract."""
@@ -119,7 +136,8 @@ class SGLangEngine(RolloutEngine):
     def __init__(self, model_path: Optional[str] = None, *, urls: Sequence[str] = (),
                  num_servers: int = 1, tp: int = 1, mem_fraction: float = 0.7,
                  host: str = "127.0.0.1", base_port: int = 30000, router: bool = False,
-                 router_port: Optional[int] = None, concurrency: int = 256,
+                 router_port: Optional[int] = None, router_url: Optional[str] = None,
+                 concurrency: int = 256,
                  health_timeout_s: float = 600.0, request_timeout_s: float = 600.0,
                  max_retries: int = 3, retry_backoff_s: float = 0.5, colocate: bool = False,
                  weight_sync: str = "disk", bucket_mb: int = 512, sync_dir: Optional[str] = None,
@@ -131,6 +149,11 @@ class SGLangEngine(RolloutEngine):
         if not urls and not model_path:
             raise EngineError("SGLang engine: give rollout.sglang_urls to attach to, or a model "
                               "path to launch servers from")
+        if router and urls and not router_url:
+            raise EngineError("rollout.sglang_router with rollout.sglang_urls (servers started "
+                              "elsewhere): give the router they sit behind, "
+                              "rollout.sglang_router_url (slurm/disaggregated.sbatch passes it); "
+                              "the trainer starts a router only for servers it launches itself")
         self.model_path, self.colocate, self.concurrency = model_path, colocate, concurrency
         self.tp, self.weight_version = tp, 0
         self.rank, self.world = _dist_rank()
@@ -144,34 +167,31 @@ class SGLangEngine(RolloutEngine):
         self._next_server = 0
         self._alive = True
         urls = [u.rstrip("/") for u in urls]
-        router_url = None
+        router_url = router_url.rstrip("/") if router_url else None
+        attached = bool(urls)
+        if not attached:
+            opts = ServerOptions(model_path=model_path, tp=tp, mem_fraction=mem_fraction,
+                                 host=host, port=base_port, memory_saver=colocate, seed=seed,
+                                 deterministic=deterministic, extra_args=extra_server_args,
+                                 env=dict(launch_env or {}))
+            if server_module:
+                opts.module = server_module
+            if python:
+                opts.python = python
+            urls = self._launch_by_node(opts, num_servers, log_dir, health_timeout_s)
         if self.rank == 0:
             try:
-                if not urls:
-                    opts = ServerOptions(model_path=model_path, tp=tp, mem_fraction=mem_fraction,
-                                         host=host, port=base_port, memory_saver=colocate,
-                                         seed=seed, deterministic=deterministic,
-                                         extra_args=extra_server_args, env=dict(launch_env or {}))
-                    if server_module:
-                        opts.module = server_module
-                    if python:
-                        opts.python = python
-                    self.processes = launch_servers(opts, num_servers, log_dir=log_dir,
-                                                    health_timeout_s=health_timeout_s)
-                    urls = [p.url for p in self.processes]
-                else:
-                    for url in urls:   # not ours: a refused connection will not go away
-                        wait_healthy(url, health_timeout_s,
-                                     refused_limit=ATTACHED_REFUSED_LIMIT)
-                if router:
-                    extra = {"module": router_module} if router_module else {}
-                    if python:
-                        extra["python"] = python
-                    proc = launch_router(urls, host=host, log_dir=log_dir, env=launch_env,
-                                         port=router_port or base_port + 100,
-                                         health_timeout_s=health_timeout_s, **extra)
-                    self.processes.append(proc)
-                    router_url = proc.url
+                for url in urls if attached else ():   # not ours: a refusal will not go away
+                    wait_healthy(url, health_timeout_s, refused_limit=ATTACHED_REFUSED_LIMIT)
+                if attached:
+                    self._clear_previous_attempt(urls)
+                if router_url:
+                    wait_healthy(router_url, health_timeout_s,
+                                 refused_limit=ATTACHED_REFUSED_LIMIT)
+                elif router:
+                    router_url = self._launch_router(urls, host, router_port or base_port + 100,
+                                                     router_module, python, launch_env, log_dir,
+                                                     health_timeout_s)
             except BaseException as err:
                 self._share((None, None, f"{err}"))
                 self.shutdown()
@@ -179,8 +199,8 @@ class SGLangEngine(RolloutEngine):
         urls, router_url, error = self._share((urls, router_url, None))
         if error is not None:
             self.shutdown()
-            raise EngineError(f"SGLang servers failed to start on rank 0: {error}")
-        self.server_urls, self.router_url = list(urls), router_url
+            raise EngineError(f"SGLang router or servers failed on rank 0: {error}")
+        self.server_urls, self.router_url, self.attached = list(urls), router_url, attached
         from masa_megatron.rollout.weight_sync import SyncTarget, build_weight_sync
 
         target = SyncTarget(urls=self.server_urls, tp_sizes=[tp] * len(self.server_urls),
@@ -188,6 +208,68 @@ class SGLangEngine(RolloutEngine):
         self.weight_sync = build_weight_sync(
             weight_sync, target, bucket_bytes=bucket_mb << 20, verify=verify_sync,
             sync_dir=sync_dir, source_dir=model_path, **(sync_options or {}))
+
+    def _clear_previous_attempt(self, urls: list[str]) -> None:
+        """Servers we attach to may have outlived a killed trainer attempt: abort the requests
+        it left running and close a weight-update session it left open (a server with none
+        answers 400, an older one without sessions 404: both are fine). The caller resyncs the
+        weights before generating (train/main.py)."""
+        for reply in self.http.call_all(urls, "/abort_request", {"rid": "", "abort_all": True},
+                                        retries=1, timeout_s=30.0):
+            reply.check()
+        for reply in self.http.call_all(urls, "/end_weight_update", {}, retries=1,
+                                        timeout_s=30.0):
+            if reply.status == 200:
+                log.warning("SGLang server %s: closed a weight-update session left open by a "
+                            "previous trainer attempt", reply.url)
+
+    def _launch_by_node(self, opts: ServerOptions, num_servers: int, log_dir: Optional[str],
+                        health_timeout_s: float) -> list[str]:
+        """Start the servers where their GPUs are (collective); every server's URL, in rank
+        order. One node: rank 0 starts them all on 127.0.0.1 (or `host`). Several nodes: each
+        node's local rank 0 starts num_servers / nodes servers on that node's GPUs, listening
+        on every interface, named by the node's hostname (resolved by each client, as Slurm's
+        node names are); server s then sits beside global ranks s*tp .. s*tp+tp-1."""
+        nodes, local_rank = _node_layout()
+        if nodes > 1:
+            if num_servers % nodes:
+                raise EngineError(f"rollout.sglang_num_servers={num_servers}: colocated servers "
+                                  f"are started per node and {nodes} nodes cannot hold an "
+                                  f"equal share")
+            num_servers //= nodes
+            opts.host = "0.0.0.0"
+        starts_here = local_rank == 0 if nodes > 1 else self.rank == 0
+        mine, error = [], None
+        if starts_here:
+            try:
+                self.processes = launch_servers(opts, num_servers, log_dir=log_dir,
+                                                health_timeout_s=health_timeout_s)
+                mine = [_advertised(p.url) if nodes > 1 else p.url for p in self.processes]
+            except Exception as err:   # raised on every rank below
+                error = f"{socket.gethostname()}: {err}"
+        everyone = [(mine, error)]
+        if self.world > 1:
+            import torch
+
+            everyone = [None] * self.world
+            torch.distributed.all_gather_object(everyone, (mine, error))
+        errors = [e for _, e in everyone if e]
+        if errors:
+            self.shutdown()
+            raise EngineError("SGLang servers failed to start: " + "; ".join(errors))
+        return [url for urls, _ in everyone for url in urls]
+
+    def _launch_router(self, urls, host, port, module, python, env, log_dir,
+                       health_timeout_s) -> str:
+        """An sglang-router in front of the servers this engine launched (rank 0); its URL."""
+        spans_nodes = _node_layout()[0] > 1
+        extra = {"module": module} if module else {}
+        if python:
+            extra["python"] = python
+        proc = launch_router(urls, host="0.0.0.0" if spans_nodes else host, log_dir=log_dir,
+                             env=env, port=port, health_timeout_s=health_timeout_s, **extra)
+        self.processes.append(proc)
+        return _advertised(proc.url) if spans_nodes else proc.url
 
     @classmethod
     def from_config(cls, model: Any, cfg: Any, *, model_path: Optional[str] = None,
@@ -208,22 +290,26 @@ class SGLangEngine(RolloutEngine):
             model_path=model_path, urls=list(cfg.sglang_urls), num_servers=cfg.sglang_num_servers,
             tp=cfg.sglang_tp, mem_fraction=cfg.sglang_mem_fraction, host=cfg.sglang_host,
             base_port=cfg.sglang_base_port, router=cfg.sglang_router,
+            router_url=getattr(cfg, "sglang_router_url", "") or None,
             concurrency=cfg.sglang_concurrency, health_timeout_s=cfg.sglang_health_timeout_s,
             python=cfg.sglang_python,
             server_module=getattr(cfg, "sglang_server_module", None),
-            extra_server_args=list(getattr(cfg, "sglang_server_args", ())),
-            router_module=getattr(cfg, "sglang_router_module", None),
             colocate=cfg.colocate, weight_sync=cfg.weight_sync,
             bucket_mb=cfg.weight_sync_bucket_mb, seed=cfg.seed,
-            deterministic=cfg.sglang_deterministic,
-            sync_dir=f"{output_dir}/weight_sync" if output_dir else None)
+            deterministic=cfg.sglang_deterministic, extra_server_args=list(cfg.sglang_extra_args),
+            sync_dir=f"{output_dir}/weight_sync" if output_dir else None,
+            # on the run's (shared) storage, one folder per node
+            log_dir=f"{output_dir}/sglang_logs/{socket.gethostname()}" if output_dir else None)
         for name in ("request_timeout_s", "max_retries", "retry_backoff_s"):
             if hasattr(cfg, f"sglang_{name}"):
                 kwargs[name] = getattr(cfg, f"sglang_{name}")
         if hasattr(cfg, "weight_sync_verify"):
             kwargs["verify_sync"] = cfg.weight_sync_verify
-        if getattr(cfg, "weight_sync_flattened_broadcast", False) and cfg.weight_sync == "broadcast":
-            kwargs["sync_options"] = {"load_format": "flattened_bucket"}
+        if cfg.weight_sync == "broadcast":
+            address = getattr(cfg, "weight_sync_master_address", "") or None
+            kwargs["sync_options"] = {"master_address": address}
+            if cfg.weight_sync_flattened_broadcast:
+                kwargs["sync_options"]["load_format"] = "flattened_bucket"
         kwargs.update(overrides)
         return cls(**kwargs)
 

@@ -84,20 +84,31 @@ def _url_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
 
-def server_command(opts: ServerOptions) -> list[str]:
-    cmd = [opts.python, "-m", opts.module, "--model-path", str(opts.model_path),
-           "--tp-size", str(opts.tp), "--mem-fraction-static", str(opts.mem_fraction),
-           "--host", opts.host, "--port", str(opts.port), "--base-gpu-id", str(opts.base_gpu_id),
-           "--random-seed", str(opts.seed), "--skip-tokenizer-init"]
+PLACEMENT_FLAGS = ("--host", "--port", "--base-gpu-id")   # set per server by who starts it
+
+
+def server_flags(opts: ServerOptions, placement: bool = True) -> list[str]:
+    """launch_server's flags for `opts`; without `placement` (host, port, first GPU), as
+    slurm/sglang_node.sh receives them to place each server itself."""
+    flags = ["--model-path", str(opts.model_path), "--tp-size", str(opts.tp),
+             "--mem-fraction-static", str(opts.mem_fraction)]
+    if placement:
+        flags += ["--host", opts.host, "--port", str(opts.port),
+                  "--base-gpu-id", str(opts.base_gpu_id)]
+    flags += ["--random-seed", str(opts.seed), "--skip-tokenizer-init"]
     if opts.dtype != "auto":
-        cmd += ["--dtype", opts.dtype]
+        flags += ["--dtype", opts.dtype]
     if opts.memory_saver:
-        cmd.append("--enable-memory-saver")
+        flags.append("--enable-memory-saver")
     if opts.deterministic:
-        cmd.append("--enable-deterministic-inference")
+        flags.append("--enable-deterministic-inference")
     if opts.context_length:
-        cmd += ["--context-length", str(opts.context_length)]
-    return cmd + [str(a) for a in opts.extra_args]
+        flags += ["--context-length", str(opts.context_length)]
+    return flags + [str(a) for a in opts.extra_args]
+
+
+def server_command(opts: ServerOptions) -> list[str]:
+    return [opts.python, "-m", opts.module, *server_flags(opts)]
 
 
 def router_command(worker_urls: Sequence[str], host: str = "127.0.0.1", port: int = 30100, *,
@@ -113,6 +124,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+# torchrun's per-rank rendezvous variables: a server started from a rank must not see them, or
+# anything in it that initialises torch.distributed from the environment joins the trainer's group
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                  "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR",
+                  "MASTER_PORT")
+
+
+def without_rank_variables(environ: Any) -> dict:
+    return {k: v for k, v in environ.items()
+            if k not in RANK_VARIABLES and not k.startswith("TORCHELASTIC_")}
+
+
 _LIVE: "weakref.WeakSet[ManagedProcess]" = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()
 
@@ -124,7 +147,7 @@ class ManagedProcess:
         self.name, self.cmd, self.log_path = name, list(cmd), Path(log_path)
         self.url: Optional[str] = None
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        full_env = dict(os.environ, **(env or {}))
+        full_env = {**without_rank_variables(os.environ), **(env or {})}
         with open(self.log_path, "ab") as out:
             self.popen = subprocess.Popen(
                 self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -56,6 +56,7 @@ from torch import Tensor
 from masa_megatron.algo.losses import policy_loss, summarize_policy_metrics
 from masa_megatron.compat.cpu import hot_path
 from masa_megatron.config import GRPOConfig
+from masa_megatron.model.shape_check import sequence_multiple
 from masa_megatron.parallel import collective_device
 from masa_megatron.train.batching import (MicroBatch, TrainBatch, pack_micro_batch,
                                           plan_micro_batches, sequence_mini_batches,
@@ -105,9 +106,8 @@ class Actor:
         if optimizer is not None:
             config.grad_scale_func = optimizer.scale_loss
         self.model_config = config
-        # micro-batch sequence length: s/TP rows per rank with SP, 16-divisible GEMMs with FP8
-        tp = ps.get_tensor_model_parallel_world_size()
-        self.sequence_multiple = (tp if config.sequence_parallel else 1) * (16 if config.fp8 else 1)
+        # micro-batch sequence length: s/TP rows per rank with SP, FP8 GEMM alignment
+        self.sequence_multiple = sequence_multiple(config)
         self._forward_backward = get_forward_backward_func()
         self._dp_group = ps.get_data_parallel_group()
         self._dp_size = ps.get_data_parallel_world_size()
@@ -126,7 +126,8 @@ class Actor:
     def _micro_batches(self, batch: TrainBatch, indices: Sequence[int]) -> list[MicroBatch]:
         indices = list(indices)
         lengths = batch.row_lengths()
-        plan = plan_micro_batches([lengths[i] for i in indices], self.cfg.micro_batch_tokens)
+        plan = plan_micro_batches([lengths[i] for i in indices], self.cfg.micro_batch_tokens,
+                                  multiple_of=self.sequence_multiple)
         groups = [[indices[j] for j in g] for g in plan] or [[]]
         return [pack_micro_batch(batch, g, multiple_of=self.sequence_multiple).to(self.device)
                 for g in groups]
@@ -170,6 +171,17 @@ class Actor:
                 entropies.append(vocab_parallel_entropy(z).t())
             return vocab_parallel_logprobs(z, labels.t().contiguous()).t()
         return per_token
+
+    @contextmanager
+    def _eval_mode(self):
+        """The model chunks in eval mode, back in training mode however the block ends."""
+        for chunk in self.model_chunks:
+            chunk.eval()
+        try:
+            yield
+        finally:
+            for chunk in self.model_chunks:
+                chunk.train()
 
     @contextmanager
     def _final_hidden_states(self, enabled: bool = True):
@@ -343,12 +355,9 @@ class Actor:
         def collect(mb: MicroBatch, logprobs: Tensor, non_loss_data: bool = True):
             return {"logprobs": logprobs, "entropy": entropies.pop(0) if with_entropy else None}
 
-        for chunk in self.model_chunks:
-            chunk.eval()
         per_token = self._logprob_fn(self.temperature, entropies if with_entropy else None)
-        store = self._run(micro, per_token, collect, forward_only=True, collect=True)
-        for chunk in self.model_chunks:
-            chunk.train()
+        with self._eval_mode():
+            store = self._run(micro, per_token, collect, forward_only=True, collect=True)
         lengths = [len(r) for r in batch.response_ids]
         rows = 2 if with_entropy else 1
         flat = torch.zeros(rows, sum(lengths), dtype=torch.float32)
@@ -471,19 +480,13 @@ class Actor:
         other stages; use broadcast_from_last_stage for what is computed from it)."""
         batch = TrainBatch([list(p) for p in prompt_ids_list], [[0] for _ in prompt_ids_list])
         micro = self._micro_batches(batch, range(len(batch)))
-        for chunk in self.model_chunks:
-            chunk.eval()
-        try:
-            with self._final_hidden_states() as captured:
+        with self._eval_mode(), self._final_hidden_states() as captured:
 
-                def collect(mb: MicroBatch, unused: Tensor, non_loss_data: bool = True):
-                    return self._last_prompt_states(mb, captured.pop()).float()
+            def collect(mb: MicroBatch, unused: Tensor, non_loss_data: bool = True):
+                return self._last_prompt_states(mb, captured.pop()).float()
 
-                store = self._run(micro, lambda labels, logits: labels, collect,
-                                  forward_only=True, collect=True)
-        finally:
-            for chunk in self.model_chunks:
-                chunk.train()
+            store = self._run(micro, lambda labels, logits: labels, collect,
+                              forward_only=True, collect=True)
         if not self.is_last_stage:
             return None
         out = torch.zeros(len(batch), store[0].shape[-1]) if store else torch.zeros(0, 0)

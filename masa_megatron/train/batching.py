@@ -10,13 +10,15 @@ Layout of one sample (prompt p_0..p_{P-1}, response y_0..y_{R-1}) as a row of th
 so the response log-prob log pi(y_j | p, y_<j) sits in column P - 1 + j. The last response token
 is never fed to the model (it predicts nothing we use). Rows are right-padded with token 0 to the
 micro-batch's longest row, rounded up to the multiple the parallel layout needs (TP with sequence
-parallelism: each rank holds s/TP rows of the sequence; 16 x that with FP8: Transformer Engine's
-GEMMs need a token dimension divisible by 16); causal attention keeps valid positions blind to
-the padding after them, and padding never enters a loss (mask False).
+parallelism: each rank holds s/TP rows of the sequence; with FP8 times Transformer Engine's GEMM
+alignment, 16 or 32 for MXFP8: model/shape_check.py states the rule and checks it); causal
+attention keeps valid positions blind to the padding after them, and padding never enters a loss
+(mask False).
 
 Micro-batch planning: the memory of one forward/backward grows with the padded size
-num_rows x max_row_length, so rows are sorted longest first and packed greedily while
-num_rows x (longest row) <= token_budget. A row longer than the budget gets a micro-batch alone.
+num_rows x padded width, so rows (each counted at its length rounded up to the layout's multiple)
+are sorted longest first and packed greedily while num_rows x (longest row) <= token_budget. A
+row longer than the budget gets a micro-batch alone.
 """
 from __future__ import annotations
 
@@ -190,8 +192,10 @@ def pack_micro_batch(batch: TrainBatch, indices: Sequence[int],
                       None if targets is None else targets[indices].clone())
 
 
-def plan_micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
-    """Group indices 0..n-1 so that each group's rows x (longest row) <= token_budget.
+def plan_micro_batches(lengths: Sequence[int], token_budget: int,
+                       multiple_of: int = 1) -> list[list[int]]:
+    """Group indices 0..n-1 so that each group's rows x (longest row) <= token_budget, a row
+    counted at its length rounded up to `multiple_of` (the width `pack_micro_batch` pads to).
 
     Longest rows first, greedy: a group keeps taking the next-longest row while the padded size
     stays within budget (its first row is its longest, so the test is (k + 1) * first <= budget).
@@ -199,6 +203,9 @@ def plan_micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[i
     """
     if token_budget < 1:
         raise ValueError(f"token_budget={token_budget}: must be >= 1")
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of={multiple_of}: must be >= 1")
+    lengths = [-(-n // multiple_of) * multiple_of for n in lengths]
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     groups: list[list[int]] = []
     for i in order:

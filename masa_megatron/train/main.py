@@ -116,6 +116,8 @@ def build_training(cfg: ExperimentConfig, *, log=print):
         parts.nonfinite_streak = common.get("nonfinite_streak", 0)
         start = common["step"]
         parts.progress.step = parts.progress._s0 = start
+    if resume_from is not None or getattr(engine, "attached", False):
+        # servers we attach to may hold another attempt's weights: resync before generating
         engine.update_weights(actor.model_chunks, version=start)
     if logging_rank:   # rows of the steps about to be rerun are dropped: one row per step
         parts.sinks = open_sinks(cfg.logging, out_dir, cfg.name, config=None, resume_step=start)

@@ -9,10 +9,11 @@
             Each loads the initial weights, takes this DP rank's groups (uneven tokens), uses a
             small micro-batch budget (several micro-batches of different shapes), and compares
             log-probs, hidden states, loss and updated weights (SGD and Adam) with the reference;
-            checks the NaN skip; repeats the update with a prompt-state loss (the joint meta-head
-            term, some rows without targets) against the reference; TP=2 and DP=2 save
-            checkpoints, which PP=2 resumes from (Adam moments included), and each resumes from
-            its own.
+            checks that every linear layer's input holds a sequence the layout can split
+            (model/shape_check.py: TP with SP); checks the NaN skip; repeats the update with
+            a prompt-state loss (the joint meta-head term, some rows without targets) against
+            the reference; TP=2 and DP=2 save checkpoints, which PP=2 resumes from (Adam
+            moments included), and each resumes from its own.
 Writes <out>/<name>_rank<r>.json with the measured differences; raises on a failed check.
 """
 from __future__ import annotations
@@ -25,6 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+
+from masa_megatron.model.shape_check import LinearShapeCheck  # noqa: E402
+from masa_megatron.train.batching import plan_micro_batches  # noqa: E402
 
 from actor_common import (ADAM, VOCAB, check, load_model, make_batch,  # noqa: E402
                           max_abs_diff, model_state, rank, save_model, setup_actor)
@@ -198,10 +202,18 @@ def run_layout(out: Path, tp: int, pp: int, budget: int, save: bool,
     mine = local[layout.dp_rank] if layout.dp_size > 1 else list(range(len(ordered)))
     batch = ordered.subset(mine)
     ref = torch.load(out / "ref_outputs.pt")
+    first = range(len(batch) // 2)
+    lengths = batch.row_lengths()
     result = {"layout": name, "local_samples": len(batch),
               "local_response_tokens": batch.response_token_count(),
-              "micro_batches_first_mini": len(actor._micro_batches(batch, range(len(batch) // 2)))}
+              "micro_batches_first_mini": len(actor._micro_batches(batch, first)),
+              "sequence_multiple": actor.sequence_multiple,
+              "unpadded_widths_first_mini": [max(lengths[i] for i in group) for group in
+                                             plan_micro_batches([lengths[i] for i in first],
+                                                                budget, actor.sequence_multiple)]}
     check(result["micro_batches_first_mini"] > 1, "budget too large: a single micro-batch")
+    # every linear layer's input must hold a sequence the layout can split (model/shape_check.py)
+    shapes = LinearShapeCheck.for_config(actor.model_chunks, config)
 
     logp = actor.logprobs(batch)
     result["logprob_vs_ref"] = max((a - ref["logprobs"][i]).abs().max().item()
@@ -222,6 +234,9 @@ def run_layout(out: Path, tp: int, pp: int, budget: int, save: bool,
     check(metrics["train/token_count"] == reference["train/token_count"],
           f"token count {metrics['train/token_count']} != {reference['train/token_count']}")
     check(result["loss_vs_ref"] <= TOL_LOSS, f"loss differs from the reference: {result}")
+    shapes.remove()
+    result["linear_inputs_checked"] = shapes.calls
+    check(shapes.calls > 0, "no linear layer input was checked")
     if save:
         actor.save_checkpoint(out / f"ckpt_{name}_sgd")
     updated = model_state(actor)

@@ -6,10 +6,13 @@ Senders: for each pipeline stage, the rank with TP rank 0 in data-parallel repli
 TP ranks of that replica all-gather each parameter (buckets.stage_hf_tensors); other replicas do
 nothing.
 
-Once (first sync): each sender opens a process group of its own, `masa-weight-sync-pp<stage>`:
+Once (first sync): each sender opens a process group of its own,
+`masa-weight-sync-pp<stage>-<attempt>` (a fresh suffix per trainer start):
 world size 1 + sum of the servers' TP sizes, the sender is rank 0 and hosts the TCP store at
-(master_address, a free port); it POSTs /init_weights_update_group {"master_address",
-"master_port", "rank_offset", "world_size", "group_name", "backend"} to every server (server i's
+(master_address, a free port), master_address being rollout.weight_sync_master_address or the
+source address of this host's route to the servers (`sender_address`); it POSTs
+/init_weights_update_group {"master_address", "master_port", "rank_offset", "world_size",
+"group_name", "backend"} to every server (server i's
 TP ranks become ranks rank_offset + tp_rank, rank_offset = 1 + the TP sizes of servers before
 it; one server of TP 1 is the last rank, 1) and joins the group itself while those calls wait.
 The group is made the way SGLang makes its side (sglang 0.5.x, python/sglang/srt/utils/common.py
@@ -30,7 +33,9 @@ matching receives, broadcasts from rank 0 either
   tensor, for one bucket-sized copy on the sender; it needs an SGLang whose
   UpdateWeightsFromDistributedReqInput has `load_format` (later 0.5.x releases; older ones
   ignore the field and would wait for per-tensor broadcasts).
-Stages send concurrently, each in its own group; the server serialises the updates.
+Stages take turns, each in its own group, with a barrier between turns: a server runs one
+weight update at a time, so concurrent stages could be served in opposite orders by two servers
+(a deadlock across the two groups).
 
 Close: POST /destroy_weights_update_group and destroy the local group. Errors on any rank (HTTP
 failures, a rejected bucket) are raised on every rank after the stage has been drained, so no
@@ -40,19 +45,20 @@ from __future__ import annotations
 
 import logging
 import socket
+import uuid
 from datetime import timedelta
 from typing import Any, Optional
 from urllib.parse import urlparse
 
 import torch
 
+from masa_megatron.parallel import model_parallel_source
 from masa_megatron.rollout.sglang_launch import EngineError, free_port
 from masa_megatron.rollout.weight_sync import SyncTarget, WeightSync, raise_if_any
 from masa_megatron.rollout.weight_sync.buckets import (bucketize, dtype_name, flatten_bucket,
                                                        nbytes, stage_hf_tensors)
 
 log = logging.getLogger(__name__)
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def init_custom_process_group(*, backend: str, init_method: str, world_size: int, rank: int,
@@ -83,6 +89,14 @@ def init_custom_process_group(*, backend: str, init_method: str, world_size: int
     return group
 
 
+def _pipeline_stages() -> int:
+    from megatron.core import parallel_state as ps
+
+    if not (torch.distributed.is_initialized() and ps.model_parallel_is_initialized()):
+        return 1
+    return ps.get_pipeline_model_parallel_world_size()
+
+
 def _layout() -> tuple[int, int, int, int]:
     """(pp rank, tp rank, dp rank, cp rank) of this rank; zeros without Megatron groups."""
     from megatron.core import parallel_state as ps
@@ -93,11 +107,46 @@ def _layout() -> tuple[int, int, int, int]:
             ps.get_data_parallel_rank(), ps.get_context_parallel_rank())
 
 
-def default_master_address(urls: list[str]) -> str:
-    """127.0.0.1 when every server is local, else this host's address."""
-    if all(urlparse(u).hostname in _LOOPBACK for u in urls):
-        return "127.0.0.1"
-    return socket.gethostbyname(socket.gethostname())
+def _route_source(host: str, port: int) -> str:
+    """The local address the kernel would send from to reach host:port (a UDP connect sends
+    nothing)."""
+    family, _, _, _, address = socket.getaddrinfo(host, port, socket.AF_INET,
+                                                  socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        return sock.getsockname()[0]
+
+
+def sender_address(urls: list[str], configured: Optional[str] = None) -> str:
+    """The address the servers are told to reach this sender at (the group's TCP store).
+
+    `configured` (rollout.weight_sync_master_address) must be an address of this host. Else it
+    is the source address of the route to the servers: every server must be reached from the
+    same one (servers behind different interfaces need it configured). Never
+    gethostbyname(gethostname()), which is 127.0.1.1 or another interface on many clusters."""
+    if configured:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((configured, 0))
+        except OSError as err:
+            raise EngineError(f"rollout.weight_sync_master_address={configured!r} is not an "
+                              f"address of this host ({socket.gethostname()}): {err}") from None
+        return configured
+    sources: dict[str, list[str]] = {}
+    for url in urls:
+        parsed = urlparse(url)
+        try:
+            source = _route_source(parsed.hostname or "", parsed.port or 80)
+        except OSError as err:
+            raise EngineError(f"broadcast weight sync: cannot resolve or route to the server "
+                              f"{url} ({err}); fix rollout.sglang_urls") from None
+        sources.setdefault(source, []).append(url)
+    if len(sources) > 1:
+        found = "; ".join(f"{a} for {', '.join(u)}" for a, u in sources.items())
+        raise EngineError(f"broadcast weight sync: the servers are reached from different local "
+                          f"addresses ({found}); set rollout.weight_sync_master_address to the "
+                          f"one they can all reach")
+    return next(iter(sources))
 
 
 class BroadcastSync(WeightSync):
@@ -111,7 +160,8 @@ class BroadcastSync(WeightSync):
             raise ValueError(f"broadcast weight sync: load_format={load_format!r} must be None "
                              f"(one broadcast per tensor) or 'flattened_bucket'")
         self.load_format = load_format
-        self.master_address = master_address or default_master_address(target.urls)
+        self.configured_address = master_address or None
+        self.master_address: Optional[str] = None    # found by the senders when they open
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.group_timeout = timedelta(seconds=group_timeout_s)
         self.group = None
@@ -119,7 +169,10 @@ class BroadcastSync(WeightSync):
 
     # ------------------------------------------------------------ group set-up
     def _open_group(self, pp_rank: int) -> None:
-        self.group_name = f"masa-weight-sync-pp{pp_rank}"
+        # a name per attempt: servers that outlived a killed attempt still hold its group, and
+        # SGLang refuses a name it already has
+        self.group_name = f"masa-weight-sync-pp{pp_rank}-{uuid.uuid4().hex[:8]}"
+        self.master_address = sender_address(self.target.urls, self.configured_address)
         offsets, offset = [], 1
         for tp in self.target.tp_sizes:
             offsets.append(offset)
@@ -144,16 +197,34 @@ class BroadcastSync(WeightSync):
 
     # ------------------------------------------------------------ transfer
     def _transfer(self, model_chunks: Any, version: int) -> tuple[int, int]:
+        """The pipeline stages take turns (a barrier on the replica's CPU model-parallel group
+        between turns): SGLang runs one weight-update request at a time per server, so stages
+        sending at once could be taken in opposite orders by two servers, each then waiting in
+        the other stage's collective (the same holds for opening the groups)."""
         pp_rank, tp_rank, dp_rank, cp_rank = _layout()
         if dp_rank != 0 or cp_rank != 0:
             raise_if_any(None)
             return 0, 0
-        sender = tp_rank == 0
+        stages = _pipeline_stages()
+        turns = model_parallel_source()[0] if stages > 1 else None
+        error: Optional[str] = None
+        sent = (0, 0)
+        for turn in range(stages):
+            if turn == pp_rank:
+                sent, error = self._send_stage(model_chunks, pp_rank, tp_rank == 0, version)
+            if turns is not None:
+                torch.distributed.barrier(group=turns)
+        raise_if_any(error)
+        return sent
+
+    def _send_stage(self, model_chunks: Any, pp_rank: int, sender: bool,
+                    version: int) -> tuple[tuple[int, int], Optional[str]]:
+        """This stage's buckets (collective over its TP ranks); (bytes, buckets), error."""
         error: Optional[str] = None
         if sender and self.group is None:
             try:
                 self._open_group(pp_rank)
-            except Exception as err:  # reported collectively below
+            except Exception as err:  # reported collectively by the caller
                 error = f"opening the weight-update group: {err}"
         sent_bytes = sent_buckets = index = 0
         for bucket in bucketize(stage_hf_tensors(model_chunks), self.bucket_bytes):
@@ -161,7 +232,7 @@ class BroadcastSync(WeightSync):
                 continue                      # keep draining: TP peers wait in the gathers
             try:
                 self._send_bucket(bucket, version)
-            except Exception as err:  # reported collectively below
+            except Exception as err:  # reported collectively by the caller
                 error = str(err)
                 continue
             sent_buckets += 1
@@ -169,8 +240,7 @@ class BroadcastSync(WeightSync):
                 sent_bytes += nbytes(tensor)
                 self.record_sample(index, name, tensor)
                 index += 1
-        raise_if_any(error)
-        return sent_bytes, sent_buckets
+        return (sent_bytes, sent_buckets), error
 
     def _send_bucket(self, bucket: list, version: int) -> None:
         body = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
