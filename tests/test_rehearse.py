@@ -235,3 +235,13 @@ def test_masa_rehearse_prints_one_line_per_check_and_fails_on_any_fail(monkeypat
     assert main(["rehearse", SMALLEST]) == 1
     assert "FAIL logprob_gap step 1: max gap 0.2 >= 0.0001" in capsys.readouterr().out
     assert main(["rehearse", SMALLEST, "--steps", "0"]) == 2
+
+
+def test_a_recipe_without_a_real_model_is_refused_in_one_line(capsys):
+    from masa_megatron.cli import main
+
+    assert main(["rehearse", "tiny_cpu_grpo"]) == 2
+    err = capsys.readouterr().err
+    assert "recipe 'tiny_cpu_grpo' brings no model to shrink" in err and err.count("\n") == 1
+    assert main(["rehearse", "qwen3_1p7b_grpo_1n8h"]) == 2
+    assert "did you mean 'qwen3_1p7b_grpo_1n8g'" in capsys.readouterr().err
