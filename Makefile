@@ -8,7 +8,7 @@ CONSTRAINTS ?= constraints/cpu.txt
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast smoke-mcore019 sglang-side-env lint clean
+.PHONY: setup demo test test-fast smoke-mcore019 sglang-side-env lint clean rehearse-all
 
 $(STAMP): setup.py $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ smoke-mcore019: $(STAMP)
 # it; without it that test skips and says so).
 sglang-side-env:
 	bash tools/sglang_side_env.sh
+
+# Every single-node recipe rehearsed on CPU at its real topology (`masa rehearse`, tiny model,
+# stand-in SGLang servers): one summary line per recipe, then the wall time; fails if any fails.
+REHEARSE_STEPS ?= 3
+rehearse-all: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(PY) -m masa_megatron.rehearsal.all --steps $(REHEARSE_STEPS) $(REHEARSE_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check masa_megatron tests recipes tools benchmarks

@@ -68,6 +68,11 @@ def _cmd_convert(args) -> int:
     return entry(args.convert_args)
 
 
+def _cmd_rehearse(args) -> int:
+    from masa_megatron.rehearsal.run import main as rehearse_main
+    return rehearse_main(args.rehearse_args)
+
+
 def _cmd_recipes(args) -> int:
     from recipes import print_recipe_table
     print_recipe_table(markdown=args.markdown)
@@ -120,10 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("recipes", "List the registered training recipes.", _cmd_recipes)
     p.add_argument("--markdown", action="store_true",
                    help="docs/launching.md's table (one row per model size) instead")
+    add("rehearse", "Rehearse a recipe on CPU at its real process topology with a tiny model "
+                    "and stand-in SGLang servers (see `masa rehearse --help`).", _cmd_rehearse,
+        "rehearse_args")
     return parser
 
 
-PASSTHROUGH = {"demo": "demo_args", "eval": "eval_args", "convert": "convert_args"}
+PASSTHROUGH = {"demo": "demo_args", "eval": "eval_args", "convert": "convert_args",
+               "rehearse": "rehearse_args"}
 
 
 def main(argv: list[str] | None = None) -> int:

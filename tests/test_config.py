@@ -146,3 +146,18 @@ def test_sglang_extra_args_may_not_set_a_flag_another_field_owns():
     cfg.rollout.sglang_extra_args = ["--disable-radix-cache", "--tp-size=4"]
     with pytest.raises(ConfigError, match=r"rollout.sglang_extra_args\[1\].*rollout.sglang_tp"):
         validate_static(cfg)
+
+
+def test_the_environment_check_looks_for_the_configured_server_module(tmp_path):
+    """rollout.sglang_server_module: its package must be importable here (the stand-in's is;
+    a misspelt one is named)."""
+    from masa_megatron.config import validate_environment
+    from masa_megatron.model.tiny import make_tiny_hf_model
+
+    make_tiny_hf_model(tmp_path, "qwen3")
+    base = [f"model.hf_path={tmp_path}", "rollout.engine=sglang", "model.layer_spec=local"]
+    validate_environment(load_config(overrides=base + [
+        "rollout.sglang_server_module=tests.sglang_standin.server"]))
+    with pytest.raises(ConfigError, match="no_such_sglang .*rollout.sglang_server_module"):
+        validate_environment(load_config(overrides=base + [
+            "rollout.sglang_server_module=no_such_sglang.launch_server"]))
