@@ -146,9 +146,11 @@ def test_colocated_run_expands_the_rendezvous_on_the_node(stub_slurm):
 
 
 @pytest.mark.parametrize("torchrun_exit", [0, 3])
-def test_disaggregated_run_stops_servers_and_router_at_exit(stub_slurm, torchrun_exit):
+def test_disaggregated_run_stops_servers_and_router_at_exit(stub_slurm, torchrun_exit,
+                                                            tmp_path):
     env, log, _ = stub_slurm
-    result = run_script("disaggregated.sbatch", "trainer.steps=5", STUB_HOSTS="roll0 train0",
+    result = run_script("disaggregated.sbatch", "trainer.steps=5",
+                        f"trainer.output_dir={tmp_path / 'run'}", STUB_HOSTS="roll0 train0",
                         TORCHRUN_EXIT=str(torchrun_exit), SLURM_JOB_NUM_NODES="2", **env)
     assert result.returncode == torchrun_exit, result.stderr
     calls = log.read_text()
