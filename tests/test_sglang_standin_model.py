@@ -179,7 +179,7 @@ def test_streamed_follow_ups_give_the_two_phase_samples(server, tiny, trainer, t
     """Seeded first requests whose follow-up prompts are built from their answers: streamed
     (a follow-up sent while longer first requests still run), two-phase through HTTP, and the
     embedded engine's two batches give the same samples."""
-    _, embedded = trainer
+    model, embedded = trainer
     first = [GenerationRequest([5 + i, 17, 301], SamplingParams(max_new_tokens=4 + 3 * i,
                                                                 temperature=1.0, seed=i, n=2))
              for i in range(4)]
@@ -190,6 +190,7 @@ def test_streamed_follow_ups_give_the_two_phase_samples(server, tiny, trainer, t
                                                          seed=100 + i, n=2))] if i != 2 else []
     engine = _engine(server, tiny, tmp_path)
     try:
+        engine.update_weights(model)   # earlier tests of this module may have left others there
         streamed = engine.generate_chained(first, follow, stream=True)
         two_phase = engine.generate_chained(first, follow, stream=False)
     finally:
