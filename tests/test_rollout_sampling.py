@@ -87,17 +87,25 @@ def _per_row_reference(logits, params, generators):
     return torch.tensor(tokens), torch.stack(logps)
 
 
-def test_batched_sampling_equals_per_row_generators():
+def _mixed_params(rows):
+    """Greedy and sampled rows, every temperature x top-p x top-k combination in turn."""
+    return [SamplingParams(temperature=[0.0, 0.3, 0.7, 1.0, 1.6][i % 5],
+                           top_p=[1.0, 0.95, 0.6, 0.1][(i // 5) % 4], top_k=[-1, 1, 5, 40][i % 4])
+            for i in range(rows)]
+
+
+@pytest.mark.parametrize("params", [
+    _mixed_params(16),
+    [SamplingParams(temperature=t) for t in (0.5, 1.0, 1.0, 1.3, 2.0, 0.9)],     # plain draws
+    [SamplingParams(temperature=1.0, top_p=p, top_k=k)                          # all truncated
+     for p, k in ((0.9, -1), (0.5, 3), (1.0, 7), (0.2, -1), (0.99, 50), (0.7, 2))],
+], ids=["mixed", "all_plain", "all_truncated"])
+def test_batched_sampling_equals_per_row_generators(params):
     """Same seeds, same samples: the batched uniforms and draws reproduce the per-row sampler
     over many seeds and settings, step after step, also after rows leave the batch."""
     rng = torch.Generator().manual_seed(123)
-    params, seeds = [], []
-    for i in range(24):
-        temperature = [0.0, 0.3, 0.7, 1.0, 1.6][i % 5]
-        top_p = [1.0, 0.95, 0.6, 0.1][(i // 5) % 4]
-        top_k = [-1, 1, 5, 40][i % 4]
-        params.append(SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k))
-        seeds.append(int(torch.randint(0, 2**62, (1,), generator=rng)) * (1 + i % 3))
+    seeds = [int(torch.randint(0, 2**62, (1,), generator=rng)) * (1 + i % 3)
+             for i in range(len(params))]
     steps = 320                                   # crosses MT19937's twist after 312 steps
     rows = _rows(params, seeds, steps)
     generators = [torch.Generator().manual_seed(s) for s in seeds]

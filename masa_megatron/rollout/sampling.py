@@ -44,6 +44,8 @@ class RowSampling:
     uniforms: torch.Tensor           # [B, steps] float64: row b's draw at step k
     sampled: torch.Tensor            # [S] long: the non-greedy rows
     truncated: torch.Tensor          # [S] bool: which of them apply top-k / top-p
+    all_sampled: bool                # no greedy row
+    any_truncated: bool
 
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int], steps: int,
@@ -64,7 +66,8 @@ class RowSampling:
         truncated = (top_k[sampled] > 0) | (top_p[sampled] < 1.0)
         move = (lambda t: t.to(device, non_blocking=True))
         return cls(move(temperature), move(greedy), move(top_k), move(top_p), move(uniforms),
-                   move(sampled), move(truncated))
+                   move(sampled), move(truncated), len(sampled) == len(greedy),
+                   bool(truncated.any()))
 
     def select(self, rows: torch.Tensor) -> "RowSampling":
         """The rows listed in `rows` (a long tensor), in that order."""
@@ -106,21 +109,26 @@ def sample_next_tokens(logits: torch.Tensor, rows: RowSampling,
     """logits [B, V] at decode step `step` -> (tokens [B] long, log-probs [B] float32), following
     the module docstring."""
     logits = logits.float()
-    tokens = logits.argmax(dim=-1)
     sampled = rows.sampled
     if not sampled.numel():                  # all greedy: T = 1, no [B, V] log-softmax needed
+        tokens = logits.argmax(dim=-1)
         picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         return tokens, picked - torch.logsumexp(logits, dim=-1)
     logp = torch.log_softmax(logits / rows.temperature.unsqueeze(-1), dim=-1)
+    if rows.all_sampled and not rows.any_truncated:     # plain draws on every row (the demo's)
+        tokens = _draw(logp.exp(), rows.uniforms[:, step])
+        return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    tokens = logits.argmax(dim=-1)
     u = rows.uniforms[sampled, step]
     truncated = rows.truncated
-    if bool(truncated.all()):
+    if not rows.any_truncated:
+        tokens[sampled] = _draw(logp[sampled].exp(), u)
+    elif bool(truncated.all()):
         tokens[sampled] = _draw_truncated(logp[sampled], rows.top_k[sampled],
                                           rows.top_p[sampled], u)
     else:
         plain_rows, trunc_rows = sampled[~truncated], sampled[truncated]
         tokens[plain_rows] = _draw(logp[plain_rows].exp(), u[~truncated])
-        if trunc_rows.numel():
-            tokens[trunc_rows] = _draw_truncated(logp[trunc_rows], rows.top_k[trunc_rows],
-                                                 rows.top_p[trunc_rows], u[truncated])
+        tokens[trunc_rows] = _draw_truncated(logp[trunc_rows], rows.top_k[trunc_rows],
+                                             rows.top_p[trunc_rows], u[truncated])
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
