@@ -1,6 +1,7 @@
 """Tokens/s of the embedded engine vs transformers' `generate`, same weights, batch and lengths.
 
-    python benchmarks/engine_vs_hf_generate.py [--batch 16 --prompt 64 --new 128 --rounds 3]
+    python benchmarks/engine_vs_hf_generate.py [--batch 16 --prompt 64 --new 128 --rounds 3
+                                                --threads N]
 
 A random ~100M-parameter Qwen3 (tied embeddings) is saved with save_pretrained and loaded into
 Megatron (TP=1, fp32, CPU unless CUDA is present). Both generate greedily with EOS ignored, so
@@ -10,13 +11,14 @@ benchmarks/results/engine_vs_hf_generate.json and prints it.
 """
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from machine import machine_info, machine_label   # benchmarks/, the script's folder
 
 MODEL = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
              num_attention_heads=12, num_key_value_heads=4, head_dim=64,
@@ -29,9 +31,13 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch intra-op threads for both generators (default: torch's)")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "engine_vs_hf_generate.json")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = machine_info()["load_average"]
 
     from masa_megatron.config import ModelConfig, ParallelConfig
     from masa_megatron.model import build_gpt_model, load_hf_weights
@@ -86,6 +92,7 @@ def main() -> None:
     engine_tps, hf_tps = statistics.median(speeds["engine"]), statistics.median(speeds["hf"])
     import megatron.core
     import transformers
+    machine = machine_info()
     report = {
         "ratio_engine_over_hf": round(engine_tps / hf_tps, 3),
         "engine_tokens_per_s": round(engine_tps, 1),
@@ -95,7 +102,9 @@ def main() -> None:
         "batch": args.batch, "prompt_tokens": args.prompt, "new_tokens": args.new,
         "rounds": args.rounds, "parameters": params, "model": MODEL, "dtype": "fp32",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else
-        f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        f"cpu ({machine['cpu_model']}), {torch.get_num_threads()} threads",
+        "machine_info": machine, "machine_label": machine_label(machine),
+        "load_average_before": load_before,
         "torch": torch.__version__, "megatron_core": megatron.core.__version__,
         "transformers": transformers.__version__,
     }

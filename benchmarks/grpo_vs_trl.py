@@ -99,6 +99,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import machine_info, machine_label   # benchmarks/, the script's folder
+
 RESULTS = Path(__file__).parent / "results" / "grpo_vs_trl.json"
 MODEL_SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=32,
@@ -470,6 +472,7 @@ def main() -> None:
     ]
     notes.append("random weights: completions rarely stop before max_new_tokens and rewards "
                      "are ~0 (the work per step is still the full pipeline on both sides)")
+    machine = machine_info(threads=runs["ours"][0]["threads"])
     report = {
         "ratio_s_per_step_ours_over_trl": ours["s_per_step"] / theirs["s_per_step"],
         "ratio_in_step_ours_over_trl": ours["in_step_s"] / theirs["in_step_s"],
@@ -500,8 +503,8 @@ def main() -> None:
         "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "cpu_pressure_some_avg60_pct": {"before": pressure_before, "after": cpu_pressure()},
         "cpus": os.cpu_count(), "threads": runs["ours"][0]["threads"],
-        "device": f"cpu ({platform.processor() or platform.machine()}), "
-                  f"{runs['ours'][0]['threads']} threads",
+        "device": f"cpu ({machine['cpu_model']}), {runs['ours'][0]['threads']} threads",
+        "machine_info": machine, "machine_label": machine_label(machine),
         "machine": platform.machine(), "python": platform.python_version(),
         "torch": version("torch"), "megatron_core": version("megatron-core"),
         "transformers": version("transformers"), "trl": version("trl"),
@@ -511,7 +514,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
 
-    print(f"\n{args.problems} problems x {args.group} samples, <= {args.max_new} new tokens, "
+    print(f"\nmachine: {report['machine_label']}, load average {machine['load_average']}")
+    print(f"{args.problems} problems x {args.group} samples, <= {args.max_new} new tokens, "
           f"{args.steps} timed steps after {args.warmup} per run, {args.repeats} alternating "
           f"repeats; medians over repeats")
     print(f"  {'':5s} {'s/step':>8s} {'in-step':>8s} {'tok/step':>9s} {'tok/s':>7s} "

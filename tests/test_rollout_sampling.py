@@ -8,8 +8,8 @@ from masa_megatron.rollout.base import (GenerationRequest, RegistryError, Rollou
 from masa_megatron.rollout.sampling import RowSampling, sample_next_tokens, token_logprobs  # noqa: E402
 
 
-def _rows(params, seeds):
-    return RowSampling.from_params(params, [torch.Generator().manual_seed(s) for s in seeds])
+def _rows(params, seeds, steps=1):
+    return RowSampling.from_params(params, list(seeds), steps)
 
 
 def _logits(rows=4, vocab=50, seed=0):
@@ -57,7 +57,70 @@ def test_rows_do_not_depend_on_their_neighbours():
         alone, _ = sample_next_tokens(logits[i:i + 1], _rows([params[i]], [7 + i]))
         assert alone[0] == together[i]
     picked = _rows(params, [7, 8, 9]).select(torch.tensor([2, 0]))
-    assert picked.top_k.tolist() == [4, -1] and len(picked.generators) == 2
+    assert picked.top_k.tolist() == [4, -1] and picked.uniforms.shape == (2, 1)
+
+
+def _per_row_reference(logits, params, generators):
+    """The per-row sampler the batched one replaced: one torch.rand per row per step from the
+    row's own generator, rows drawn one at a time."""
+    tokens, logps = [], []
+    for z, p, g in zip(logits.float(), params, generators):
+        logp = torch.log_softmax(z / (1.0 if p.greedy else p.temperature), -1)
+        token = int(z.argmax())
+        if not p.greedy:
+            u = torch.rand(1, generator=g, dtype=torch.float64)
+            if p.top_k > 0 or p.top_p < 1.0:
+                head_logp, head_ids = logp.sort(descending=True)
+                probs = head_logp.exp()
+                keep = (probs.cumsum(0) - probs) <= p.top_p
+                if p.top_k > 0:
+                    keep &= torch.arange(len(probs)) < p.top_k
+                keep[0] = True
+                cdf = (probs * keep).double().cumsum(0)
+                token = int(head_ids[min(int(torch.searchsorted(cdf, u * cdf[-1], right=True)),
+                                         len(cdf) - 1)])
+            else:
+                cdf = logp.exp().double().cumsum(0)
+                token = min(int(torch.searchsorted(cdf, u * cdf[-1], right=True)), len(cdf) - 1)
+        tokens.append(token)
+        logps.append(logp[token])
+    return torch.tensor(tokens), torch.stack(logps)
+
+
+def _mixed_params(rows):
+    """Greedy and sampled rows, every temperature x top-p x top-k combination in turn."""
+    return [SamplingParams(temperature=[0.0, 0.3, 0.7, 1.0, 1.6][i % 5],
+                           top_p=[1.0, 0.95, 0.6, 0.1][(i // 5) % 4], top_k=[-1, 1, 5, 40][i % 4])
+            for i in range(rows)]
+
+
+@pytest.mark.parametrize("params", [
+    _mixed_params(16),
+    [SamplingParams(temperature=t) for t in (0.5, 1.0, 1.0, 1.3, 2.0, 0.9)],     # plain draws
+    [SamplingParams(temperature=1.0, top_p=p, top_k=k)                          # all truncated
+     for p, k in ((0.9, -1), (0.5, 3), (1.0, 7), (0.2, -1), (0.99, 50), (0.7, 2))],
+], ids=["mixed", "all_plain", "all_truncated"])
+def test_batched_sampling_equals_per_row_generators(params):
+    """Same seeds, same samples: the batched uniforms and draws reproduce the per-row sampler
+    over many seeds and settings, step after step, also after rows leave the batch."""
+    rng = torch.Generator().manual_seed(123)
+    seeds = [int(torch.randint(0, 2**62, (1,), generator=rng)) * (1 + i % 3)
+             for i in range(len(params))]
+    steps = 320                                   # crosses MT19937's twist after 312 steps
+    rows = _rows(params, seeds, steps)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    alive = list(range(len(params)))
+    for step in range(steps):
+        logits = torch.randn(len(alive), 100, generator=rng) * 4
+        tokens, logp = sample_next_tokens(logits, rows, step)
+        ref_tokens, ref_logp = _per_row_reference(logits, [params[i] for i in alive],
+                                                  [generators[i] for i in alive])
+        assert torch.equal(tokens, ref_tokens), step
+        assert torch.allclose(logp, ref_logp, rtol=0, atol=1e-5)
+        if step % 80 == 79:                               # drop every third row
+            keep = [j for j in range(len(alive)) if j % 3 != 1]
+            alive = [alive[j] for j in keep]
+            rows = rows.select(torch.tensor(keep))
 
 
 def test_sampling_params_validation():

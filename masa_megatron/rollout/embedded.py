@@ -222,9 +222,8 @@ class EmbeddedEngine(RolloutEngine):
             stop_ids[b, :len(r.stop_ids)] = torch.tensor(r.stop_ids, dtype=torch.long)
         sampling = None
         if self._mp.is_sampler:
-            sampling = RowSampling.from_params(
-                [r.params for r in rows], [torch.Generator().manual_seed(r.seed) for r in rows],
-                device=dev)
+            sampling = RowSampling.from_params([r.params for r in rows], [r.seed for r in rows],
+                                               int(max_new.max()), device=dev)
         return _LiveRows(
             index=torch.arange(len(rows), device=dev), width=width, positions=positions,
             real=(slots.unsqueeze(0) >= pads.unsqueeze(1)) if has_pads else None,
@@ -269,7 +268,7 @@ class EmbeddedEngine(RolloutEngine):
         lengths = torch.zeros(n_rows, dtype=torch.long, device=dev)
         stopped_rows = torch.zeros(n_rows, dtype=torch.bool, device=dev)
         for step in range(longest):
-            tok, logp = self._next_tokens(logits, live.sampling, len(live.index))
+            tok, logp = self._next_tokens(logits, live.sampling, len(live.index), step)
             out_tokens[live.index, step], out_logprobs[live.index, step] = tok, logp
             stopped = (tok.unsqueeze(1) == live.stop_ids).any(1)
             done = stopped | (live.max_new <= step + 1)
@@ -294,11 +293,13 @@ class EmbeddedEngine(RolloutEngine):
                 for b in range(n_rows)]
 
     def _next_tokens(self, logits: Optional[torch.Tensor], sampling: Optional[RowSampling],
-                     n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     n_rows: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample on the sampler rank, then give (tokens, log-probs) to every rank."""
+        if self._mp.group is None:                  # one rank: nothing to share
+            return sample_next_tokens(logits[:, :self.vocab_size], sampling, step)
         payload = torch.empty(2, n_rows, dtype=torch.float64, device=self._device)
         if self._mp.is_sampler:
-            tok, logp = sample_next_tokens(logits[:, :self.vocab_size], sampling)
+            tok, logp = sample_next_tokens(logits[:, :self.vocab_size], sampling, step)
             payload[0], payload[1] = tok, logp
         payload = self._mp.broadcast_from_sampler(payload)
         return payload[0].long(), payload[1].float()

@@ -168,7 +168,7 @@ class MegatronStep:
             hidden = torch.empty(tokens.size(1), tokens.size(0), self.config.hidden_size,
                                  dtype=self.hidden_dtype, device=tokens.device)
             torch.distributed.recv(hidden, src=mp.prev_rank)
-        cos_sin = None if rope is None else (rope.cos(), rope.sin())
+        cos_sin = None if rope is None else self._cos_sin(rope)
         for index, layer in enumerate(gpt.decoder.layers):
             hidden = self._layer(layer, hidden, cos_sin, mask, cache, index, slot, rows)
         if not mp.is_last_stage:
@@ -261,19 +261,31 @@ class MegatronStep:
             return out, module.bias
         return out + module.bias, None
 
+    def _cos_sin(self, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the angles, once per step for every layer; without interleaving the
+        sin's first half is negated, so that rotate_half(t) * sin == roll(t, d/2) * signed sin
+        (negation is exact: the same bits as Megatron's -x2 * sin)."""
+        sin = rope.sin()
+        if not self.interleaved:
+            half = sin.size(-1) // 2
+            sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return rope.cos(), sin
+
     def _rotate(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE as Megatron's unfused bshd path: t * cos + rotate_half(t) * sin, with cos and sin
-        cast to t's dtype first (as Megatron does; a bf16 model keeps bf16 queries and keys)."""
+        cast to t's dtype first (as Megatron does; a bf16 model keeps bf16 queries and keys).
+        `sin` comes from `_cos_sin` (half-negated unless interleaved)."""
         dim = cos.size(-1)
         cos, sin = cos.to(t.dtype), sin.to(t.dtype)
-        t, rest = t[..., :dim], t[..., dim:]
+        rest = None
+        if t.size(-1) != dim:
+            t, rest = t[..., :dim], t[..., dim:]
         if self.interleaved:
             half = torch.stack((-t[..., 1::2], t[..., ::2]), dim=-1).flatten(-2)
         else:
-            x1, x2 = torch.chunk(t, 2, dim=-1)
-            half = torch.cat((-x2, x1), dim=-1)
+            half = t.roll(dim // 2, dims=-1)
         out = t * cos + half * sin
-        return torch.cat((out, rest), dim=-1) if rest.size(-1) else out
+        return out if rest is None else torch.cat((out, rest), dim=-1)
 
     def _softmax_scale(self, attn: Any) -> float:
         """The net scale of q.k (Megatron's query-key layer scaling cancels out)."""

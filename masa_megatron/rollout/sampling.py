@@ -6,18 +6,20 @@ Maths (per row, logits z over the full vocabulary, in fp32):
     p        = exp(logp), sorted descending when top-k / top-p apply
     keep     = rank < top_k  and  (cumsum(p) - p) <= top_p  (the head of the distribution)
     draw     = inverse CDF: the first kept token whose cumulative kept mass exceeds u * kept mass,
-               u ~ U[0, 1) from the row's own torch.Generator (one draw per row per step)
+               u = the row's k-th draw at step k from torch.Generator().manual_seed(row seed)
+               (`seeded_uniforms`: all rows' draws for all steps made at once per batch)
 Greedy rows take argmax(z). One uniform per row per step makes a seeded row's samples depend
-only on its own logits and generator, not on which other rows share the batch.
+only on its own logits and seed, not on which other rows share the batch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
 from masa_megatron.rollout.base import SamplingParams
+from masa_megatron.rollout.seeded_uniforms import seeded_uniforms
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
@@ -34,37 +36,43 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
 
 @dataclass
 class RowSampling:
-    """Sampling parameters of the rows of a batch, as tensors, with one generator per row."""
+    """Sampling parameters of the rows of a batch, as tensors, with every row's uniforms."""
     temperature: torch.Tensor        # [B] float, 1.0 on greedy rows
     greedy: torch.Tensor             # [B] bool
     top_k: torch.Tensor              # [B] long, <= 0: off
     top_p: torch.Tensor              # [B] float, 1.0: off
-    generators: list[Optional[torch.Generator]]
+    uniforms: torch.Tensor           # [B, steps] float64: row b's draw at step k
+    sampled: torch.Tensor            # [S] long: the non-greedy rows
+    truncated: torch.Tensor          # [S] bool: which of them apply top-k / top-p
+    all_sampled: bool                # no greedy row
+    any_truncated: bool
 
     @classmethod
-    def from_params(cls, params: Sequence[SamplingParams],
-                    generators: Sequence[Optional[torch.Generator]],
+    def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int], steps: int,
                     device: torch.device | str = "cpu") -> "RowSampling":
-        """Settings on `device` (the logits'); the generators stay on the CPU, so a seed draws
-        the same uniforms on any device."""
-        greedy = [p.greedy for p in params]
-        return cls(
-            temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)],
-                                     dtype=torch.float32, device=device),
-            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            generators=list(generators))
+        """Settings and `steps` uniforms per row on `device` (the logits'); the uniforms are
+        drawn on the CPU, so a seed gives the same samples on any device."""
+        greedy = torch.tensor([p.greedy for p in params], dtype=torch.bool)
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+        uniforms = seeded_uniforms(list(seeds), steps if bool((~greedy).any()) else 0)
+        return cls._build(temperature.masked_fill(greedy, 1.0), greedy,
+                          torch.tensor([p.top_k for p in params], dtype=torch.long),
+                          torch.tensor([p.top_p for p in params], dtype=torch.float32),
+                          uniforms, device)
+
+    @classmethod
+    def _build(cls, temperature, greedy, top_k, top_p, uniforms, device) -> "RowSampling":
+        sampled = (~greedy).nonzero().squeeze(-1)
+        truncated = (top_k[sampled] > 0) | (top_p[sampled] < 1.0)
+        move = (lambda t: t.to(device, non_blocking=True))
+        return cls(move(temperature), move(greedy), move(top_k), move(top_p), move(uniforms),
+                   move(sampled), move(truncated), len(sampled) == len(greedy),
+                   bool(truncated.any()))
 
     def select(self, rows: torch.Tensor) -> "RowSampling":
         """The rows listed in `rows` (a long tensor), in that order."""
-        idx = rows.tolist()
-        return RowSampling(self.temperature[rows], self.greedy[rows], self.top_k[rows],
-                           self.top_p[rows], [self.generators[i] for i in idx])
-
-
-def _uniforms(generators: list[Optional[torch.Generator]]) -> torch.Tensor:
-    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+        return RowSampling._build(self.temperature[rows], self.greedy[rows], self.top_k[rows],
+                                  self.top_p[rows], self.uniforms[rows], rows.device)
 
 
 def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -96,19 +104,31 @@ def _draw_truncated(logp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return head_ids.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
 
 
-def sample_next_tokens(logits: torch.Tensor, rows: RowSampling) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] -> (tokens [B] long, log-probs [B] float32) following the module docstring."""
+def sample_next_tokens(logits: torch.Tensor, rows: RowSampling,
+                       step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] at decode step `step` -> (tokens [B] long, log-probs [B] float32), following
+    the module docstring."""
     logits = logits.float()
+    sampled = rows.sampled
+    if not sampled.numel():                  # all greedy: T = 1, no [B, V] log-softmax needed
+        tokens = logits.argmax(dim=-1)
+        picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return tokens, picked - torch.logsumexp(logits, dim=-1)
     logp = torch.log_softmax(logits / rows.temperature.unsqueeze(-1), dim=-1)
+    if rows.all_sampled and not rows.any_truncated:     # plain draws on every row (the demo's)
+        tokens = _draw(logp.exp(), rows.uniforms[:, step])
+        return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     tokens = logits.argmax(dim=-1)
-    sampled = (~rows.greedy).nonzero().squeeze(-1)
-    if sampled.numel():
-        u = _uniforms([rows.generators[i] for i in sampled.tolist()]).to(logits.device)
-        truncated = (rows.top_k[sampled] > 0) | (rows.top_p[sampled] < 1.0)
+    u = rows.uniforms[sampled, step]
+    truncated = rows.truncated
+    if not rows.any_truncated:
+        tokens[sampled] = _draw(logp[sampled].exp(), u)
+    elif bool(truncated.all()):
+        tokens[sampled] = _draw_truncated(logp[sampled], rows.top_k[sampled],
+                                          rows.top_p[sampled], u)
+    else:
         plain_rows, trunc_rows = sampled[~truncated], sampled[truncated]
-        if plain_rows.numel():
-            tokens[plain_rows] = _draw(logp[plain_rows].exp(), u[~truncated])
-        if trunc_rows.numel():
-            tokens[trunc_rows] = _draw_truncated(logp[trunc_rows], rows.top_k[trunc_rows],
-                                                 rows.top_p[trunc_rows], u[truncated])
+        tokens[plain_rows] = _draw(logp[plain_rows].exp(), u[~truncated])
+        tokens[trunc_rows] = _draw_truncated(logp[trunc_rows], rows.top_k[trunc_rows],
+                                             rows.top_p[trunc_rows], u[truncated])
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
