@@ -490,18 +490,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# what torchrun gives a rank; a server launched by a colocated trainer rank inherits them, but
-# (like SGLang, which builds its own groups) it is a world of its own. TORCHELASTIC_* included:
-# with TORCHELASTIC_USE_AGENT_STORE even a tcp:// rendezvous waits for torchrun's store.
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                      "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR",
-                      "MASTER_PORT")
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
-    for name in [n for n in os.environ if n in LAUNCHER_VARIABLES or n.startswith("TORCHELASTIC_")]:
-        del os.environ[name]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s standin %(message)s")
     if args.tp_size < 1:
         raise SystemExit(f"--tp-size must be >= 1 (got {args.tp_size})")
