@@ -26,7 +26,13 @@ def test_quick_demo_writes_a_report_with_finite_metrics_for_all_modes(tmp_path):
     for name in ("summary.md", "summary.json", "accuracy.png", "meta_awareness.png",
                  "pass_rate_before_after.png", "efficiency.png"):
         assert (out / name).stat().st_size > 0, name
-    rows = {r["mode"]: r for r in json.loads((out / "summary.json").read_text())}
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["mode"]: r for r in summary["modes"]}
+    assert [c["name"] for c in summary["claims"]] == [
+        "GRPO raises held-out accuracy", "MASA makes the model meta-aware",
+        "MASA-efficient generates fewer tokens at MASA's accuracy"]
+    assert sorted(r["mode"] for r in summary["runs"]) == sorted(MODES)
+    assert "## Claims, seed by seed" in (out / "summary.md").read_text()
     assert set(rows) == set(MODES)
     for mode in MODES:
         for key in ("acc_start", "acc_end", "mae_start", "mae_end", "train_tokens"):
@@ -46,6 +52,8 @@ def test_quick_demo_writes_a_report_with_finite_metrics_for_all_modes(tmp_path):
     # runs were trained in parallel worker processes, each with its own log
     timing = json.loads((out / "timing.json").read_text())
     assert timing["jobs"] >= 1 and timing["peak_rss_total_gib"] > 0
+    assert timing["total_cpu_s"] > sum(timing["runs_cpu_s"].values()) > 0
+    assert timing["warm_start_cpu_s"] > 0
     for mode in MODES:
         assert f"{mode}-s0 step 3/3" in (out / "runs" / f"{mode}-s0" / "log.txt").read_text()
 

@@ -1,6 +1,7 @@
 """pass@k and meta-awareness metrics against hand-computed numbers."""
 import math
 
+import numpy as np
 import pytest
 
 from masa_megatron.eval import metrics as M
@@ -129,3 +130,19 @@ def test_meta_awareness_metrics_combines_sources():
     assert math.isnan(m["pass_rate"]["head"]["spearman"])   # constant prediction
     assert m["gating"]["f1"] == pytest.approx(4 / 7)
     assert math.isnan(m["notion"]["micro"])
+
+
+def test_paired_gain_is_the_mean_difference_with_a_bootstrap_standard_error():
+    rng = np.random.default_rng(3)
+    before = {f"p{i}": list(rng.integers(0, 2, 4).astype(float)) for i in range(200)}
+    after = {k: [1.0, 1.0, *v[2:]] for k, v in before.items()}        # two more right per problem
+    after["only-after"] = [1.0]                                        # unpaired: ignored
+    result = M.paired_gain(before, after, n_boot=4000)
+    d = np.array([np.mean(after[k]) - np.mean(before[k]) for k in before])
+    assert result["problems"] == 200
+    assert result["gain"] == pytest.approx(d.mean())
+    assert result["se"] == pytest.approx(d.std() / np.sqrt(len(d)), rel=0.1)
+    same = M.paired_gain(before, before)
+    assert same["gain"] == 0.0 and same["se"] == 0.0
+    with pytest.raises(ValueError, match="no problem is in both"):
+        M.paired_gain({"a": [1.0]}, {"b": [0.0]})

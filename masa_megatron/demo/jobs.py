@@ -95,7 +95,8 @@ def run_specs(specs: list[RunSpec], jobs: int, log: Callable[[str], None] = prin
               poll_s: float = 1.0) -> dict:
     """Run every spec in worker processes, at most `jobs` at once, in the given order.
 
-    Returns {name: {"wall_s": seconds, "peak_rss_total_bytes": ...}}; raises UserError naming
+    Returns {name: {"wall_s": seconds, "cpu_s": CPU seconds the worker recorded,
+    "peak_rss_total_bytes": ...}}; raises UserError naming
     every failed run (after the others finish) with the tail of its log."""
     queue, running, results, failed = list(specs), {}, {}, []
     status, peak_rss, started = _Status(), 0, time.monotonic()
@@ -112,7 +113,7 @@ def run_specs(specs: list[RunSpec], jobs: int, log: Callable[[str], None] = prin
                     continue
                 del running[name]
                 wall = time.monotonic() - t0
-                results[name] = {"wall_s": wall}
+                results[name] = {"wall_s": wall, "cpu_s": _worker_cpu_s(spec)}
                 if proc.returncode != 0:
                     failed.append(spec)
                 status.done(f"demo: {name} {'finished' if proc.returncode == 0 else 'FAILED'} "
@@ -139,6 +140,21 @@ def run_specs(specs: list[RunSpec], jobs: int, log: Callable[[str], None] = prin
         raise UserError(f"demo: {len(failed)} run(s) failed: {', '.join(s.name for s in failed)}"
                         f"\n{tails}")
     return results
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of every child process it has waited for."""
+    import resource
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def _worker_cpu_s(spec: RunSpec) -> float | None:
+    """The CPU seconds a finished worker recorded (None if it died before recording them)."""
+    try:
+        return json.loads((Path(spec.run_dir) / "usage.json").read_text())["cpu_s"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -174,7 +190,9 @@ def worker(spec_path: str) -> int:
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
     validate_static(cfg)
-    run_one(cfg)
+    wall_s = run_one(cfg)
+    (Path(spec.run_dir) / "usage.json").write_text(json.dumps(
+        {"wall_s": wall_s, "cpu_s": cpu_seconds()}))
     return 0
 
 

@@ -13,6 +13,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from masa_megatron.demo.claims import check_claims, claims_markdown, eval_records, run_stats
 from masa_megatron.eval.report import plot_scatter, save_figure
 from masa_megatron.metrics import read_jsonl
 
@@ -49,14 +50,6 @@ def run_series(run_dir: Path) -> dict:
                           "mae": row.get("eval/meta_pass_rate_mae"),
                           "meta_reward": row.get("eval/meta_reward")})
     return {"evals": evals, "steps": steps, "wall": wall, "tokens": tokens}
-
-
-def _records(run_dir: Path, which: str) -> list[dict]:
-    files = sorted((run_dir / "eval").glob("step_*.jsonl"))
-    if not files:
-        return []
-    path = files[0] if which == "first" else files[-1]
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _pass_rate_pairs(records: list[dict]) -> tuple[list[float], list[float]]:
@@ -126,7 +119,7 @@ def plot_before_after(out: Path, run_dirs: dict) -> Path:
     for row, mode in enumerate(modes):
         for col, which in enumerate(("first", "last")):
             ax = fig.add_subplot(len(modes), 2, 2 * row + col + 1)
-            pred, actual = _pass_rate_pairs(_records(run_dirs[mode], which))
+            pred, actual = _pass_rate_pairs(eval_records(run_dirs[mode], which))
             mae = _mean(abs(p - a) for p, a in zip(pred, actual))
             plot_scatter(ax, pred, actual, label=mode, diagonal=True,
                          xlabel="predicted pass rate", ylabel="actual pass rate")
@@ -188,8 +181,11 @@ def _timing_lines(timing: dict | None) -> list[str]:
     if not timing:
         return []
     warm = ("the warm start was cached" if timing["warm_start_s"] is None
-            else f"{timing['warm_start_s']:.0f} s of it the warm start")
-    return [f"Wall time {timing['total_s']:.0f} s in all ({warm}), {timing['jobs']} run(s) at "
+            else f"{timing['warm_start_s']:.0f} s of it the warm start, "
+                 f"{timing['warm_start_cpu_s']:.0f} CPU-s")
+    return [f"Wall time {timing['total_s']:.0f} s in all ({warm}); "
+            f"{timing['total_cpu_s']:.0f} CPU-seconds in all (they vary less between machines "
+            f"than wall time); {timing['jobs']} run(s) at "
             f"a time with "
             f"{timing['threads_per_job']} thread(s) each; peak resident memory of the runs "
             f"together {timing['peak_rss_total_gib']:.2f} GiB.", ""]
@@ -219,10 +215,17 @@ def write_demo_report(out: Path, runs: dict, budget, timing: dict | None = None)
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) if isinstance(r[c], str) else _fmt(r[c])
                                 for c in cols) + " |" for r in rows]
+    run_dirs = {key: run_dir for key, (run_dir, _) in runs.items()}
+    stats = {key: run_stats(run_dirs[key], s, k_step) for key, s in series.items() if s["evals"]}
+    claims = check_claims(stats, run_dirs)
+    lines += ["", *claims_markdown(claims, stats)]
     lines += ["", *[f"![{p.stem}]({p.name})" for p in plots]]
     summary = out / "summary.md"
     summary.write_text("\n".join(lines) + "\n")
-    (out / "summary.json").write_text(json.dumps(rows, indent=1, default=str))
+    (out / "summary.json").write_text(json.dumps(
+        {"modes": rows, "claims": [vars(c) for c in claims],
+         "runs": [{"mode": mode, "seed": seed, **s} for (mode, seed), s in sorted(stats.items())]},
+        indent=1, default=str))
     if timing:
         (out / "timing.json").write_text(json.dumps(timing, indent=1))
     return summary

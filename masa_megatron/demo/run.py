@@ -137,7 +137,7 @@ def _parse(argv: Optional[Sequence[str]]):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from masa_megatron.data.synthetic import to_verl_rows, generate_problems, write_rows
-    from masa_megatron.demo.jobs import RunSpec, run_specs
+    from masa_megatron.demo.jobs import RunSpec, cpu_seconds, run_specs
     from masa_megatron.demo.report import write_demo_report
     from masa_megatron.demo.warmstart import WarmStartConfig, cached_warm_start, warm_start
 
@@ -157,6 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cached = cached_warm_start(ws, cache_dir) is not None
     hf_dir = warm_start(ws, cache_dir)
     warm_s = None if cached else time.time() - started
+    warm_cpu_s = None if cached else cpu_seconds()
     train_file = write_rows(to_verl_rows(generate_problems(budget.n_train, 0, "train"), "train"),
                             out / "data" / "train.parquet")
     eval_file = write_rows(to_verl_rows(generate_problems(budget.eval_problems, 0, "eval"),
@@ -172,8 +173,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"demo: {len(specs)} runs of {budget.steps} steps, {jobs} at a time", flush=True)
     results = run_specs(specs, jobs)
     runs = {(s.mode, s.seed): (Path(s.run_dir), results[s.name]["wall_s"]) for s in specs}
-    timing = {"total_s": time.time() - started, "warm_start_s": warm_s, "jobs": jobs,
-              "threads_per_job": threads,
+    timing = {"total_s": time.time() - started, "warm_start_s": warm_s,
+              "total_cpu_s": cpu_seconds(), "warm_start_cpu_s": warm_cpu_s,
+              "runs_cpu_s": {name: r["cpu_s"] for name, r in results.items()},
+              "jobs": jobs, "threads_per_job": threads,
               "peak_rss_total_gib": max(r["peak_rss_total_bytes"] for r in results.values())
               / 2**30}
     summary = write_demo_report(out, runs, budget, timing)

@@ -62,6 +62,23 @@ def pass_at_k_stats(scores_per_problem: Sequence[Sequence[float]],
     return out
 
 
+def paired_gain(before: Mapping[str, Sequence[float]], after: Mapping[str, Sequence[float]],
+                n_boot: int = 2000, seed: int = 0) -> dict:
+    """Accuracy gain end-minus-start on the same problems, with a paired bootstrap.
+
+    before/after: problem id -> scores. d_i = pass_rate(after_i) - pass_rate(before_i) over the
+    problems in both; gain = mean(d). The standard error is the standard deviation of mean(d*)
+    over `n_boot` resamples d* of the problems with replacement (fixed `seed`), so problem
+    difficulty, shared by both ends, cancels. Returns gain, se and the number of problems."""
+    ids = sorted(set(before) & set(after))
+    if not ids:
+        raise ValueError("paired_gain: no problem is in both evaluations")
+    d = np.array([pass_rate(after[i]) - pass_rate(before[i]) for i in ids])
+    picks = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+    return {"gain": float(d.mean()), "se": float(d[picks].mean(axis=1).std()),
+            "problems": len(ids)}
+
+
 def coverage(predictions: Sequence) -> float:
     """Fraction of predictions that are present (not None / not nan)."""
     if not len(predictions):
