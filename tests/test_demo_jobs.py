@@ -1,5 +1,6 @@
 """The demo's worker pool (status lines, a failed run reported by name with its log) and its
 command-line budget (seeds, masa_efficient's start step)."""
+import os
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,16 @@ def test_efficient_start_step_is_a_share_of_the_steps_and_at_least_one():
     assert DemoBudget(steps=100, efficient_start=0.2).efficient_start_step == 20
     assert QUICK.efficient_start_step == 1          # round(0.34 * 3)
     assert DemoBudget(steps=1, efficient_start=0.1).efficient_start_step == 1
+
+
+def test_demo_pins_cpu_kernels_on_x86_without_overriding_the_user(monkeypatch):
+    from masa_megatron.demo import run
+    for name in run.PINNED_CPU_KERNELS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    monkeypatch.setattr(run.platform, "machine", lambda: "x86_64")
+    assert run.pin_cpu_kernels() == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE",
+                                     "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    monkeypatch.setattr(run.platform, "machine", lambda: "arm64")
+    assert run.pin_cpu_kernels() == {} and "ATEN_CPU_CAPABILITY" not in os.environ

@@ -56,6 +56,10 @@ def test_quick_demo_writes_a_report_with_finite_metrics_for_all_modes(tmp_path):
     assert timing["warm_start_cpu_s"] > 0
     for mode in MODES:
         assert f"{mode}-s0 step 3/3" in (out / "runs" / f"{mode}-s0" / "log.txt").read_text()
+        usage = json.loads((out / "runs" / f"{mode}-s0" / "usage.json").read_text())
+        assert usage["threads"] == 1
+        if timing["pinned_cpu_kernels"]:      # x86-64: the workers ran the pinned kernels
+            assert usage["cpu_capability"] in ("AVX2", "DEFAULT"), usage
 
     # the warm start was cached: a second demo reuses it
     assert len(list(cache.glob("warmstart-*"))) == 1

@@ -192,7 +192,8 @@ def worker(spec_path: str) -> int:
     validate_static(cfg)
     wall_s = run_one(cfg)
     (Path(spec.run_dir) / "usage.json").write_text(json.dumps(
-        {"wall_s": wall_s, "cpu_s": cpu_seconds()}))
+        {"wall_s": wall_s, "cpu_s": cpu_seconds(), "threads": torch.get_num_threads(),
+         "cpu_capability": torch.backends.cpu.get_cpu_capability()}))
     return 0
 
 

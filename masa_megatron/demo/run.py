@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,6 +23,15 @@ from typing import Optional, Sequence
 from masa_megatron.errors import UserError
 
 MODES = ("grpo", "masa", "masa_efficient")
+# Kernel paths pinned so that one seed gives the same bits on x86-64 machines of different
+# vendors and vector widths: ATen's vectorised kernels at AVX2 even where AVX-512 is present,
+# MKL's conditional numerical reproducibility (CNR) at its AVX2 branch, oneDNN at AVX2. With the
+# thread counts fixed too (one torch thread per run, `WarmStartConfig.threads` for the warm start),
+# the results do not depend on the machine's core count either. On the AVX-512 machine measured
+# (2026-12-03) the pinned kernels changed the bits of an SFT run and not its speed (within noise).
+PINNED_CPU_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2",
+                      "ONEDNN_MAX_CPU_ISA": "AVX2"}
+THREADS_PER_RUN = 1
 # Rough work per step relative to grpo (tokens per step in benchmarks/results/masa_modes.json);
 # only used to start the longest runs first.
 RELATIVE_COST = {"grpo": 1.0, "masa": 1.7, "masa_efficient": 1.3}
@@ -135,6 +145,17 @@ def _parse(argv: Optional[Sequence[str]]):
     return args, seeds, modes
 
 
+def pin_cpu_kernels() -> dict:
+    """Set `PINNED_CPU_KERNELS` in this process's environment (inherited by the workers) where
+    the user has not set them, on x86-64 only; must run before the first torch kernel. Returns
+    what is in effect."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return {}
+    for name, value in PINNED_CPU_KERNELS.items():
+        os.environ.setdefault(name, value)
+    return {name: os.environ[name] for name in PINNED_CPU_KERNELS}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from masa_megatron.data.synthetic import to_verl_rows, generate_problems, write_rows
     from masa_megatron.demo.jobs import RunSpec, cpu_seconds, run_specs
@@ -142,6 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from masa_megatron.demo.warmstart import WarmStartConfig, cached_warm_start, warm_start
 
     args, seeds, modes = _parse(argv)
+    pinned = pin_cpu_kernels()
     budget = QUICK if args.quick else DemoBudget()
     if args.steps is not None:
         budget = replace(budget, steps=args.steps,
@@ -166,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # One more worker than cores: the three modes' runs differ in length, so with one per core
     # a core idles at the end; each worker peaks at ~1.3 GB.
     jobs = args.jobs or min(len(seeds) * len(modes), (os.cpu_count() or 1) + 1)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = THREADS_PER_RUN
     specs = [RunSpec(mode, seed, asdict(budget), str(hf_dir), str(train_file), str(eval_file),
                      str(out / "runs" / f"{mode}-s{seed}"), threads)
              for seed in seeds for mode in order]
@@ -176,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     timing = {"total_s": time.time() - started, "warm_start_s": warm_s,
               "total_cpu_s": cpu_seconds(), "warm_start_cpu_s": warm_cpu_s,
               "runs_cpu_s": {name: r["cpu_s"] for name, r in results.items()},
-              "jobs": jobs, "threads_per_job": threads,
+              "jobs": jobs, "threads_per_job": threads, "pinned_cpu_kernels": pinned,
               "peak_rss_total_gib": max(r["peak_rss_total_bytes"] for r in results.values())
               / 2**30}
     summary = write_demo_report(out, runs, budget, timing)

@@ -47,6 +47,7 @@ class WarmStartConfig:
     batch_size: int = 16
     lr: float = 3e-3               # linear warm-up, then cosine down to lr / 10
     warmup: int = 30
+    threads: int = 2               # torch threads of the SFT: fixed, not the machine's core count
     format_version: int = 2        # bump when the data or recipe changes meaning
 
     def key(self) -> str:
@@ -97,6 +98,7 @@ def train_warm_start(cfg: WarmStartConfig, out_dir: Path, log=print) -> None:
     from masa_megatron.metrics import Progress
 
     torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
     tokenizer = make_tiny_tokenizer(
         tokenizer_corpus(cfg.seed, max_len=cfg.max_len, style=cfg.solution_style), cfg.vocab_size)
     config = make_tiny_qwen3_config(
@@ -132,7 +134,8 @@ def train_warm_start(cfg: WarmStartConfig, out_dir: Path, log=print) -> None:
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     (out_dir / "warmstart.json").write_text(json.dumps(
-        {**asdict(cfg), "final_loss": loss.item()}, default=list, indent=1))
+        {**asdict(cfg), "final_loss": loss.item(),
+         "cpu_capability": torch.backends.cpu.get_cpu_capability()}, default=list, indent=1))
 
 
 def cached_warm_start(cfg: WarmStartConfig, cache_dir: Path | None = None) -> Path | None:
