@@ -3,6 +3,7 @@
 with a tiny model and stand-in SGLang servers (issue 24)."""
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -101,3 +102,34 @@ def test_readme_cluster_quick_start_runs_as_written(tmp_path, tiny_inputs):
     assert job.exists(), logs
     assert metrics_steps(out_dir) == [1, 2], job.read_text()[-4000:]
 
+
+
+def test_nemo_run_slurm_executor_script_trains_on_two_nodes(tmp_path, tiny_inputs):
+    """`python -m recipes.launch --executor slurm` on the login node: NeMo-Run renders its sbatch
+    script and submits it to the real Slurm; its srun starts one torchrun per node, which must
+    find each other (rendezvous on the first node) and train."""
+    pytest.importorskip("nemo_run")
+    policy, train = tiny_inputs
+    out_dir, jobs = tmp_path / "run", tmp_path / "jobs"
+    argv = [sys.executable, "-m", "recipes.launch", "tiny_cpu_grpo", "--executor", "slurm",
+            "--account", "acct", "--nodes", "2", "--gpus-per-node", "1", "--packager", "none",
+            "--job-dir", str(jobs), f"model.hf_path={policy}", f"data.train_files=[{train}]",
+            f"trainer.output_dir={out_dir}", "data.prompt_batch_size=2",
+            "data.reward=tests.support.rewards.text_length_parity"]
+    with simulated_nodes.SimulatedNodes(2) as nodes, \
+            slurm_cluster.SlurmCluster(nodes, tmp_path) as cluster:
+        env = job_env(NEMORUN_HOME=str(tmp_path / "nemorun"), PYTHONPATH=str(REPO))
+        result = cluster.run(argv, env=env, cwd=str(REPO), capture_output=True, text=True,
+                             timeout=300, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and cluster.run(
+                ["squeue", "-h"], capture_output=True, text=True).stdout.strip():
+            time.sleep(2)
+        logs = cluster.logs()
+    job_logs = "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-4000:]}"
+                         for p in sorted(jobs.rglob("*.out")))
+    script = next(jobs.rglob("*_sbatch.sh")).read_text()
+    assert "#SBATCH --nodes=2" in script
+    assert (out_dir / "metrics.jsonl").exists(), f"{job_logs}\n{logs}"
+    assert metrics_steps(out_dir) == [1, 2], job_logs
