@@ -249,10 +249,15 @@ def build_local(run, args, info: RecipeInfo, topo: Topology):
 def build_slurm(run, args, info: RecipeInfo, topo: Topology):
     if not args.account:
         raise UserError("--executor slurm needs --account")
-    job_dir = args.job_dir or os.path.join(run.config.get_nemorun_home(), "experiments")
-    tunnel = (run.SSHTunnel(host=args.ssh_host.split("@")[-1], job_dir=job_dir,
-                            user=args.ssh_host.split("@")[0] if "@" in args.ssh_host else None)
-              if args.ssh_host else run.LocalTunnel(job_dir=job_dir))
+    if args.ssh_host:   # NeMo-Run copies the experiment folder to job_dir over SSH
+        job_dir = args.job_dir or os.path.join(run.config.get_nemorun_home(), "experiments")
+        tunnel = run.SSHTunnel(host=args.ssh_host.split("@")[-1], job_dir=job_dir,
+                               user=args.ssh_host.split("@")[0] if "@" in args.ssh_host else None)
+    else:   # no copy: the script is submitted from where it is written, $NEMORUN_HOME/experiments
+        if args.job_dir:
+            run.config.set_nemorun_home(os.path.abspath(args.job_dir))
+        tunnel = run.LocalTunnel(job_dir=os.path.join(run.config.get_nemorun_home(),
+                                                      "experiments"))
     mounts = [m for item in args.container_mounts for m in item.split(",") if m]
     env = {"PYTHONPATH": args.masa_root, **_env_vars(args)}    # rendered as `export K=V` lines
     common = {"account": args.account, "partition": args.partition, "time": args.time,
@@ -270,7 +275,10 @@ def build_slurm(run, args, info: RecipeInfo, topo: Topology):
         task = run.Script(path=f"{args.masa_root}/slurm/disaggregated.sbatch", entrypoint="bash",
                           args=[shlex.quote(o) for o in args.overrides])
         return executor, task
-    env |= {"MASTER_ADDR": "$head_node_ip", "MASTER_PORT": str(MASTER_PORT)}
+    # The first node's name, as slurm/colocated.sbatch uses: NeMo-Run's $head_node_ip comes from
+    # `hostname --ip-address`, which lists every address of the name (Debian maps it to 127.0.1.1
+    # too), so the rendezvous endpoint would be "127.0.1.1 10.0.0.5:29500".
+    env |= {"MASTER_ADDR": "$head_node", "MASTER_PORT": str(MASTER_PORT)}
     executor = run.SlurmExecutor(**common, env_vars=_quoted(env),
                                  container_image=args.container_image, container_mounts=mounts)
     words = shell_words(torchrun_argv(info.name, list(args.overrides), topo,
@@ -338,8 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--container-image", help="enroot/pyxis image, e.g. nvcr.io#nvidia/pytorch")
     slurm.add_argument("--container-mounts", action="append", default=[],
                        metavar="SRC:DST[,SRC:DST]", help="repeatable")
-    slurm.add_argument("--job-dir", help="cluster folder for logs and code "
-                                         "(default: $NEMORUN_HOME/experiments)")
+    slurm.add_argument("--job-dir", help="cluster folder for logs and code (default: "
+                                         "$NEMORUN_HOME/experiments; on a login node, without "
+                                         "--ssh-host: NeMo-Run's home, experiments under "
+                                         "JOB_DIR/experiments)")
     slurm.add_argument("--ssh-host", metavar="[USER@]HOST", help="submit over SSH to this host")
     slurm.add_argument("--packager", choices=["auto", "git", "none"], default="auto",
                        help="git: ship HEAD with git archive; none: code comes from the image or "

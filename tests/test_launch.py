@@ -176,7 +176,7 @@ def test_slurm_dry_run_renders_sbatch_lines_and_torchrun(colocated_dry_run):
                  "--gpus-per-node=8", "--time=01:00:00", "--exclusive",
                  f"--job-name={RECIPE}-train"):
         assert f"#SBATCH {flag}" in sbatch, sbatch
-    assert "export MASTER_ADDR=$head_node_ip" in script
+    assert "export MASTER_ADDR=$head_node\n" in script
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     assert "--container-image nvcr.io#nvidia/pytorch:25.04-py3" in srun
     assert "/data:/data" in srun
