@@ -73,50 +73,57 @@ def _rise(s: dict) -> float:
     return (s["meta_reward_end"] or 0.0) - (s["meta_reward_start"] or 0.0)
 
 
+def _grpo_gain(stats: dict, run_dirs: dict, seeds: list[int]) -> tuple[bool, str]:
+    runs = [stats["grpo", s] for s in seeds]
+    mean = sum(r["gain"] for r in runs) / len(runs)
+    each = all(r["gain"] > 2 * r["gain_se"] for r in runs)
+    return mean >= MIN_GAIN and each, (
+        f"mean gain {mean:+.3f} (needs >= {MIN_GAIN:+.2f}); per seed "
+        + ", ".join(f"{r['gain']:+.3f} ± {r['gain_se']:.3f}" for r in runs)
+        + " (each needs > 2 SE)")
+
+
+def _meta_awareness(stats: dict, run_dirs: dict, seeds: list[int]) -> tuple[bool, str]:
+    holds, parts = True, []
+    for s in seeds:
+        masa, grpo = stats["masa", s], stats["grpo", s]
+        holds &= (masa["mae_ratio"] >= MIN_MAE_RATIO and _rise(masa) > 0
+                  and grpo["mae_ratio"] < masa["mae_ratio"] / 2 and _rise(grpo) < _rise(masa) / 2)
+        parts.append(f"seed {s}: MAE /{masa['mae_ratio']:.1f} (grpo /{grpo['mae_ratio']:.1f}),"
+                     f" meta reward {_rise(masa):+.3f} (grpo {_rise(grpo):+.3f})")
+    return holds, "; ".join(parts)
+
+
+def _efficiency(stats: dict, run_dirs: dict, seeds: list[int]) -> tuple[bool, str]:
+    holds, parts = True, []
+    for s in seeds:
+        masa, eff = stats["masa", s], stats["masa_efficient", s]
+        diff = paired_gain(eval_scores(run_dirs["masa", s], "last"),
+                           eval_scores(run_dirs["masa_efficient", s], "last"))
+        ratio = eff["tokens_per_step_after_k"] / masa["tokens_per_step_after_k"]
+        holds &= ratio < 1 and abs(diff["gain"]) <= 2 * diff["se"]
+        parts.append(f"seed {s}: tokens/step {ratio:.2f}x masa's, end accuracy "
+                     f"{diff['gain']:+.3f} ± {diff['se']:.3f}")
+    return holds, "; ".join(parts)
+
+
+# (claim, the modes it compares, its check over the seeds where all of them ran)
+CLAIMS = (("GRPO raises held-out accuracy", ("grpo",), _grpo_gain),
+          ("MASA makes the model meta-aware", ("grpo", "masa"), _meta_awareness),
+          ("MASA-efficient generates fewer tokens at MASA's accuracy",
+           ("masa", "masa_efficient"), _efficiency))
+
+
 def check_claims(stats: dict, run_dirs: dict) -> list[Claim]:
     """stats, run_dirs: {(mode, seed): run_stats(...) / run folder} -> the three claims."""
     claims = []
-    seeds = _seeds(stats, "grpo")
-    if seeds:
-        runs = [stats["grpo", s] for s in seeds]
-        mean = sum(r["gain"] for r in runs) / len(runs)
-        each = all(r["gain"] > 2 * r["gain_se"] for r in runs)
-        claims.append(Claim("GRPO raises held-out accuracy", mean >= MIN_GAIN and each,
-                            f"mean gain {mean:+.3f} (needs >= {MIN_GAIN:+.2f}); per seed " +
-                            ", ".join(f"{r['gain']:+.3f} ± {r['gain_se']:.3f}" for r in runs)
-                            + " (each needs > 2 SE)"))
-    else:
-        claims.append(Claim("GRPO raises held-out accuracy", None, "grpo was not run"))
-    seeds = _seeds(stats, "grpo", "masa")
-    if seeds:
-        parts, holds = [], True
-        for s in seeds:
-            masa, grpo = stats["masa", s], stats["grpo", s]
-            ok = (masa["mae_ratio"] >= MIN_MAE_RATIO and _rise(masa) > 0
-                  and grpo["mae_ratio"] < masa["mae_ratio"] / 2 and _rise(grpo) < _rise(masa) / 2)
-            holds &= ok
-            parts.append(f"seed {s}: MAE /{masa['mae_ratio']:.1f} (grpo /{grpo['mae_ratio']:.1f}),"
-                         f" meta reward {_rise(masa):+.3f} (grpo {_rise(grpo):+.3f})")
-        claims.append(Claim("MASA makes the model meta-aware", holds, "; ".join(parts)))
-    else:
-        claims.append(Claim("MASA makes the model meta-aware", None, "grpo or masa was not run"))
-    seeds = _seeds(stats, "masa", "masa_efficient")
-    if seeds:
-        parts, holds = [], True
-        for s in seeds:
-            masa, eff = stats["masa", s], stats["masa_efficient", s]
-            diff = paired_gain(eval_scores(run_dirs["masa", s], "last"),
-                               eval_scores(run_dirs["masa_efficient", s], "last"))
-            ratio = eff["tokens_per_step_after_k"] / masa["tokens_per_step_after_k"]
-            ok = ratio < 1 and abs(diff["gain"]) <= 2 * diff["se"]
-            holds &= ok
-            parts.append(f"seed {s}: tokens/step {ratio:.2f}x masa's, end accuracy "
-                         f"{diff['gain']:+.3f} ± {diff['se']:.3f}")
-        claims.append(Claim("MASA-efficient generates fewer tokens at MASA's accuracy", holds,
-                            "; ".join(parts)))
-    else:
-        claims.append(Claim("MASA-efficient generates fewer tokens at MASA's accuracy", None,
-                            "masa or masa_efficient was not run"))
+    for name, modes, check in CLAIMS:
+        seeds = _seeds(stats, *modes)
+        if not seeds:
+            claims.append(Claim(name, None, f"{' or '.join(modes)} was not run"))
+            continue
+        holds, detail = check(stats, run_dirs, seeds)
+        claims.append(Claim(name, bool(holds), detail))
     return claims
 
 
