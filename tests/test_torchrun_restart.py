@@ -55,3 +55,18 @@ def test_restarted_ranks_form_their_group_when_one_starts_late(tmp_path):
     assert returncode == 0, out[-4000:]
     for rank in range(3):
         assert f"attempt 1 rank {rank} formed its group" in out, out[-4000:]
+
+
+def test_a_rank_refuses_restarts_on_torchruns_shared_store(monkeypatch):
+    """torchrun --max-restarts started without the launchers' RESTART_ENV: the first attempt
+    would run and the restart fail at random, so the rank stops at once naming the fix."""
+    from masa_megatron.errors import UserError
+    from masa_megatron.parallel import _init_process_group
+    from recipes.launch import RESTART_ENV
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "TORCHELASTIC_MAX_RESTARTS": "2",
+                       "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UserError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        _init_process_group("gloo", 1)
+    assert list(RESTART_ENV) == ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"]
