@@ -33,14 +33,17 @@ def final_sync(folder: Path) -> tuple[int, str, dict]:
     return last, hf_checksum(named), served
 
 
-def check_servers(served: dict, checksum: str, attempts: int, tp: int) -> None:
+def check_servers(served: dict, checksum: str, attempts: int, tp: int, stages: int = 1) -> None:
     """Every server holds the final sync's weights on each TP rank, saw one weight-update group
-    name per trainer attempt, and had its leftovers aborted by every attempt."""
+    name per trainer attempt and pipeline stage, and had its leftovers aborted by every
+    attempt."""
     for url, server in served.items():
         assert server["checksums"] == [checksum] * tp, url
         bodies = server["stats"]["bodies"]
         groups = [b["group_name"] for _, path, b in bodies if path == "/init_weights_update_group"]
-        assert len(groups) == len(set(groups)) == attempts, (url, groups)
+        assert len(groups) == len(set(groups)) == attempts * stages, (url, groups)
+        for stage in range(stages):
+            assert sum(g.startswith(f"masa-weight-sync-pp{stage}-") for g in groups) == attempts
         aborts = [b for _, path, b in bodies if path == "/abort_request" and b.get("abort_all")]
         assert len(aborts) >= attempts, url
 
@@ -117,7 +120,8 @@ def test_pipeline_stages_each_broadcast_to_two_servers_across_a_restart(tmp_path
     recipe, root = "qwen3_14b_grpo_2n8g", tmp_path / "rehearsal"
     overrides = rehearsal_overrides(recipe, root, "parallel.world_size=4",
                                     "parallel.tensor_model_parallel_size=2",
-                                    "parallel.pipeline_model_parallel_size=2")
+                                    "parallel.pipeline_model_parallel_size=2",
+                                    "rollout.sglang_num_servers=2")
     submit(tmp_path, "disaggregated.sbatch", overrides, "update:2:2:0", RECIPE=recipe,
            GPUS_PER_NODE="4", MAX_RESTARTS="1", HEALTH_TIMEOUT_S="300")
     check_metrics(root / "run", steps=3)
@@ -125,7 +129,7 @@ def test_pipeline_stages_each_broadcast_to_two_servers_across_a_restart(tmp_path
     assert last_version == 3
     assert len(list((tmp_path / "sent").glob("v3-rank*.pt"))) == 2     # one sender per stage
     assert len(served) == 2
-    check_servers(served, checksum, attempts=2, tp=2)
+    check_servers(served, checksum, attempts=2, tp=2, stages=2)
 
 
 def test_colocated_two_nodes_two_ranks_each_survive_a_killed_rank(tmp_path):
