@@ -26,6 +26,7 @@ from typing import Callable, Optional, TypeVar
 import torch
 
 from masa_megatron.config import ParallelConfig
+from masa_megatron.errors import UserError
 
 T = TypeVar("T")
 _OWNS_PROCESS_GROUP = False
@@ -84,6 +85,13 @@ def free_port() -> int:
 def _init_process_group(backend: str, timeout_minutes: int) -> None:
     global _OWNS_PROCESS_GROUP
     timeout = timedelta(minutes=timeout_minutes)
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and \
+            os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # the agent keeps its store, and this attempt's keys, for the next attempt, whose ranks
+        # would read them as their peers' (recipes/launch.py RESTART_ENV)
+        raise UserError("torchrun --max-restarts with its shared rendezvous store: a restarted "
+                        "rank would join peers of the failed attempt; start torchrun with "
+                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (python -m recipes.launch does)")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         torch.distributed.init_process_group(backend=backend, timeout=timeout)
     else:

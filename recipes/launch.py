@@ -46,6 +46,13 @@ MASA_ROOT = Path(__file__).resolve().parents[1]
 MASTER_PORT = 29500
 # Left for the shell of each training node to expand (exported by the sbatch scripts / executor).
 RUNTIME_TOKENS = ("--rdzv-endpoint=${MASTER_ADDR}:${MASTER_PORT}", "--rdzv-id=${SLURM_JOB_ID}")
+# torchrun with restarts. Its c10d rendezvous otherwise lends the workers its own TCP store
+# (TORCHELASTIC_USE_AGENT_STORE) and keeps that store, with every key an attempt wrote, for the
+# next attempt, whose default process group reads the same keys again: a restarted rank that
+# reads a late peer's address before the peer rewrites it connects to the dead rank's port
+# (gloo: `connectFullMesh ... Connection refused`, or a hang; NCCL: a stale unique id). torch's
+# own opt-out gives every rendezvous round a new store, hosted by the new rank 0.
+RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 @dataclass(frozen=True)
@@ -150,12 +157,14 @@ def torchrun_argv(recipe: str, overrides: list[str], topo: Topology,
     """torchrun on one training node: c10d rendezvous at $MASTER_ADDR (Slurm), or standalone.
     With `max_restarts`, torchrun restarts every rank after one fails, up to that many times;
     the run resumes from its last checkpoint (checkpoint.resume=auto), next to SGLang servers
-    that kept running (disaggregated) or with new ones (colocated)."""
+    that kept running (disaggregated) or with new ones (colocated). Restarts run torchrun with
+    RESTART_ENV (see there), through `env` so that the command needs no shell."""
     rendezvous = ["--standalone"] if standalone else ["--rdzv-backend=c10d", *RUNTIME_TOKENS]
     restarts = [f"--max-restarts={max_restarts}"] if max_restarts else []
-    return ["torchrun", f"--nnodes={topo.train_nodes}", f"--nproc-per-node={topo.procs_per_node}",
-            *rendezvous, *restarts, "-m", "masa_megatron.cli", "train", "--recipe", recipe,
-            *overrides]
+    launcher = ["env", *(f"{k}={v}" for k, v in RESTART_ENV.items())] if max_restarts else []
+    return [*launcher, "torchrun", f"--nnodes={topo.train_nodes}",
+            f"--nproc-per-node={topo.procs_per_node}", *rendezvous, *restarts,
+            "-m", "masa_megatron.cli", "train", "--recipe", recipe, *overrides]
 
 
 def shell_words(argv: list[str]) -> list[str]:

@@ -103,7 +103,6 @@ def test_readme_cluster_quick_start_runs_as_written(tmp_path, tiny_inputs):
     assert metrics_steps(out_dir) == [1, 2], job.read_text()[-4000:]
 
 
-
 def test_nemo_run_slurm_executor_script_trains_on_two_nodes(tmp_path, tiny_inputs):
     """`python -m recipes.launch --executor slurm` on the login node: NeMo-Run renders its sbatch
     script and submits it to the real Slurm; its srun starts one torchrun per node, which must
@@ -133,3 +132,32 @@ def test_nemo_run_slurm_executor_script_trains_on_two_nodes(tmp_path, tiny_input
     assert "#SBATCH --nodes=2" in script
     assert (out_dir / "metrics.jsonl").exists(), f"{job_logs}\n{logs}"
     assert metrics_steps(out_dir) == [1, 2], job_logs
+
+
+def test_disaggregated_sbatch_runs_one_torchrun_per_training_node(tmp_path, tiny_inputs):
+    """In a 2-node allocation (one SGLang node, one training node) the training step must start
+    one torchrun, not one per task of the allocation: a second agent on the node joins the same
+    rendezvous, waits, and fails the job when the first one ends. torchrun is a stub here that
+    says where it runs; the stand-in server is real."""
+    policy, train = tiny_inputs
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "torchrun").write_text('#!/bin/sh\necho "torchrun agent on $(hostname)"\n')
+    (stub / "torchrun").chmod(0o755)
+    overrides = [f"model.hf_path={policy}", f"data.train_files=[{train}]",
+                 f"trainer.output_dir={tmp_path / 'run'}", "rollout.engine=sglang",
+                 "rollout.colocate=false", "rollout.weight_sync=broadcast", *STANDIN]
+    env = job_env(RECIPE="tiny_cpu_grpo", GPUS_PER_NODE="2", ROLLOUT_NODES="1",
+                  HEALTH_TIMEOUT_S="180")
+    env["PATH"] = f"{stub}{os.pathsep}{env['PATH']}"
+    job_out = tmp_path / "job.out"
+    with simulated_nodes.SimulatedNodes(2) as nodes, \
+            slurm_cluster.SlurmCluster(nodes, tmp_path) as cluster:
+        result = cluster.run(["sbatch", "--wait", "--nodes=2", f"--output={job_out}",
+                              str(REPO / "slurm/disaggregated.sbatch"), *overrides],
+                             env=env, cwd=str(REPO), capture_output=True, text=True, timeout=600)
+        logs = cluster.logs()
+    job = job_out.read_text() if job_out.exists() else ""
+    assert result.returncode == 0, f"{result.stderr}\n{job[-6000:]}\n{logs}"
+    agents = [line for line in job.splitlines() if line.startswith("torchrun agent on ")]
+    assert agents == ["torchrun agent on node1"], job[-3000:]

@@ -64,7 +64,7 @@ def test_colocated_dry_run_prints_config_torchrun_and_commands():
     assert "name: qwen3_8b_masa_1n8g" in out["resolved config"]
     assert "steps: 5" in out["resolved config"]
     assert out["torchrun"].startswith("torchrun --nnodes=1 --nproc-per-node=8 ")
-    assert "srun --nodes=1 --ntasks-per-node=1 --gpus-per-node=8" in out["commands"]
+    assert "srun --nodes=1 --ntasks=1 --ntasks-per-node=1 --gpus-per-node=8" in out["commands"]
 
 
 def test_dry_run_of_a_bad_config_exits_2_with_one_line():
