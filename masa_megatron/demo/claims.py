@@ -127,6 +127,15 @@ def check_claims(stats: dict, run_dirs: dict) -> list[Claim]:
     return claims
 
 
+def format_cell(value) -> str:
+    """A number for the summary tables: ints as they are, 3 decimals below 100, none above, '–'
+    for a missing or non-finite value."""
+    if isinstance(value, int):
+        return str(value)
+    finite = isinstance(value, float) and math.isfinite(value)
+    return f"{value:.3f}" if finite and abs(value) < 100 else (f"{value:.0f}" if finite else "–")
+
+
 def claims_markdown(claims: list[Claim], stats: dict) -> list[str]:
     """The claims, then one row per run: what summary.md shows under "Claims"."""
     verdict = {True: "holds", False: "does NOT hold", None: "not checked"}
@@ -136,8 +145,5 @@ def claims_markdown(claims: list[Claim], stats: dict) -> list[str]:
             "meta_reward_start", "meta_reward_end", "tokens_per_step_after_k"]
     lines += ["", "| mode | seed | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for (mode, seed), s in sorted(stats.items()):
-        cells = [f"{s[c]:.3f}" if isinstance(s[c], float) and math.isfinite(s[c])
-                 and abs(s[c]) < 100 else (f"{s[c]:.0f}" if isinstance(s[c], (int, float))
-                                           and math.isfinite(s[c]) else "–") for c in cols]
-        lines.append(f"| {mode} | {seed} | " + " | ".join(cells) + " |")
+        lines.append(f"| {mode} | {seed} | " + " | ".join(format_cell(s[c]) for c in cols) + " |")
     return lines

@@ -13,7 +13,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from masa_megatron.demo.claims import check_claims, claims_markdown, eval_records, run_stats
+from masa_megatron.demo.claims import (check_claims, claims_markdown, eval_records,
+                                       format_cell, run_stats)
 from masa_megatron.eval.report import plot_scatter, save_figure
 from masa_megatron.metrics import read_jsonl
 
@@ -171,12 +172,6 @@ def summary_rows(grouped: dict, k_step: int) -> list[dict]:
     return rows
 
 
-def _fmt(v) -> str:
-    if isinstance(v, int):
-        return str(v)
-    return f"{v:.3f}" if _finite(v) and abs(v) < 100 else (f"{v:.0f}" if _finite(v) else "–")
-
-
 def _timing_lines(timing: dict | None) -> list[str]:
     if not timing:
         return []
@@ -213,7 +208,7 @@ def write_demo_report(out: Path, runs: dict, budget, timing: dict | None = None)
              f"(+{budget.eval_meta_n} meta rollouts). 'start' is step 0, 'end' the last step.", "",
              *_timing_lines(timing),
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) if isinstance(r[c], str) else _fmt(r[c])
+    lines += ["| " + " | ".join(str(r[c]) if isinstance(r[c], str) else format_cell(r[c])
                                 for c in cols) + " |" for r in rows]
     run_dirs = {key: run_dir for key, (run_dir, _) in runs.items()}
     stats = {key: run_stats(run_dirs[key], s, k_step) for key, s in series.items() if s["evals"]}
