@@ -176,3 +176,23 @@ def test_timed_backend_takes_each_samples_length_from_the_prompt(timed):
             assert [c.finish_reason for c in got] == ["stop", "length", "stop"]
     finally:
         eng.shutdown()
+
+
+def test_waiting_first_round_requests_start_before_follow_ups(timed):
+    """Streaming, more first-round requests than slots: a freed slot goes to a waiting
+    first-round request (a meta, which may unlock more work) before any follow-up (a solution),
+    so every first-round request starts before the first follow-up does."""
+    eng = _engine(timed[:1])
+    try:
+        start = len(_stats(eng, timed[0].url)["generate_times"])
+        first = [GenerationRequest([i + 1], SamplingParams(max_new_tokens=10 + 10 * (i % 3)))
+                 for i in range(3 * CAP)]
+        eng.generate_chained(first, lambda i, r: [GenerationRequest(
+            [100 + i], SamplingParams(max_new_tokens=5))], stream=True)
+        log = _stats(eng, timed[0].url)["generate_times"][start:]
+        follow_start = min(t for rid, t, _ in log if "f" in rid.rsplit("-", 1)[-1])
+        first_starts = [t for rid, t, _ in log if "f" not in rid.rsplit("-", 1)[-1]]
+        assert len(first_starts) == 3 * CAP
+        assert max(first_starts) <= follow_start
+    finally:
+        eng.shutdown()
