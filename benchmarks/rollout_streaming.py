@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from masa_megatron.rollout.base import GenerationRequest, SamplingParams  # noqa: E402
 from masa_megatron.rollout.sglang import SGLangEngine  # noqa: E402
-from masa_megatron.rollout.sglang_scheduler import ServerSlots  # noqa: E402
+from masa_megatron.rollout.sglang_scheduler import FIRST_ROUND, FOLLOW_UP, ServerSlots  # noqa: E402,E501
 from tests.sglang_standin import start_standin  # noqa: E402
 from tests.sglang_standin.backend import TimedBackend  # noqa: E402
 
@@ -98,12 +98,13 @@ def workload(seed: int, args) -> dict:
 
 def simulate(work: dict, slots: int, stream: bool) -> float:
     """Phase length, in token times, of the same work on `slots` ideal slots (no HTTP, no CPU):
-    one sequence per slot, waiting follow-ups first, then first-round sequences in order."""
+    one sequence per slot, waiting first-round sequences first, then follow-ups, each in order
+    (the client's priorities, rollout/sglang_scheduler.py)."""
     problems, order = work["problems"], itertools.count()
     waiting = []                       # heap of (priority, order, length, problem or -1)
     for i, p in enumerate(problems):
         for length in p["metas"]:
-            heapq.heappush(waiting, (1, next(order), length, i))
+            heapq.heappush(waiting, (FIRST_ROUND, next(order), length, i))
     left = [len(p["metas"]) for p in problems]
     held, running, now = [], [], 0.0
     while waiting or running or held:
@@ -118,7 +119,7 @@ def simulate(work: dict, slots: int, stream: bool) -> float:
         if i >= 0:
             left[i] -= 1
             if left[i] == 0 and problems[i]["kept"]:
-                follow = [(0, next(order), n, -1) for n in problems[i]["solutions"]]
+                follow = [(FOLLOW_UP, next(order), n, -1) for n in problems[i]["solutions"]]
                 if stream:
                     for item in follow:
                         heapq.heappush(waiting, item)

@@ -102,21 +102,21 @@ def test_one_sender_keeps_every_server_full_while_requests_wait(timed):
         eng.shutdown()
 
 
-def test_slots_go_to_the_least_loaded_server_and_follow_ups_first():
-    from masa_megatron.rollout.sglang_scheduler import ServerSlots
+def test_slots_go_to_the_least_loaded_server_and_first_round_requests_first():
+    from masa_megatron.rollout.sglang_scheduler import FIRST_ROUND, FOLLOW_UP, ServerSlots
 
     async def scenario():
         slots = ServerSlots(["a", "b"], [2, 3])
         placed = [await slots.acquire() for _ in range(5)]
         assert placed == [1, 0, 1, 0, 1] and slots.running == [2, 3]
-        first = asyncio.ensure_future(slots.acquire(priority=1))
-        follow = asyncio.ensure_future(slots.acquire(priority=0))
+        follow = asyncio.ensure_future(slots.acquire(priority=FOLLOW_UP))
+        first = asyncio.ensure_future(slots.acquire(priority=FIRST_ROUND))
         await asyncio.sleep(0)
         slots.release(0)
         await asyncio.sleep(0)
-        assert follow.done() and follow.result() == 0 and not first.done()
+        assert first.done() and first.result() == 0 and not follow.done()
         slots.release(1)
-        assert await first == 1
+        assert await follow == 1
         big = await asyncio.wait_for(asyncio.ensure_future(_drain_then(slots, 4)), 1.0)
         assert big in (0, 1)           # larger than a share: runs alone on an idle server
     asyncio.run(scenario())
