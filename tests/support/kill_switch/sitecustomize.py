@@ -9,7 +9,9 @@ TORCHELASTIC_RESTART_COUNT, default 0). In that attempt, global rank <rank> call
   generation);
 - `sync_bucket:<n>`: sending the first broadcast weight-sync bucket of weight version n
   (BroadcastSync._send_bucket), after the servers were told to receive it: they are left
-  waiting in the collective.
+  waiting in the collective;
+- `handoff:<n>`: handing weight version n to the rollout engine after step n
+  (Handoff.to_rollout, not the one at start): after step n's checkpoint, before its metrics row.
 
 MASA_TEST_SENT_DIR: every sender saves the HF tensors it has broadcast for weight version v to
 <dir>/v<v>-rank<RANK>.pt ({name: tensor}, rewritten after each bucket), and once the sync of
@@ -27,7 +29,8 @@ import sys
 
 POINTS = {"update": ("masa_megatron.train.actor", "Actor", "update"),
           "sync_bucket": ("masa_megatron.rollout.weight_sync.broadcast", "BroadcastSync",
-                          "_send_bucket")}
+                          "_send_bucket"),
+          "handoff": ("masa_megatron.train.handoff", "Handoff", "to_rollout")}
 
 
 def _armed() -> list[tuple[str, int]]:
@@ -48,7 +51,12 @@ def _kill_at(point: str, n: int):
 
         def wrapper(*args, **kwargs):
             seen[0] += 1
-            hit = seen[0] == n if point == "update" else int(args[2]) == n  # (self, bucket, v)
+            if point == "update":
+                hit = seen[0] == n
+            elif point == "handoff":           # (self, engine, actor, version, at_start)
+                hit = kwargs.get("version") == n and not kwargs.get("at_start", False)
+            else:                               # (self, bucket, version)
+                hit = int(args[2]) == n
             if hit:
                 print(f"kill switch: rank {os.environ.get('RANK')} exits at {point} {n}",
                       file=sys.stderr, flush=True)
