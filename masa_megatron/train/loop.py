@@ -13,9 +13,11 @@
     update    = PPO loss, one optimizer step per mini-batch                (train/actor.py)
                 (+ masa.head_loss_weight x meta-head loss through the backbone, when > 0)
     head fit  = meta-head on this step's statistics (incl. audited problems)
-    checkpoint (when due)
+    checkpoint (when due; it keeps the step's metrics so far)
     sync      = engine.update_weights
     eval (when due), log
+A run killed after a checkpoint and before that step's log resumes by evaluating and logging the
+step from the metrics its checkpoint kept (`LoopParts.unlogged_row`), so no row is lost.
 
 With colocated servers (train/handoff.py) the servers release their memory and the trainer's
 state comes back between generation and the old log-probs (`to_training`); after the
@@ -72,7 +74,7 @@ class LoopParts:
     dp: Any                          # train.dist.DataParallelInfo
     head: Any = None                 # masa.meta_head.MetaHeadTrainer on the last stage, or None
     checkpoints: Any = None          # train.checkpoint.CheckpointManager or None
-    save_checkpoint: Optional[Callable[[int], None]] = None
+    save_checkpoint: Optional[Callable[[int, dict], None]] = None   # (step, its metrics)
     progress: Any = None
     reference_parse: Optional[Callable[[str], dict]] = None
     evaluator: Any = None            # eval.run.Evaluator on the held-out problems, or None
@@ -80,6 +82,9 @@ class LoopParts:
     eval_problems: list = field(default_factory=list)
     bc_buffer: list = field(default_factory=list)
     nonfinite_streak: int = 0
+    # resumed from a checkpoint whose step has no metrics row yet (the run was killed between
+    # the save and the log): that step's metrics as the checkpoint kept them
+    unlogged_row: Optional[dict] = None
 
 
 def run_step(parts: LoopParts, step: int) -> dict[str, float]:
@@ -259,23 +264,32 @@ def run_loop(parts: LoopParts, start_step: int) -> None:
         initial = evaluate_in_loop(parts, 0)
         if parts.sinks is not None:
             parts.sinks.log(0, initial)
+    if parts.unlogged_row is not None:   # the step's sync already ran again at the resume
+        _eval_and_log(parts, start_step, dict(parts.unlogged_row))
+        parts.unlogged_row = None
     for step in range(start_step, cfg.trainer.steps):
         metrics = run_step(parts, step)     # ends with the trainer holding the GPU
         done = step + 1
         if parts.save_checkpoint is not None and cfg.checkpoint.save_every and \
                 (done % cfg.checkpoint.save_every == 0 or done == cfg.trainer.steps):
-            parts.save_checkpoint(done)
+            parts.save_checkpoint(done, metrics)
         handed = parts.handoff.to_rollout(parts.engine, parts.actor, version=done)
         metrics.update(handed)
         metrics["time/step"] += handed["time/weight_sync"] + handed["time/handoff_to_rollout"]
-        if parts.evaluator is not None and (done % cfg.trainer.eval_every == 0
-                                            or done == cfg.trainer.steps):
-            metrics.update(evaluate_in_loop(parts, done))
-        if parts.sinks is not None and done % cfg.logging.log_every == 0:
-            parts.sinks.log(done, metrics)
-        if parts.progress is not None:
-            parts.progress.update(done, {k: metrics[k] for k in _PROGRESS_KEYS if k in metrics
-                                         and not _nan(metrics[k])})
+        _eval_and_log(parts, done, metrics)
+
+
+def _eval_and_log(parts: LoopParts, done: int, metrics: dict) -> None:
+    """The end of step `done`: held-out eval when due, then its metrics row."""
+    cfg = parts.cfg
+    if parts.evaluator is not None and (done % cfg.trainer.eval_every == 0
+                                        or done == cfg.trainer.steps):
+        metrics.update(evaluate_in_loop(parts, done))
+    if parts.sinks is not None and done % cfg.logging.log_every == 0:
+        parts.sinks.log(done, metrics)
+    if parts.progress is not None:
+        parts.progress.update(done, {k: metrics[k] for k in _PROGRESS_KEYS if k in metrics
+                                     and not _nan(metrics[k])})
 
 
 _PROGRESS_KEYS = ("solution/accuracy", "meta/r_score", "gating/fraction", "time/step")

@@ -109,7 +109,7 @@ def build_training(cfg: ExperimentConfig, *, log=print):
         progress=Progress(cfg.trainer.steps, cfg.name, enabled=cfg.logging.progress and
                           logging_rank),
         reference_parse=lambda text: parse_meta_prediction(text, "reference"))
-    parts.save_checkpoint = lambda step: save_checkpoint(parts, step)
+    parts.save_checkpoint = lambda step, metrics=None: save_checkpoint(parts, step, metrics)
     if cfg.trainer.eval_every:
         parts.evaluator, parts.eval_problems = build_evaluator(cfg, engine, tokenizer, actor, head,
                                                                handoff)
@@ -127,6 +127,12 @@ def build_training(cfg: ExperimentConfig, *, log=print):
                            if "bc_buffer" not in common else list(common["bc_buffer"]))
         parts.nonfinite_streak = common.get("nonfinite_streak", 0)
         start = common["step"]
+        if common.get("metrics") and start % cfg.logging.log_every == 0 and \
+                _row_missing(cfg, out_dir, start):
+            parts.unlogged_row = dict(common["metrics"])
+            if logging_rank:
+                log(f"step {start} was saved but not logged (the run stopped in between): its "
+                    f"metrics row is written from the checkpoint")
         parts.progress.step = parts.progress._s0 = start
     # colocated: the servers released their weights; attached: they may hold another
     # attempt's weights. Either way they are synced before the first generation.
@@ -135,6 +141,20 @@ def build_training(cfg: ExperimentConfig, *, log=print):
     if logging_rank:   # rows of the steps about to be rerun are dropped: one row per step
         parts.sinks = open_sinks(cfg.logging, out_dir, cfg.name, config=None, resume_step=start)
     return parts, start
+
+
+def _row_missing(cfg: ExperimentConfig, out_dir: Path, step: int) -> bool:
+    """Whether this run's metrics.jsonl exists and lacks `step`'s row (a run resumed from
+    another run's checkpoint into a new folder has no file: nothing to complete). Rank 0 reads
+    it, every rank gets the answer (the row's eval is collective)."""
+    from masa_megatron.metrics import is_logging_rank, read_jsonl
+
+    path = Path(out_dir) / "metrics.jsonl"
+    missing = [bool(cfg.logging.jsonl and is_logging_rank() and path.is_file()
+                    and all(r.get("step") != step for r in read_jsonl(path)))]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(missing, src=0)
+    return missing[0]
 
 
 def build_evaluator(cfg: ExperimentConfig, engine, tokenizer, actor, head, handoff=None):
@@ -182,7 +202,8 @@ def _writes_the_head() -> bool:
     return ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
 
 
-def save_checkpoint(parts, step: int) -> None:
+def save_checkpoint(parts, step: int, metrics: Optional[dict] = None) -> None:
+    """Collective. `metrics`: the step's row so far, kept so a resume can still log it."""
     from masa_megatron.metrics import is_logging_rank
     from masa_megatron.train.checkpoint import save_trainer_state
 
@@ -197,7 +218,8 @@ def save_checkpoint(parts, step: int) -> None:
                                   hf_source_dir=parts.cfg.model.hf_path)
         save_trainer_state(
             folder, {"step": step, "sampler": parts.sampler.state_dict(),
-                     "nonfinite_streak": parts.nonfinite_streak},
+                     "nonfinite_streak": parts.nonfinite_streak,
+                     "metrics": dict(metrics or {})},
             rank_state={"bc_buffer": parts.bc_buffer, "dp_rank": parts.dp.rank,
                         "dp_size": parts.dp.size})
         if is_logging_rank():
