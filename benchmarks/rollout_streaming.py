@@ -23,7 +23,9 @@ Configurations, same work in each, run alternately per repeat through one SGLang
 
 Per run: generation-phase wall time; server utilisation = time-integral of running sequences /
 (cap x servers x phase) (server-side counts); the client's fill while queued (time-weighted
-in-flight / limit while requests waited in the client) and the longest request's share.
+in-flight / limit while requests waited in the client), the same seen by the servers
+(`server_fill`: their own arrival/answer times over the client's queued spans) and the longest
+request's share.
 Medians over --repeats. `simulate` runs the same work as an event simulation on ideal slots
 (per-server placement), the ratio without HTTP or CPU effects (--simulate-only: just that).
 
@@ -46,6 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -128,11 +131,43 @@ def simulate(work: dict, slots: int, stream: bool) -> float:
     return now
 
 
+def log_queued_spans(slots: ServerSlots) -> ServerSlots:
+    """Make `slots` keep the wall-clock spans during which requests waited in the client
+    (`slots.queued_spans`, contiguous spans merged), to compare with the servers' own logs."""
+    slots.queued_spans, last, real = [], [time.time()], slots._tick
+
+    def tick():
+        now = time.time()
+        if slots._waiting:
+            spans = slots.queued_spans
+            if spans and spans[-1][1] == last[0]:
+                spans[-1] = (spans[-1][0], now)
+            else:
+                spans.append((last[0], now))
+        last[0] = now
+        real()
+    slots._tick = tick
+    return slots
+
+
+def server_fill(logs: list, spans: list, cap: int) -> Optional[float]:
+    """The target seen by the servers: over the spans when requests waited in the client, the
+    time-integral of requests each server held (arrival to answer, the stand-in's wall-clock
+    `generate_times`) / (cap x the spans' length); the least-filled server's value."""
+    total = sum(end - start for start, end in spans)
+    if total <= 0:
+        return None
+    return min(sum(max(0.0, min(done, end) - max(came, start))
+                   for _, came, done in log for start, end in spans) / (cap * total)
+               for log in logs)
+
+
 def run_once(engine: SGLangEngine, work: dict, config: str, args) -> dict:
     stream, placement = config.split("/")
     urls = engine.server_urls
-    engine._slots = (ServerSlots(urls, [args.cap] * len(urls)) if placement == "per_server"
-                     else PerSenderSlots(urls, args.sender_pool, args.cap))
+    engine._slots = log_queued_spans(
+        ServerSlots(urls, [args.cap] * len(urls)) if placement == "per_server"
+        else PerSenderSlots(urls, args.sender_pool, args.cap))
     marker, cap, problems = TimedBackend.LENGTHS_MARKER, work["cap"], work["problems"]
     requests = [GenerationRequest([marker, *p["metas"]],
                                   SamplingParams(max_new_tokens=cap, n=8, seed=p["seed"]))
@@ -154,10 +189,12 @@ def run_once(engine: SGLangEngine, work: dict, config: str, args) -> dict:
     assert tokens == expected, (tokens, expected)
     m = engine.rollout_metrics
     running = sum(a["running_s"] - b["running_s"] for a, b in zip(after, before))
+    logs = [a["generate_times"][len(b["generate_times"]):] for a, b in zip(after, before)]
     fills = [v for k, v in m.items() if k.endswith("_fill_while_queued")]
     return {"phase_s": wall, "tokens": tokens,
             "server_utilisation": running / (args.cap * len(urls) * wall),
             "client_fill_while_queued": min(fills) if fills else None,
+            "server_fill_while_queued": server_fill(logs, engine._slots.queued_spans, args.cap),
             "busy_fraction_mean": m["rollout/busy_fraction_mean"],
             "longest_request_share": m["rollout/longest_request_share"],
             "meta_to_solution_s_mean": m.get("rollout/meta_to_solution_s_mean")}
