@@ -181,18 +181,25 @@ def test_timed_backend_takes_each_samples_length_from_the_prompt(timed):
 def test_waiting_first_round_requests_start_before_follow_ups(timed):
     """Streaming, more first-round requests than slots: a freed slot goes to a waiting
     first-round request (a meta, which may unlock more work) before any follow-up (a solution),
-    so every first-round request starts before the first follow-up does."""
+    so every first-round request holds a slot before the first follow-up does (the order the
+    client grants its slots in)."""
+    from masa_megatron.rollout.sglang_scheduler import FIRST_ROUND, FOLLOW_UP, ServerSlots
+
+    class GrantLog(ServerSlots):
+        async def acquire(self, weight: int = 1, priority: int = 0) -> int:
+            server = await super().acquire(weight, priority)
+            self.granted.append(priority)
+            return server
+
     eng = _engine(timed[:1])
+    eng._slots = GrantLog([timed[0].url], [CAP])
+    eng._slots.granted = []
     try:
-        start = len(_stats(eng, timed[0].url)["generate_times"])
         first = [GenerationRequest([i + 1], SamplingParams(max_new_tokens=10 + 10 * (i % 3)))
                  for i in range(3 * CAP)]
-        eng.generate_chained(first, lambda i, r: [GenerationRequest(
+        results = eng.generate_chained(first, lambda i, r: [GenerationRequest(
             [100 + i], SamplingParams(max_new_tokens=5))], stream=True)
-        log = _stats(eng, timed[0].url)["generate_times"][start:]
-        follow_start = min(t for rid, t, _ in log if "f" in rid.rsplit("-", 1)[-1])
-        first_starts = [t for rid, t, _ in log if "f" not in rid.rsplit("-", 1)[-1]]
-        assert len(first_starts) == 3 * CAP
-        assert max(first_starts) <= follow_start
+        assert len(results) == 6 * CAP
+        assert eng._slots.granted == [FIRST_ROUND] * (3 * CAP) + [FOLLOW_UP] * (3 * CAP)
     finally:
         eng.shutdown()
