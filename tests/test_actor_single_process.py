@@ -402,3 +402,44 @@ def test_update_reports_the_padding_of_its_micro_batches(fresh):
     expected = 1 - sum(lengths) / padded
     assert 0 < expected < 1, "make_batch rows must differ in length"
     assert fresh.update(batch)["train/padding_fraction"] == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("multiple", [1, 16])
+def test_output_layer_runs_from_the_first_response_column_on(fresh, monkeypatch, multiple):
+    """Every actor pass (log-probs, update, sft step) feeds the output layer only the positions
+    from the micro-batch's smallest response start on, rounded down to the layout's sequence
+    multiple (FP8 GEMM alignment); the columns before it hold prompt tokens of every row. The
+    values stay those of the plain whole-sequence maths
+    (test_logprobs_and_entropy_equal_plain_log_softmax)."""
+    from masa_megatron.train.actor import unwrap_model
+
+    batch = make_batch()
+    fresh.cfg.micro_batch_tokens = 150   # several micro-batches of different widths
+    monkeypatch.setattr(fresh, "sequence_multiple", multiple)
+
+    def widths(samples, indices):
+        micro = fresh._micro_batches(samples, indices)
+        cut.extend(min(mb.response_start) >= multiple for mb in micro)
+        return [mb.tokens.shape[1] - min(mb.response_start) // multiple * multiple
+                for mb in micro]
+
+    cut = []
+    expected = widths(batch, range(len(batch)))
+    assert len(expected) > 1 and any(cut)
+    rows = []
+    head = unwrap_model(fresh.model_chunks[0]).output_layer
+    handle = head.register_forward_hook(lambda module, args, out: rows.append(out[0].shape[0]))
+    try:
+        batch.old_logprobs = fresh.logprobs(batch)
+        assert rows == expected and all(r % multiple == 0 for r in rows)
+        rows.clear()
+        fresh.update(batch)
+        minis, _ = fresh._mini_batches(batch)
+        assert rows == [w for _ in range(fresh.cfg.ppo_epochs) for idx in minis
+                        for w in widths(batch, idx)]
+        rows.clear()
+        fresh.sft_step(batch.prompt_ids[4:8], batch.response_ids[4:8])
+        assert rows == widths(type(batch)(batch.prompt_ids[4:8], batch.response_ids[4:8]),
+                              range(4))
+    finally:
+        handle.remove()
