@@ -51,7 +51,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from masa_megatron.algo.losses import policy_loss, summarize_policy_metrics
@@ -137,29 +136,18 @@ class Actor:
              forward_only: bool, collect: bool = False) -> list:
         """Megatron's schedule over `micro`; returns the loss_func outputs (last stage).
 
-        On the last stage the model output is per_token(labels [b, s], logits [s', b, V/TP]),
+        On the last stage the model output is per_token(labels [b, s], logits [s, b, V/TP]),
         a [b, s] tensor: it stands in for GPTModel's language-model loss, which gets the logits
         in their native layout (without labels GPTModel returns a transposed copy of the largest
-        activation). The output layer runs only on the last s' = s - `_logit_offset(mb)`
-        positions: the columns before the micro-batch's first response column hold prompt
-        tokens of every row, whose logits nothing uses. loss_func(mb, output) is the schedule's
-        loss function."""
-        offset = [0]      # of the micro-batch being run
-
+        activation). loss_func(mb, output) is the schedule's loss function."""
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            offset[0] = self._logit_offset(mb)
             with hot_path():
                 output = model(mb.tokens, mb.position_ids, None, labels=mb.labels,
                                runtime_gather_output=False)
             return output, partial(loss_func, mb)
 
-        def skip_prompt_columns(module, args, kwargs):
-            return (args[0][offset[0]:], *args[1:]), kwargs
-
         heads = [m for m in map(unwrap_model, self.model_chunks) if m.post_process]
-        hooks = [m.output_layer.register_forward_pre_hook(skip_prompt_columns, with_kwargs=True)
-                 for m in heads]
         for model in heads:
             model.compute_language_model_loss = per_token
         iterators = [iter(micro) for _ in self.model_chunks]
@@ -172,29 +160,16 @@ class Actor:
                 micro_batch_size=max(mb.num_rows for mb in micro),
                 forward_only=forward_only, collect_non_loss_data=collect)
         finally:
-            for model, hook in zip(heads, hooks):
-                hook.remove()
+            for model in heads:
                 del model.compute_language_model_loss
 
-    def _logit_offset(self, mb: MicroBatch) -> int:
-        """Leading sequence positions of `mb` whose logits no row uses: its smallest response
-        start, rounded down to the layout's sequence multiple (so the output layer's input keeps
-        the FP8 GEMM alignment); 0 with sequence parallelism, where that input is a sequence
-        shard, and with multi-token prediction, which splits that input itself."""
-        c = self.model_config
-        if c.sequence_parallel or getattr(c, "mtp_num_layers", None) or mb.is_padding_only:
-            return 0
-        return min(mb.response_start) // self.sequence_multiple * self.sequence_multiple
-
     def _logprob_fn(self, temperature: float, entropies: Optional[list] = None) -> PerTokenFn:
-        """per_token function: log-probs (and, into `entropies`, entropy) of the labels [b, s]
-        from the logits of the last s' <= s positions; 0 in the first s - s' columns."""
+        """per_token function: log-probs (and, into `entropies`, entropy) of the labels."""
         def per_token(labels: Tensor, logits: Tensor) -> Tensor:
-            cut = labels.shape[1] - logits.shape[0]
             z = scaled_vocab_logits(logits, temperature, self.vocab_size)
             if entropies is not None:
-                entropies.append(F.pad(vocab_parallel_entropy(z).t(), (cut, 0)))
-            return F.pad(vocab_parallel_logprobs(z, labels[:, cut:].t().contiguous()).t(), (cut, 0))
+                entropies.append(vocab_parallel_entropy(z).t())
+            return vocab_parallel_logprobs(z, labels.t().contiguous()).t()
         return per_token
 
     @contextmanager
