@@ -1,11 +1,14 @@
 """Our plain-GRPO step vs TRL's GRPOTrainer on the same work (CPU, fp32, same model and data).
 
     python benchmarks/grpo_vs_trl.py [--steps 5 --warmup 1 --repeats 3 --problems 4 --group 8
-                                      --max-new 64 --threads <cores>]
+                                      --max-new 64 --threads <cores> --baseline-code DIR]
 
 Both trainers run the same number of RL steps, each in its own subprocess (so peak RSS is
 separate; it is read with getrusage in the child), alternating: ours, trl, ours, trl, ...
-`--repeats` times. The first `--warmup` steps of every run are not timed.
+`--repeats` times. The first `--warmup` steps of every run are not timed. With
+`--baseline-code DIR` (a folder holding another version's `masa_megatron` package, e.g. from
+`git archive <commit> masa_megatron | tar -x -C DIR`) a third side, "baseline", runs our trainer
+from that code in the same rotation (ours, trl, baseline, ...), and the report adds ours/baseline.
 
 The same work on both sides
     model      one tiny Qwen3 HF folder made on the fly (the demo's shape: hidden 128, 4 layers,
@@ -348,15 +351,19 @@ def child_trl(spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- parent
-def run_child(side: str, spec: dict, folder: Path) -> dict:
+def run_child(side: str, spec: dict, folder: Path, code: Path | None = None) -> dict:
+    """One trainer run in a subprocess; `code`: a folder whose masa_megatron is imported."""
     folder.mkdir(parents=True)
     spec = dict(spec, workdir=str(folder / "run"))
     (folder / "spec.json").write_text(json.dumps(spec))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code.resolve()), env.get("PYTHONPATH", "")])
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", side, "--spec",
-                           str(folder / "spec.json")], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, __file__, "--child", "trl" if side == "trl" else "ours",
+                           "--spec", str(folder / "spec.json")], env=env, capture_output=True,
+                          text=True)
     wall = time.perf_counter() - started
     result_file = folder / "result.json"
     if proc.returncode != 0 or not result_file.is_file():
@@ -401,6 +408,8 @@ def main() -> None:
                         help="torch intra-op threads in both trainers (default: all cores, as "
                              "`masa train` uses)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--baseline-code", type=Path,
+                        help="folder with another version's masa_megatron: a third side")
     parser.add_argument("--child", choices=("ours", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -415,7 +424,11 @@ def main() -> None:
                     group=args.group, max_new=args.max_new, lr=args.lr)
     load_before, pressure_before = os.getloadavg(), cpu_pressure()
     started = time.time()
-    runs = {"ours": [], "trl": []}
+    if args.baseline_code is not None and \
+            not (args.baseline_code / "masa_megatron" / "__init__.py").is_file():
+        raise SystemExit(f"--baseline-code {args.baseline_code}: no masa_megatron package in it")
+    sides = ("ours", "trl") + (("baseline",) if args.baseline_code is not None else ())
+    runs = {side: [] for side in sides}
     with tempfile.TemporaryDirectory(prefix="grpo_vs_trl-") as tmp:
         tmp = Path(tmp)
         model = make_model(tmp / "model")
@@ -423,9 +436,10 @@ def main() -> None:
         spec = {"model": str(model), "data": str(data), "settings": settings,
                 "threads": args.threads}
         for repeat in range(args.repeats):
-            for side in ("ours", "trl"):
+            for side in sides:
                 print(f"run {repeat + 1}/{args.repeats}: {side} ...", flush=True)
-                result = run_child(side, spec, tmp / f"{side}-{repeat}")
+                result = run_child(side, spec, tmp / f"{side}-{repeat}",
+                                   args.baseline_code if side == "baseline" else None)
                 runs[side].append(result)
                 fig = summarise_run(result, args.warmup)
                 print(f"  {fig['s_per_step']:.3f} s/step, {fig['tokens_per_s']:.0f} tokens/s, "
@@ -511,6 +525,14 @@ def main() -> None:
         "total_wall_s": time.time() - started, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": "python benchmarks/grpo_vs_trl.py " + " ".join(sys.argv[1:]),
     }
+    if "baseline" in median:
+        base = median["baseline"]
+        report["baseline_code"] = str(args.baseline_code)
+        report["ratio_s_per_step_ours_over_baseline"] = ours["s_per_step"] / base["s_per_step"]
+        report["ratio_paired_median_ours_over_baseline"] = statistics.median(
+            o["s_per_step"] / b["s_per_step"] for o, b in zip(per_run["ours"], per_run["baseline"]))
+        report["ratio_phases_ours_over_baseline"] = {
+            k: ours["phases_s"][k] / v for k, v in base["phases_s"].items() if v > 0}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
 
@@ -518,12 +540,12 @@ def main() -> None:
     print(f"{args.problems} problems x {args.group} samples, <= {args.max_new} new tokens, "
           f"{args.steps} timed steps after {args.warmup} per run, {args.repeats} alternating "
           f"repeats; medians over repeats")
-    print(f"  {'':5s} {'s/step':>8s} {'in-step':>8s} {'tok/step':>9s} {'tok/s':>7s} "
+    print(f"  {'':8s} {'s/step':>8s} {'in-step':>8s} {'tok/step':>9s} {'tok/s':>7s} "
           f"{'gen tok/s':>9s} {'RSS MiB':>8s}  phases (s)")
-    for side in ("ours", "trl"):
+    for side in sides:
         m = median[side]
         phases = " ".join(f"{k}={v:.2f}" for k, v in m["phases_s"].items())
-        print(f"  {side:5s} {m['s_per_step']:8.3f} {m['in_step_s']:8.3f} "
+        print(f"  {side:8s} {m['s_per_step']:8.3f} {m['in_step_s']:8.3f} "
               f"{m['tokens_per_step']:9.0f} {m['tokens_per_s']:7.0f} "
               f"{m['generate_tokens_per_s']:9.0f} {m['peak_rss_mib']:8.0f}  {phases}")
     print(f"  ratio ours/trl: s/step {report['ratio_s_per_step_ours_over_trl']:.2f} "
@@ -534,6 +556,11 @@ def main() -> None:
           f"{report['ratio_tokens_per_s_ours_over_trl']:.2f}, generate tokens/s "
           f"{report['ratio_generate_tokens_per_s_ours_over_trl']:.2f}, peak RSS "
           f"{report['ratio_peak_rss_ours_over_trl']:.2f}")
+    if "baseline" in median:
+        phases = " ".join(f"{k}={v:.2f}" for k, v in report["ratio_phases_ours_over_baseline"].items())
+        print(f"  ratio ours/baseline ({args.baseline_code}): s/step "
+              f"{report['ratio_s_per_step_ours_over_baseline']:.2f} (paired "
+              f"{report['ratio_paired_median_ours_over_baseline']:.2f}); phases {phases}")
     print(f"  untimed first step: ours {ours['first_step_s']:.1f} s, trl {theirs['first_step_s']:.1f} s;"
           f" whole process (imports, set-up, all steps): ours {ours['process_wall_s']:.0f} s, "
           f"trl {theirs['process_wall_s']:.0f} s")

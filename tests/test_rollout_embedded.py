@@ -251,3 +251,39 @@ def test_kv_step_runs_the_mlp_activation_the_trainer_runs(qwen, monkeypatch):
         got = MegatronStep(model)._mlp(mlp, hidden)[0]
     assert calls == [(3, 2, 2 * model.config.ffn_hidden_size)]
     assert torch.equal(got, expected)
+
+
+def test_small_forwards_run_single_threaded_and_threads_come_back(qwen, monkeypatch):
+    """A forward whose matmuls are under MACS_PER_THREAD multiply-adds per thread runs on one
+    intra-op thread (the tiny model's prefill and decode steps), so with 2 torch threads the
+    samples are those of a 1-thread run; torch's setting is restored afterwards. With a budget
+    of 1 MAC per thread every forward may use all of torch's threads, and no more."""
+    from masa_megatron.rollout import embedded
+    from masa_megatron.rollout.megatron_step import MegatronStep
+
+    _, model = qwen
+    seen = []
+    step = MegatronStep.__call__
+
+    def recording(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(MegatronStep, "__call__", recording)
+    reqs = [GenerationRequest(p, _sampled(seed=3 + i, n=3)) for i, p in enumerate(PROMPTS)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _engine(model).generate(reqs)
+        torch.set_num_threads(2)
+        seen.clear()
+        two = _engine(model).generate(reqs)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        assert [[(c.token_ids, c.logprobs) for c in r.completions] for r in one] == \
+            [[(c.token_ids, c.logprobs) for c in r.completions] for r in two]
+        monkeypatch.setattr(embedded, "MACS_PER_THREAD", 1)
+        seen.clear()
+        _engine(model).generate(reqs)
+        assert set(seen) == {2} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

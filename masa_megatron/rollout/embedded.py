@@ -20,6 +20,13 @@ Per batch of rows (one row per sample; a request with n samples gives n rows):
    same decisions and returns the same results.
 5. A row stops at its own max_new_tokens or stop id; finished rows are dropped from the batch
    (KV cache rows compacted) so they cost nothing afterwards.
+6. Threads: each forward (a prefill micro-batch, the decode loop of a batch) runs on
+   min(torch's threads, max(1, MACs // MACS_PER_THREAD)) intra-op threads, MACs = its new tokens
+   x this rank's matmul weights (decoder layers and output layer; MoE: all experts, an upper
+   bound). A decode step is ~15 ops per layer; when each is too small to split, every one of
+   them pays an OpenMP fork/join, and on a busy machine a descheduled sibling thread stalls it
+   for a time slice, so small forwards run single-threaded. The thread count is a function of the
+   batch alone, so a seed gives the same samples on every run with the same torch threads.
 
 The model runs in eval mode under no_grad; per-module train flags are restored afterwards and
 nothing else in the model is touched (no Megatron inference context, no rotary cache, nor
@@ -47,6 +54,19 @@ from masa_megatron.rollout.megatron_step import (KVCache, MegatronStep, ModelPar
 from masa_megatron.rollout.sampling import RowSampling, sample_next_tokens
 
 _MASK64 = (1 << 64) - 1
+# multiply-adds of one forward's matmuls per intra-op thread it may use (2^27: ~3 ms on one
+# AVX2/AVX-512 core, against ~10-50 us of fork/join per op and ~60 ops per decode step)
+MACS_PER_THREAD = 1 << 27
+
+
+def matmul_weights(gpt: Any) -> int:
+    """Elements of this rank's matmul weights a token passes through: the 2-D parameters of the
+    decoder layers and the output projection on the last stage (the embedding is a lookup)."""
+    weights = [p for layer in gpt.decoder.layers for p in layer.parameters() if p.dim() == 2]
+    if getattr(gpt, "post_process", True):
+        weights.append(gpt.shared_embedding_or_output_weight()
+                       if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight)
+    return sum(w.numel() for w in weights if w is not None)
 
 
 def mix_seed(*values: int) -> int:
@@ -126,6 +146,7 @@ class EmbeddedEngine(RolloutEngine):
         self._alive = True
         self._mp = ModelParallel()
         self._device = next(self.gpt.parameters()).device
+        self._macs_per_token = matmul_weights(self.gpt)
 
     @classmethod
     def from_config(cls, model: Any, cfg: Any, *, vocab_size: Optional[int] = None,
@@ -204,7 +225,22 @@ class EmbeddedEngine(RolloutEngine):
     def _generate_batch(self, rows: list[_Row]) -> list[Completion]:
         live = self._layout(rows)
         logits, cache = self._prefill(rows, live)
-        return self._decode(live, logits, cache)
+        with self._threads(len(rows)):
+            return self._decode(live, logits, cache)
+
+    @contextlib.contextmanager
+    def _threads(self, tokens: int):
+        """torch's intra-op threads capped for a forward over `tokens` new tokens (point 6 of
+        the module docstring); restored on exit."""
+        before = torch.get_num_threads()
+        wanted = min(before, max(1, tokens * self._macs_per_token // MACS_PER_THREAD))
+        if wanted != before:
+            torch.set_num_threads(wanted)
+        try:
+            yield
+        finally:
+            if wanted != before:
+                torch.set_num_threads(before)
 
     def _layout(self, rows: list[_Row]) -> "_LiveRows":
         """Left padding to the longest prompt; per-row positions start at the first real token."""
@@ -253,8 +289,9 @@ class EmbeddedEngine(RolloutEngine):
             rope = live.rope
             if rope is not None:
                 rope = rope[:width, sel] if real is not None else rope[:width]
-            parts.append(self._stepper(tokens[part], live.positions[sel, :width], rope, mask,
-                                       cache, 0, part, self._mp))
+            with self._threads(tokens[part].numel()):
+                parts.append(self._stepper(tokens[part], live.positions[sel, :width], rope,
+                                           mask, cache, 0, part, self._mp))
         if len(firsts) < len(rows):
             cache.select(prompt_of)
         return (torch.cat(parts)[prompt_of] if self._mp.is_last_stage else None), cache
