@@ -150,19 +150,28 @@ def test_crash_while_saving_resumes_from_previous_checkpoint(workdir):
 def test_kill_after_a_checkpoint_before_its_metrics_row_loses_no_row(workdir, full_run):
     """A rank killed in the weight sync right after step 3's checkpoint (the loop saves, syncs,
     then logs): the resumed run starts at step 4 and still writes step 3's row, as the
-    uninterrupted run did."""
+    uninterrupted run did; the same after the last step's checkpoint (step 6 of 6), where the
+    resumed run has no step left to train."""
     out = workdir / "killed_in_sync"
     kill_switch = os.path.join(os.getcwd(), "tests", "support", "kill_switch")
-    crashed = run(train_command(workdir, out), env={
-        "PYTHONPATH": os.pathsep.join([kill_switch, os.getcwd()]), "MASA_TEST_KILL": "handoff:3:0"})
-    assert crashed.returncode != 0
-    assert "kill switch: rank 0 exits at handoff 3" in crashed.stderr
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000003"
+
+    def killed_at(step):
+        crashed = run(train_command(workdir, out), env={
+            "PYTHONPATH": os.pathsep.join([kill_switch, os.getcwd()]),
+            "MASA_TEST_KILL": f"handoff:{step}:0"})
+        assert crashed.returncode != 0
+        assert f"kill switch: rank 0 exits at handoff {step}" in crashed.stderr
+        assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{step:06d}"
+
+    killed_at(3)
     assert logged_steps(out) == [1, 2]
+    killed_at(6)
+    assert logged_steps(out) == [1, 2, 3, 4, 5]
     resumed = run(train_command(workdir, out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert logged_steps(out) == list(range(1, 7))
-    assert metrics_by_step(out)[3] == metrics_by_step(full_run)[3]
+    rows, full = metrics_by_step(out), metrics_by_step(full_run)
+    assert rows[3] == full[3] and rows[6] == full[6]
 
 
 def test_tp2_checkpoint_resumes_at_tp1(workdir, full_run):
