@@ -153,7 +153,9 @@ def log_queued_spans(slots: ServerSlots) -> ServerSlots:
 def server_fill(logs: list, spans: list, cap: int) -> Optional[float]:
     """The target seen by the servers: over the spans when requests waited in the client, the
     time-integral of requests each server held (arrival to answer, the stand-in's wall-clock
-    `generate_times`) / (cap x the spans' length); the least-filled server's value."""
+    `generate_times`) / (cap x the spans' length); the least-filled server's value. One
+    request is one sequence here: the benchmark's requests are seeded, so the client sends each
+    sample as its own /generate (checked in `run_once`)."""
     total = sum(end - start for start, end in spans)
     if total <= 0:
         return None
@@ -172,6 +174,7 @@ def run_once(engine: SGLangEngine, work: dict, config: str, args) -> dict:
     requests = [GenerationRequest([marker, *p["metas"]],
                                   SamplingParams(max_new_tokens=cap, n=8, seed=p["seed"]))
                 for p in problems]
+    assert all(r.sampling.seed is not None for r in requests)   # one sample per /generate
 
     def follow(i, result):
         p = problems[i]

@@ -137,3 +137,25 @@ def test_resume_auto_names_a_damaged_checkpoint_and_falls_back_only_when_allowed
     # set aside, so it is neither resumed nor kept in place of newer saves
     assert (tmp_path / ".damaged-step_000002").is_dir()
     assert mgr.latest() == tmp_path / "step_000001"
+
+
+def test_a_step_saved_but_not_evaluated_or_logged_is_seen_as_unfinished(tmp_path):
+    """The resume finishes step N (eval when due, then its row) when its checkpoint exists but
+    this run's metrics.jsonl lacks row N, or eval/ lacks N's due eval; nothing otherwise."""
+    from masa_megatron.config import ExperimentConfig
+    from masa_megatron.train.main import _step_unfinished
+
+    cfg = ExperimentConfig()
+    cfg.trainer.steps, cfg.trainer.eval_every, cfg.logging.log_every = 6, 2, 2
+    assert not _step_unfinished(cfg, tmp_path, 2)          # no metrics.jsonl: another run's
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    assert _step_unfinished(cfg, tmp_path, 2)              # row 2 is there, its eval is not
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "step_000002.jsonl").write_text("")
+    assert not _step_unfinished(cfg, tmp_path, 2)
+    assert _step_unfinished(cfg, tmp_path, 4)              # row and eval due, neither written
+    assert not _step_unfinished(cfg, tmp_path, 3)          # neither due at step 3
+    cfg.trainer.eval_every = 0
+    assert _step_unfinished(cfg, tmp_path, 4) and not _step_unfinished(cfg, tmp_path, 2)
+    cfg.logging.jsonl = False
+    assert not _step_unfinished(cfg, tmp_path, 4)          # no JSONL sink: nothing to read

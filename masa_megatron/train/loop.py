@@ -16,8 +16,8 @@
     checkpoint (when due; it keeps the step's metrics so far)
     sync      = engine.update_weights
     eval (when due), log
-A run killed after a checkpoint and before that step's log resumes by evaluating and logging the
-step from the metrics its checkpoint kept (`LoopParts.unlogged_row`), so no row is lost.
+A run killed after a checkpoint and before that step's eval and log resumes by doing both from
+the metrics its checkpoint kept (`LoopParts.unlogged_row`; train/main.py decides).
 
 With colocated servers (train/handoff.py) the servers release their memory and the trainer's
 state comes back between generation and the old log-probs (`to_training`); after the

@@ -127,12 +127,11 @@ def build_training(cfg: ExperimentConfig, *, log=print):
                            if "bc_buffer" not in common else list(common["bc_buffer"]))
         parts.nonfinite_streak = common.get("nonfinite_streak", 0)
         start = common["step"]
-        if common.get("metrics") and start % cfg.logging.log_every == 0 and \
-                _row_missing(cfg, out_dir, start):
+        if common.get("metrics") and _step_unfinished(cfg, out_dir, start):
             parts.unlogged_row = dict(common["metrics"])
             if logging_rank:
-                log(f"step {start} was saved but not logged (the run stopped in between): its "
-                    f"metrics row is written from the checkpoint")
+                log(f"step {start} was saved but its eval or metrics row was not written (the "
+                    f"run stopped in between): both are done now, from the checkpoint")
         parts.progress.step = parts.progress._s0 = start
     # colocated: the servers released their weights; attached: they may hold another
     # attempt's weights. Either way they are synced before the first generation.
@@ -143,18 +142,30 @@ def build_training(cfg: ExperimentConfig, *, log=print):
     return parts, start
 
 
-def _row_missing(cfg: ExperimentConfig, out_dir: Path, step: int) -> bool:
-    """Whether this run's metrics.jsonl exists and lacks `step`'s row (a run resumed from
-    another run's checkpoint into a new folder has no file: nothing to complete). Rank 0 reads
-    it, every rank gets the answer (the row's eval is collective)."""
-    from masa_megatron.metrics import is_logging_rank, read_jsonl
+def _step_unfinished(cfg: ExperimentConfig, out_dir: Path, step: int) -> bool:
+    """Whether this run stopped after `step`'s checkpoint and before the end of the step: its
+    due metrics row is missing from metrics.jsonl, or its due eval from eval/. Rank 0 looks,
+    every rank gets the answer (the eval is collective). A run resumed from another run's
+    checkpoint into a new folder has no metrics.jsonl: nothing to finish. Without a JSONL sink
+    a missing row cannot be seen (TensorBoard and W&B are not read back)."""
+    import logging
 
+    from masa_megatron.metrics import is_logging_rank, read_jsonl
+    from masa_megatron.parallel import broadcast_from_rank0
+
+    unfinished = False
     path = Path(out_dir) / "metrics.jsonl"
-    missing = [bool(cfg.logging.jsonl and is_logging_rank() and path.is_file()
-                    and all(r.get("step") != step for r in read_jsonl(path)))]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.broadcast_object_list(missing, src=0)
-    return missing[0]
+    if is_logging_rank() and cfg.logging.jsonl and path.is_file():
+        try:
+            row_due = step % cfg.logging.log_every == 0
+            eval_due = bool(cfg.trainer.eval_every) and (step % cfg.trainer.eval_every == 0
+                                                         or step == cfg.trainer.steps)
+            unfinished = (row_due and all(r.get("step") != step for r in read_jsonl(path))) or \
+                (eval_due and not (Path(out_dir) / "eval" / f"step_{step:06d}.jsonl").is_file())
+        except OSError as err:      # never leave the other ranks waiting in the broadcast
+            logging.getLogger(__name__).warning("cannot read %s (%s): step %d is not finished "
+                                                "again", path, err, step)
+    return bool(broadcast_from_rank0(unfinished))
 
 
 def build_evaluator(cfg: ExperimentConfig, engine, tokenizer, actor, head, handoff=None):
@@ -259,10 +270,10 @@ def _train(cfg: ExperimentConfig, world: int, log) -> int:
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         parts, start = build_training(cfg, log=log)
-        if start >= cfg.trainer.steps:
+        if start >= cfg.trainer.steps and parts.unlogged_row is None:
             log(f"nothing to do: the checkpoint is at step {start} >= trainer.steps")
-            return 0
-        run_loop(parts, start)
+        else:    # (a last step saved but not logged: run_loop only finishes it)
+            run_loop(parts, start)
         if parts.sinks is not None:
             parts.sinks.close()
         parts.engine.shutdown()
