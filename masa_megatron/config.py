@@ -130,6 +130,11 @@ class GRPOConfig:
     # 1; the same gradient, one forward less); only with one optimizer step per RL step.
     old_logprobs: str = "recompute"
     micro_batch_tokens: int = 16384        # token budget per micro-batch
+    # micro-batches that compute each distinct prompt once and attend its samples' responses to
+    # it (train/shared_prefix.py; ~2x fewer positions with G samples per prompt); used where the
+    # model allows (local spec, one pipeline stage, no SP/CP, recompute, dropout, FP8, MoE),
+    # else the padded layout; the log line "actor: shared-prefix micro-batches ..." says which
+    shared_prefix: bool = True
     dynamic_sampling: bool = False         # DAPO: drop zero-variance groups after generation
     dynamic_sampling_max_rounds: int = 1   # >1: over-sample to refill the batch
 

@@ -62,6 +62,8 @@ from masa_megatron.train.batching import (MicroBatch, TrainBatch, pack_micro_bat
                                           plan_micro_batches, sequence_mini_batches,
                                           split_mini_batches)
 from masa_megatron.train.optim import load_train_state, save_train_state, unwrap_model
+from masa_megatron.train.shared_prefix import (pack_shared_micro_batch, plan_shared_micro_batches,
+                                               shared_prefix_forward, unsupported_reasons)
 from masa_megatron.train.vocab_parallel import (scaled_vocab_logits, vocab_parallel_entropy,
                                                 vocab_parallel_logprobs)
 
@@ -120,11 +122,30 @@ class Actor:
         self._dp_grad_factor = 1 if config.calculate_per_token_loss else self._dp_size
         # set on the last stage to train on batches with prompt_targets (see the module docstring)
         self.prompt_state_loss: Optional[PromptStateLoss] = None
+        # shared-prefix micro-batches (train/shared_prefix.py) where the model allows them
+        gpt = unwrap_model(self.model_chunks[0])
+        self.shared_prefix_off = ["grpo.shared_prefix=false"] if not grpo_cfg.shared_prefix else \
+            ["virtual pipeline chunks"] if len(self.model_chunks) > 1 else \
+            unsupported_reasons(gpt, self._pp_size, ps.get_context_parallel_world_size())
+        self._stepper = None
+        if not self.shared_prefix_off:
+            from masa_megatron.rollout.megatron_step import MegatronStep
+            self._stepper = MegatronStep(gpt)
 
     # ------------------------------------------------------------------ plumbing
 
-    def _micro_batches(self, batch: TrainBatch, indices: Sequence[int]) -> list[MicroBatch]:
+    def _micro_batches(self, batch: TrainBatch, indices: Sequence[int],
+                       shared: bool = True) -> list[MicroBatch]:
+        """Micro-batches of the samples `indices` within grpo.micro_batch_tokens: shared-prefix
+        ones when `shared`, the model allows them and the batch has no prompt targets."""
         indices = list(indices)
+        if shared and not self.shared_prefix_off and batch.prompt_targets is None and indices:
+            plan = plan_shared_micro_batches([batch.prompt_ids[i] for i in indices],
+                                             [len(batch.response_ids[i]) for i in indices],
+                                             self.cfg.micro_batch_tokens)
+            return [pack_shared_micro_batch(batch, [indices[j] for j in g],
+                                            multiple_of=self.sequence_multiple).to(self.device)
+                    for g in plan]
         lengths = batch.row_lengths()
         plan = plan_micro_batches([lengths[i] for i in indices], self.cfg.micro_batch_tokens,
                                   multiple_of=self.sequence_multiple)
@@ -143,8 +164,12 @@ class Actor:
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             with hot_path():
-                output = model(mb.tokens, mb.position_ids, None, labels=mb.labels,
-                               runtime_gather_output=False)
+                if mb.prefix is not None:
+                    output = shared_prefix_forward(unwrap_model(model), mb, per_token,
+                                                   self._stepper)
+                else:
+                    output = model(mb.tokens, mb.position_ids, None, labels=mb.labels,
+                                   runtime_gather_output=False)
             return output, partial(loss_func, mb)
 
         heads = [m for m in map(unwrap_model, self.model_chunks) if m.post_process]
@@ -446,7 +471,7 @@ class Actor:
                         return loss * scale, metrics
 
                     micro = self._micro_batches(batch, samples)
-                    padded += sum(mb.tokens.numel() for mb in micro)
+                    padded += sum(mb.input_positions for mb in micro)
                     valid += sum(mb.valid_tokens for mb in micro)
                     steps.append(self._train_step(micro, loss_of, keys,
                                                   check_ratio and not steps))
@@ -485,7 +510,7 @@ class Actor:
         token, i.e. the state that predicts the first response token. Last stage only (None on
         other stages; use broadcast_from_last_stage for what is computed from it)."""
         batch = TrainBatch([list(p) for p in prompt_ids_list], [[0] for _ in prompt_ids_list])
-        micro = self._micro_batches(batch, range(len(batch)))
+        micro = self._micro_batches(batch, range(len(batch)), shared=False)  # hook on the decoder
         with self._eval_mode(), self._final_hidden_states() as captured:
 
             def collect(mb: MicroBatch, unused: Tensor, non_loss_data: bool = True):

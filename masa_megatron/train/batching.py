@@ -25,10 +25,13 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from masa_megatron.train.shared_prefix import SharedPrefix
 
 PER_TOKEN_FIELDS = ("old_logprobs", "rollout_logprobs", "ref_logprobs")
 
@@ -119,15 +122,24 @@ class MicroBatch:
     response_len: list[int]          # R per row
     per_token: dict[str, Tensor] = field(default_factory=dict)  # [b, T] float32 each
     prompt_targets: Optional[Tensor] = None  # [b, k] float32 (NaN: no target), see TrainBatch
+    # set: rows are response segments after a shared prompt prefix (train/shared_prefix.py)
+    prefix: Optional["SharedPrefix"] = None
 
     @property
     def num_rows(self) -> int:
         return self.tokens.shape[0]
 
     @property
+    def input_positions(self) -> int:
+        """Positions the model computes, padding included (the prefix rows too, if any)."""
+        return self.tokens.numel() + (0 if self.prefix is None else self.prefix.tokens.numel())
+
+    @property
     def valid_tokens(self) -> int:
-        """Input positions that hold a sample's token (P + R - 1 per row); the rest is padding."""
-        return sum(s + n for s, n in zip(self.response_start, self.response_len))
+        """Input positions that hold a sample's token (P + R - 1 per row, or the prefix's P - 1
+        once per prompt plus R per segment); the rest is padding."""
+        rows = sum(s + n for s, n in zip(self.response_start, self.response_len))
+        return rows + (0 if self.prefix is None else int(self.prefix.lengths.sum()))
 
     @property
     def is_padding_only(self) -> bool:
@@ -139,7 +151,8 @@ class MicroBatch:
         move = {f.name: getattr(self, f.name).to(device) for f in fields(self)
                 if isinstance(getattr(self, f.name), Tensor)}
         per_token = {k: v.to(device) for k, v in self.per_token.items()}
-        return replace(self, per_token=per_token, **move)
+        prefix = None if self.prefix is None else self.prefix.to(device)
+        return replace(self, per_token=per_token, prefix=prefix, **move)
 
     def unpack(self, values: Tensor) -> list[Tensor]:
         """Per-row response values out of a [b, T] tensor (row order = sample_index)."""

@@ -87,6 +87,8 @@ def build_training(cfg: ExperimentConfig, *, log=print):
     vocab = model.masa_hf_config["vocab_size"]
     actor = Actor(chunks, optimizer, scheduler, cfg.grpo, temperature=cfg.rollout.temperature,
                   vocab_size=vocab, ratio_tolerance=cfg.trainer.ratio_tolerance)
+    log("actor: shared-prefix micro-batches " + ("on" if not actor.shared_prefix_off else
+        f"off ({', '.join(actor.shared_prefix_off)})"))
     engine = engine or make_engine(model)
 
     sampler = ResumableSampler(len(problems), cfg.data.prompt_batch_size, cfg.data.seed,
