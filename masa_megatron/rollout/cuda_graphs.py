@@ -1,0 +1,71 @@
+"""CUDA graphs of the embedded engine's static decode step, one per batch-size bucket.
+
+Protocol (torch.cuda.CUDAGraph, as the CUDA-graph notes of torch prescribe):
+  capture(key, fn): run fn `warmup` times on a side stream (first-call allocations, cuBLAS
+                    workspaces and lazy initialisation happen outside the capture), then record
+                    one call into a graph whose memory comes from a pool shared by all the
+                    graphs (they never run concurrently); keep its output tensor.
+  replay(key):      re-launch the recorded kernels; they read the static buffers (refilled in
+                    place by the caller before each replay) and rewrite the same output tensor.
+A step's warm-up runs and capture run on the step's real inputs: its only side effect, the new
+key/value written at the current slot, is the one the replay writes again.
+
+Graphs bake in the addresses of the weights: `check(weights)` (the parameters' data pointers,
+given per batch) drops every graph when they changed, e.g. after a checkpoint load replaced
+parameter tensors; in-place optimizer updates keep addresses and the graphs see new values.
+Sampling stays outside the graph (per-row seeded, rollout/sampling.py).
+
+Not yet run on a GPU (none was lent when this was written): benchmarks/gpu_rl_step.py
+--cuda-graphs compares it with the eager decode on the device.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+
+class GraphRunner:
+    """Replays one captured graph per key (a bucket size); captures on first use."""
+
+    def __init__(self, device: torch.device, warmup: int = 2):
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise ValueError(f"rollout.cuda_graphs=True needs the model on a CUDA device; it is "
+                             f"on {device} (set rollout.cuda_graphs=false)")
+        self.device, self.warmup = device, warmup
+        self.graphs: dict[Any, tuple[Any, torch.Tensor]] = {}
+        self._pool = None
+        self._weights: tuple = ()
+
+    def reset(self) -> None:
+        """Drop every graph and the memory pool."""
+        self.graphs.clear()
+        self._pool = None
+
+    def check(self, weights: tuple) -> None:
+        """Drop the graphs if the weights moved since they were captured."""
+        if weights != self._weights:
+            self.reset()
+            self._weights = weights
+
+    def __call__(self, key: Any, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(fn)
+        graph, out = entry
+        graph.replay()
+        return out
+
+    def _capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = fn()
+        return graph, out
