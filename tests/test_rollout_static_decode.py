@@ -1,0 +1,203 @@
+"""Static-shape decode of the embedded engine (the CUDA-graph path, run eagerly on CPU, fp32)
+against the default decode; bucket choice of the graph runner; rollout.cuda_graphs wiring."""
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("megatron.core")
+pytest.importorskip("transformers")
+
+from masa_megatron.rollout.base import GenerationRequest, SamplingParams  # noqa: E402
+
+PROMPTS = [[5, 17, 301, 44, 9, 120, 7], [88, 3], [400, 401, 402, 403, 11], [999]]
+
+
+@pytest.fixture(scope="module")
+def parallel():
+    from masa_megatron.config import ParallelConfig
+    from masa_megatron.parallel import destroy_parallel, init_parallel
+
+    init_parallel(ParallelConfig())
+    yield
+    destroy_parallel()
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama"])
+def model(request, parallel, tmp_path_factory):
+    from masa_megatron.config import ModelConfig
+    from masa_megatron.model import build_gpt_model, load_hf_weights
+    from masa_megatron.model.tiny import make_tiny_hf_model
+
+    folder = tmp_path_factory.mktemp(request.param)
+    make_tiny_hf_model(folder, request.param, seed=3)
+    gpt = build_gpt_model(str(folder), ModelConfig(hf_path=str(folder)))
+    load_hf_weights(gpt, folder)
+    return gpt
+
+
+def _engine(model, **kwargs):
+    from masa_megatron.rollout.embedded import EmbeddedEngine
+
+    return EmbeddedEngine(model, vocab_size=model.masa_hf_config["vocab_size"],
+                          eos_token_ids=[2], **kwargs)
+
+
+def _assert_same(expected, got):
+    for want, have in zip(expected, got, strict=True):
+        for a, b in zip(want.completions, have.completions, strict=True):
+            assert b.token_ids == a.token_ids
+            assert b.finish_reason == a.finish_reason
+            assert len(b.logprobs) == len(a.logprobs)
+            assert torch.allclose(torch.tensor(b.logprobs), torch.tensor(a.logprobs),
+                                  atol=1e-5, rtol=0)
+
+
+class FakeRunner:
+    """Stands in for cuda_graphs.GraphRunner: records the buckets it is asked for and runs
+    the step eagerly (so the results stay checkable)."""
+
+    def __init__(self):
+        self.keys, self.checks, self.resets = [], [], 0
+
+    def __call__(self, key, fn):
+        self.keys.append(key)
+        return fn()
+
+    def check(self, weights):
+        self.checks.append(weights)
+
+    def reset(self):
+        self.resets += 1
+
+
+def test_static_greedy_equals_eager_with_stops_lengths_and_samples(model):
+    """Mixed prompt lengths, n=2 rows per request, rows ending by max_new and by a stop id at
+    different steps; 10 rows with buckets up to 4: an uncaptured start, compaction into
+    smaller buckets and padded rows kept in place (9 -> ... -> 3 rows in bucket 4)."""
+    eager = _engine(model)
+    probe = eager.generate([GenerationRequest(PROMPTS[0], SamplingParams(
+        max_new_tokens=10, temperature=0.0, ignore_eos=True))])[0].completions[0].token_ids
+    stop = probe[4]
+    reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=2 + 3 * i, temperature=0.0, n=2,
+                                                ignore_eos=True)) for i, p in enumerate(PROMPTS)]
+    reqs.append(GenerationRequest(PROMPTS[0], SamplingParams(
+        max_new_tokens=12, temperature=0.0, n=2, stop_token_ids=[stop])))
+    expected = eager.generate(reqs)
+    assert expected[-1].completions[0].finish_reason == "stop"
+    assert len({len(c.token_ids) for r in expected for c in r.completions}) >= 4
+    static = _engine(model, decode="static", cuda_graph_max_batch=4)
+    _assert_same(expected, static.generate(reqs))
+    _assert_same(expected, static.generate(reqs))      # buffers reused by the second call
+
+
+def test_unwritten_prefill_cache_slots_never_reach_the_static_step(model, monkeypatch):
+    """The prefill cache's slots past the prompts are uninitialised memory (possibly NaN); the
+    static buffers must not take them in (0 attention weight x NaN = NaN)."""
+    from masa_megatron.rollout.megatron_step import KVCache
+
+    reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=4, temperature=0.0,
+                                                ignore_eos=True)) for p in PROMPTS]
+    expected = _engine(model).generate(reqs)
+    append = KVCache.append
+
+    def nan_filled(cache, layer, key, value, slot, rows):
+        if cache.keys[layer] is None:
+            shape = (cache.rows, key.size(2), cache.slots, key.size(3))
+            cache.keys[layer] = key.new_full(shape, float("nan"))
+            cache.values[layer] = value.new_full(shape, float("nan"))
+        return append(cache, layer, key, value, slot, rows)
+
+    monkeypatch.setattr(KVCache, "append", nan_filled)
+    _assert_same(expected, _engine(model).generate(reqs))
+    _assert_same(expected, _engine(model, decode="static").generate(reqs))
+
+
+def test_static_seeded_sampling_equals_eager(model):
+    """Temperature 1 (plain, top-p and top-k rows) with per-request seeds: the same samples."""
+    reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=6 + i, temperature=1.0, n=3,
+                                                seed=40 + i, top_p=(1.0, 0.9)[i % 2],
+                                                top_k=(-1, -1, 5, -1)[i]))
+            for i, p in enumerate(PROMPTS)]
+    expected = _engine(model).generate(reqs)
+    _assert_same(expected, _engine(model, decode="static", cuda_graph_max_batch=8).generate(reqs))
+    assert len({tuple(c.token_ids) for c in expected[0].completions}) > 1
+
+
+def test_graph_runner_is_asked_only_for_captured_buckets(model):
+    """Five rows ending after 1..5 tokens, buckets (1, 2): steps with 4 and 3 live rows run
+    uncaptured (eagerly), steps with 2 and 1 rows go to the runner, once per step."""
+    engine = _engine(model, decode="static", cuda_graph_max_batch=2)
+    runner = engine._static.runner = FakeRunner()
+    forwards = []
+    run = engine._static._forward
+    engine._static._forward = lambda b: forwards.append(b) or run(b)
+    reqs = [GenerationRequest(PROMPTS[i % 4], SamplingParams(max_new_tokens=i + 1,
+                                                             temperature=0.0, ignore_eos=True))
+            for i in range(5)]
+    got = engine.generate(reqs)
+    assert [r.completion_tokens for r in got] == [1, 2, 3, 4, 5]
+    assert runner.keys == [2, 1]                       # live rows 2, then 1
+    assert forwards == [4, 3, 2, 1]                    # 4 and 3: uncaptured shapes, eager
+    assert len(runner.checks) == 1                     # weights checked once per batch
+    _assert_same(_engine(model).generate(reqs), got)
+    engine.pause()
+    assert engine._static._buf is None and runner.resets >= 1
+
+
+def test_cuda_graphs_config_reaches_the_engine_and_needs_cuda(model):
+    from masa_megatron.config import ExperimentConfig
+    from masa_megatron.rollout.embedded import EmbeddedEngine
+
+    cfg = ExperimentConfig()
+    vocab = model.masa_hf_config["vocab_size"]
+    assert EmbeddedEngine.from_config(model, cfg, vocab_size=vocab)._static is None
+    cfg.rollout.cuda_graph_max_batch = 12
+    static = EmbeddedEngine.from_config(model, cfg, vocab_size=vocab, decode="static")
+    assert static._static.sizes == (1, 2, 4, 8, 12)
+    cfg.rollout.cuda_graphs = True
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for machines without CUDA")
+    with pytest.raises(ValueError, match="rollout.cuda_graphs=True needs the model on a CUDA"):
+        EmbeddedEngine.from_config(model, cfg, vocab_size=vocab)
+    with pytest.raises(ValueError, match="decode must be eager, static or graphs"):
+        _engine(model, decode="graph")
+
+
+@pytest.mark.parametrize("change, field, words", [
+    ({"parallel.tensor_model_parallel_size": 2}, "rollout.cuda_graphs", "TP=2"),
+    ({"parallel.pipeline_model_parallel_size": 2}, "rollout.cuda_graphs", "PP=2"),
+    ({"rollout.engine": "sglang"}, "rollout.cuda_graphs", "--cuda-graph-max-bs"),
+    ({"rollout.cuda_graph_max_batch": 0}, "rollout.cuda_graph_max_batch", ">= 1"),
+])
+def test_cuda_graphs_config_refusals_name_the_field(change, field, words):
+    from masa_megatron.config import ConfigError, ExperimentConfig, validate_static
+
+    cfg = ExperimentConfig()
+    cfg.rollout.cuda_graphs = True
+    validate_static(cfg)
+    for dotted, value in change.items():
+        section, name = dotted.split(".")
+        setattr(getattr(cfg, section), name, value)
+    with pytest.raises(ConfigError, match=f"field '{field}'.*{words}"):
+        validate_static(cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_equals_eager_on_cuda(model):
+    """Graphs replayed per bucket give the eager decode's greedy rows and seeded samples; a
+    parameter given new storage makes the next batch re-capture."""
+    gpu = model.cuda()
+    reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=3 + 2 * i, temperature=t, n=2,
+                                                seed=7, ignore_eos=True))
+            for i, p in enumerate(PROMPTS) for t in (0.0, 1.0)]
+    expected = _engine(gpu).generate(reqs)
+    graphs = _engine(gpu, decode="graphs", cuda_graph_max_batch=8)
+    _assert_same(expected, graphs.generate(reqs))
+    runner = graphs._static.runner
+    assert set(runner.graphs) <= set(graphs._static.sizes) and runner.graphs
+    first = dict(runner.graphs)
+    param = next(gpu.parameters())
+    param.data = param.data.clone()
+    _assert_same(expected, graphs.generate(reqs))
+    assert all(runner.graphs[k] is not first.get(k) for k in runner.graphs)
+    model.cpu()
