@@ -132,8 +132,9 @@ class StaticDecoder:
             buf = self._buf = _Buffers(cache, live.rope, rows, capacity)
         if self.runner is not None:
             self.runner.check(self._weights())
+        width = live.width              # the prefill's slots; the cache's others are unwritten
         for mine, theirs in zip((*buf.keys, *buf.values), (*cache.keys, *cache.values)):
-            mine[:n, :, :slots].copy_(theirs)
+            mine[:n, :, :width].copy_(theirs[:, :, :width])
         buf.positions[:n, :slots] = live.positions
         buf.real[:n, :slots] = True if live.real is None else live.real
         buf.real[n:] = True
