@@ -122,25 +122,34 @@ def test_static_seeded_sampling_equals_eager(model):
     assert len({tuple(c.token_ids) for c in expected[0].completions}) > 1
 
 
-def test_graph_runner_is_asked_only_for_captured_buckets(model):
-    """Five rows ending after 1..5 tokens, buckets (1, 2): steps with 4 and 3 live rows run
-    uncaptured (eagerly), steps with 2 and 1 rows go to the runner, once per step."""
-    engine = _engine(model, decode="static", cuda_graph_max_batch=2)
-    runner = engine._static.runner = FakeRunner()
-    forwards = []
-    run = engine._static._forward
-    engine._static._forward = lambda b: forwards.append(b) or run(b)
+@pytest.mark.parametrize("rows, max_batch, asked, forwards, padded", [
+    # buckets (1, 2): 4 and 3 live rows are uncaptured shapes and run eagerly
+    (5, 2, [2, 1], [4, 3, 2, 1], 0),
+    # buckets (1, 2, 4, 8): 7, 6, 5 rows stay in bucket 8 and 3 in bucket 4 (padded rows)
+    (8, 8, [8, 8, 8, 4, 4, 2, 1], [8, 8, 8, 4, 4, 2, 1], 4),
+])
+def test_graph_runner_is_asked_only_for_captured_buckets(model, rows, max_batch, asked, forwards,
+                                                         padded):
+    """Rows ending after 1, 2, ... tokens: one step per live count, each on the smallest
+    bucket that holds it; only captured buckets go to the runner, once per step."""
+    engine = _engine(model, decode="static", cuda_graph_max_batch=max_batch)
+    static = engine._static
+    runner = static.runner = FakeRunner()
+    seen = []
+    run = static._forward
+    static._forward = lambda b: seen.append((b, static.rowpos is not None)) or run(b)
     reqs = [GenerationRequest(PROMPTS[i % 4], SamplingParams(max_new_tokens=i + 1,
                                                              temperature=0.0, ignore_eos=True))
-            for i in range(5)]
+            for i in range(rows)]
     got = engine.generate(reqs)
-    assert [r.completion_tokens for r in got] == [1, 2, 3, 4, 5]
-    assert runner.keys == [2, 1]                       # live rows 2, then 1
-    assert forwards == [4, 3, 2, 1]                    # 4 and 3: uncaptured shapes, eager
+    assert [r.completion_tokens for r in got] == list(range(1, rows + 1))
+    assert runner.keys == asked
+    assert [b for b, _ in seen] == forwards
+    assert sum(kept for _, kept in seen) == padded     # steps with finished rows left in place
     assert len(runner.checks) == 1                     # weights checked once per batch
     _assert_same(_engine(model).generate(reqs), got)
     engine.pause()
-    assert engine._static._buf is None and runner.resets >= 1
+    assert static._buf is None and runner.resets >= 1
 
 
 def test_cuda_graphs_config_reaches_the_engine_and_needs_cuda(model):
