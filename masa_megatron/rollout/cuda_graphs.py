@@ -28,7 +28,7 @@ import torch
 class GraphRunner:
     """Replays one captured graph per key (a bucket size); captures on first use."""
 
-    def __init__(self, device: torch.device, warmup: int = 2):
+    def __init__(self, device: torch.device, warmup: int = 3):
         if device.type != "cuda" or not torch.cuda.is_available():
             raise ValueError(f"rollout.cuda_graphs=True needs the model on a CUDA device; it is "
                              f"on {device} (set rollout.cuda_graphs=false)")
