@@ -43,6 +43,8 @@ check "~1B model, three RL steps (bf16, local spec)" 180 \
 # fp32 greedy rows must equal the eager engine's exactly; on the 1B model, generation tokens/s
 # with graphs off and on side by side (target: >= 2x the eager 3,379 tokens/s of an H100), graph
 # rows equal to the static-eager rows, the fraction equal to eager bf16 rows recorded.
+check "CUDA-graph decoding: tests (graphs vs eager decode, re-capture after weights move)" 120 \
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_rollout_static_decode.py
 check "CUDA-graph decoding, tiny model fp32: greedy rows equal eager" 120 \
   "$PY" benchmarks/gpu_rl_step.py --size tiny --device cuda --dtype fp32 --cuda-graphs \
   --strict-greedy --out "$OUT/gpu_rl_step_tiny_graphs.json"

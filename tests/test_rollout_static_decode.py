@@ -195,18 +195,18 @@ def test_cuda_graphs_config_refusals_name_the_field(change, field, words):
 def test_cuda_graph_decode_equals_eager_on_cuda(model):
     """Graphs replayed per bucket give the eager decode's greedy rows and seeded samples; a
     parameter given new storage makes the next batch re-capture."""
-    gpu = model.cuda()
+    if next(model.parameters()).device.type != "cuda":
+        pytest.skip("the model builder placed the model on the CPU")
     reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=3 + 2 * i, temperature=t, n=2,
                                                 seed=7, ignore_eos=True))
             for i, p in enumerate(PROMPTS) for t in (0.0, 1.0)]
-    expected = _engine(gpu).generate(reqs)
-    graphs = _engine(gpu, decode="graphs", cuda_graph_max_batch=8)
+    expected = _engine(model).generate(reqs)
+    graphs = _engine(model, decode="graphs", cuda_graph_max_batch=8)
     _assert_same(expected, graphs.generate(reqs))
     runner = graphs._static.runner
-    assert set(runner.graphs) <= set(graphs._static.sizes) and runner.graphs
+    assert runner.graphs and set(runner.graphs) <= set(graphs._static.sizes)
     first = dict(runner.graphs)
-    param = next(gpu.parameters())
+    param = next(model.parameters())
     param.data = param.data.clone()
     _assert_same(expected, graphs.generate(reqs))
     assert all(runner.graphs[k] is not first.get(k) for k in runner.graphs)
-    model.cpu()
