@@ -10,9 +10,11 @@ Protocol (torch.cuda.CUDAGraph, as the CUDA-graph notes of torch prescribe):
 A step's warm-up runs and capture run on the step's real inputs: its only side effect, the new
 key/value written at the current slot, is the one the replay writes again.
 
-Graphs bake in the addresses of the weights: `check(weights)` (the parameters' data pointers,
-given per batch) drops every graph when they changed, e.g. after a checkpoint load replaced
-parameter tensors; in-place optimizer updates keep addresses and the graphs see new values.
+Graphs bake in the addresses of the buffers and weights they read. The engine drops them with
+its buffers at the end of every `generate` call (`reset`), so they never outlive the buffers,
+never hold memory through a training step and never see weights that moved; the next call
+captures again (its first capture of a key warms up `warmup` times, later ones once: the
+lazy initialisation is done by then).
 Sampling stays outside the graph (per-row seeded, rollout/sampling.py).
 
 Not yet run on a GPU (none was lent when this was written): benchmarks/gpu_rl_step.py
@@ -34,35 +36,31 @@ class GraphRunner:
                              f"on {device} (set rollout.cuda_graphs=false)")
         self.device, self.warmup = device, warmup
         self.graphs: dict[Any, tuple[Any, torch.Tensor]] = {}
+        self.captured: list = []          # every key captured, in order (kept across resets)
         self._pool = None
-        self._weights: tuple = ()
 
     def reset(self) -> None:
         """Drop every graph and the memory pool."""
         self.graphs.clear()
         self._pool = None
 
-    def check(self, weights: tuple) -> None:
-        """Drop the graphs if the weights moved since they were captured."""
-        if weights != self._weights:
-            self.reset()
-            self._weights = weights
-
     def __call__(self, key: Any, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self.graphs[key] = self._capture(fn)
+            entry = self.graphs[key] = self._capture(fn, 1 if key in self.captured
+                                                     else self.warmup)
+            self.captured.append(key)
         graph, out = entry
         graph.replay()
         return out
 
-    def _capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
+    def _capture(self, fn: Callable[[], torch.Tensor], warmup: int) -> tuple[Any, torch.Tensor]:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(self.warmup):
+            for _ in range(warmup):
                 fn()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()

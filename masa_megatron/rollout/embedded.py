@@ -196,8 +196,7 @@ class EmbeddedEngine(RolloutEngine):
         if decode == "graphs":
             from masa_megatron.rollout.cuda_graphs import GraphRunner
             runner = GraphRunner(self._device)
-        return StaticDecoder(self._stepper, self._mp, max_batch, runner,
-                             lambda: tuple(p.data_ptr() for p in self.gpt.parameters()))
+        return StaticDecoder(self._stepper, self._mp, max_batch, runner)
 
     # ------------------------------------------------------------ interface
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -210,10 +209,14 @@ class EmbeddedEngine(RolloutEngine):
         requests = self._mp.share(list(requests))
         self._calls += 1
         rows, results = self._expand(requests)
-        with self._eval_mode():
-            for batch in self._batches(rows):
-                for row, completion in zip(batch, self._generate_batch(batch)):
-                    results[row.request].completions[row.sample] = completion
+        try:
+            with self._eval_mode():
+                for batch in self._batches(rows):
+                    for row, completion in zip(batch, self._generate_batch(batch)):
+                        results[row.request].completions[row.sample] = completion
+        finally:
+            if self._static is not None:    # static KV buffers and graphs: this call's only
+                self._static.release()
         return results
 
     def update_weights(self, model: Any = None, path: Optional[str] = None, *,
@@ -226,8 +229,6 @@ class EmbeddedEngine(RolloutEngine):
         """Release generation memory. KV caches live only inside `generate`; this frees
         Megatron's shared scratch buffer and the allocator's cached blocks."""
         self._paused = True
-        if self._static is not None:
-            self._static.release()
         release_megatron_buffers()
 
     def resume(self) -> None:

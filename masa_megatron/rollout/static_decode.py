@@ -91,20 +91,20 @@ class _Buffers:
 
 
 class StaticDecoder:
-    """Decode steps of fixed shapes for one engine (TP = PP = 1), buffers kept across batches.
+    """Decode steps of fixed shapes for one engine (TP = PP = 1).
 
     Per batch: `start(live, cache)` after the prefill, then per step `drop(keep)` when rows finish
-    and `step(tokens, slot)` -> logits of the live rows [n, padded vocab], as the eager loop."""
+    and `step(tokens, slot)` -> logits of the live rows [n, padded vocab], as the eager loop.
+    Buffers (and graphs) serve the batches of one generate call; `release` frees them."""
 
     def __init__(self, stepper: MegatronStep, mp: ModelParallel, max_batch: int,
-                 runner: Optional[Callable[[Any, Callable[[], torch.Tensor]], torch.Tensor]] = None,
-                 weights: Callable[[], tuple] = tuple):
+                 runner: Optional[Callable[[Any, Callable[[], torch.Tensor]], torch.Tensor]] = None):
         if mp.group is not None:
             raise NotImplementedError("static-shape decoding (rollout.cuda_graphs) needs "
                                       "tensor and pipeline parallel sizes of 1")
         self.stepper, self.mp = stepper, mp
         self.sizes = bucket_sizes(max_batch)
-        self.runner, self._weights = runner, weights
+        self.runner = runner
         self._buf: Optional[_Buffers] = None
         self.n = self.bucket = 0
         self.rowpos: Optional[torch.Tensor] = None      # buffer rows of the live rows; None: :n
@@ -130,8 +130,6 @@ class StaticDecoder:
             buf = None
             self.release()
             buf = self._buf = _Buffers(cache, live.rope, rows, capacity)
-        if self.runner is not None:
-            self.runner.check(self._weights())
         width = live.width              # the prefill's slots; the cache's others are unwritten
         for mine, theirs in zip((*buf.keys, *buf.values), (*cache.keys, *cache.values)):
             mine[:n, :, :width].copy_(theirs[:, :, :width])
