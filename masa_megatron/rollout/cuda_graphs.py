@@ -22,6 +22,7 @@ Not yet run on a GPU (none was lent when this was written): benchmarks/gpu_rl_st
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import torch
@@ -37,6 +38,7 @@ class GraphRunner:
         self.device, self.warmup = device, warmup
         self.graphs: dict[Any, tuple[Any, torch.Tensor]] = {}
         self.captured: list = []          # every key captured, in order (kept across resets)
+        self.capture_s = 0.0              # host time spent warming up and capturing
         self._pool = None
 
     def reset(self) -> None:
@@ -47,9 +49,11 @@ class GraphRunner:
     def __call__(self, key: Any, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         entry = self.graphs.get(key)
         if entry is None:
+            start = time.perf_counter()
             entry = self.graphs[key] = self._capture(fn, 1 if key in self.captured
                                                      else self.warmup)
             self.captured.append(key)
+            self.capture_s += time.perf_counter() - start
         graph, out = entry
         graph.replay()
         return out
