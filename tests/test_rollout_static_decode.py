@@ -215,3 +215,51 @@ def test_cuda_graph_decode_equals_eager_on_cuda(model):
     assert first and set(first) <= set(graphs._static.sizes) and not runner.graphs
     _assert_same(expected, graphs.generate(reqs))
     assert runner.captured == first + first
+
+
+def test_graph_runner_protocol_with_a_fake_cuda(monkeypatch):
+    """Without a GPU, torch.cuda's graph API replaced by recorders: warm-ups run on a side
+    stream before the one capture per key (3 the first time, 1 after a reset), every call
+    replays, graphs share one pool, and the captured output is what a call returns."""
+    import contextlib
+
+    from masa_megatron.rollout.cuda_graphs import GraphRunner
+
+    log, state = [], {"where": "main"}
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+
+    @contextlib.contextmanager
+    def on(where, entry):
+        log.append(entry)
+        before, state["where"] = state["where"], where
+        yield
+        state["where"] = before
+
+    fakes = {"is_available": lambda: True, "graph_pool_handle": lambda: log.append("pool") or 7,
+             "Stream": lambda device: type("S", (), {"wait_stream": lambda s, o: None})(),
+             "current_stream": lambda device=None: type(
+                 "S", (), {"wait_stream": lambda s, o: log.append("join")})(),
+             "stream": lambda s: on("side", "to side"), "CUDAGraph": Graph,
+             "graph": lambda g, pool: on("capture", f"capture pool={pool}")}
+    for name, fake in fakes.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    runner = GraphRunner(torch.device("cuda"))
+    out = torch.zeros(1)
+
+    def step():
+        log.append(state["where"])
+        return out
+
+    assert runner(4, step) is out
+    assert log == ["pool", "to side", "side", "side", "side", "join", "capture pool=7", "capture",
+                   "replay"]
+    log.clear()
+    assert runner(4, step) is out and log == ["replay"]
+    runner.reset()
+    log.clear()
+    runner(4, step)
+    assert log == ["pool", "to side", "side", "join", "capture pool=7", "capture", "replay"]
+    assert runner.captured == [4, 4] and runner.capture_s > 0
