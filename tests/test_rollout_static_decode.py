@@ -22,16 +22,22 @@ def parallel():
 
 
 @pytest.fixture(scope="module", params=["qwen3", "llama"])
-def model(request, parallel, tmp_path_factory):
+def models(request, parallel, tmp_path_factory):
+    """(transformers model, Megatron GPTModel) with the same random weights."""
     from masa_megatron.config import ModelConfig
     from masa_megatron.model import build_gpt_model, load_hf_weights
     from masa_megatron.model.tiny import make_tiny_hf_model
 
     folder = tmp_path_factory.mktemp(request.param)
-    make_tiny_hf_model(folder, request.param, seed=3)
+    hf = make_tiny_hf_model(folder, request.param, seed=3)
     gpt = build_gpt_model(str(folder), ModelConfig(hf_path=str(folder)))
     load_hf_weights(gpt, folder)
-    return gpt
+    return hf, gpt
+
+
+@pytest.fixture(scope="module")
+def model(models):
+    return models[1]
 
 
 def _engine(model, **kwargs):
@@ -84,6 +90,21 @@ def test_static_greedy_equals_eager_with_stops_lengths_and_samples(model):
     static = _engine(model, decode="static", cuda_graph_max_batch=4)
     _assert_same(expected, static.generate(reqs))
     _assert_same(expected, static.generate(reqs))      # buffers made again by the second call
+
+
+def test_static_greedy_equals_transformers_generate(models):
+    """A mixed-length batch in buckets up to 2 (padded and compacted): transformers' rows."""
+    hf, gpt = models
+    max_new = 12
+    got = _engine(gpt, decode="static", cuda_graph_max_batch=2).generate(
+        [GenerationRequest(p, SamplingParams(max_new_tokens=max_new - i, temperature=0.0,
+                                             ignore_eos=True)) for i, p in enumerate(PROMPTS)])
+    for i, (prompt, res) in enumerate(zip(PROMPTS, got)):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                              do_sample=False, max_new_tokens=max_new - i,
+                              min_new_tokens=max_new - i, pad_token_id=0)
+        assert res.completions[0].token_ids == ref[0, len(prompt):].tolist()
 
 
 def test_unwritten_prefill_cache_slots_never_reach_the_static_step(model, monkeypatch):
