@@ -284,3 +284,31 @@ def test_graph_runner_protocol_with_a_fake_cuda(monkeypatch):
     runner(4, step)
     assert log == ["pool", "to side", "side", "join", "capture pool=7", "capture", "replay"]
     assert runner.captured == [4, 4] and runner.capture_s > 0
+
+
+def test_static_step_has_no_host_synchronising_ops(model):
+    """What a graph captures must not read device values on the host (.item(), nonzero, data-
+    dependent shapes: a capture fails on them): every aten op of the static steps, recorded."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncing = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2",
+               "repeat_interleave", "item", "equal", "is_nonzero"}
+    seen = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func._schema.name.split("::")[-1])
+            return func(*args, **(kwargs or {}))
+
+    engine = _engine(model, decode="static", cuda_graph_max_batch=4)
+    run = engine._static._forward
+
+    def recorded(b):
+        with Record():
+            return run(b)
+    engine._static._forward = recorded
+    reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=3 + i, temperature=0.0, n=2,
+                                                ignore_eos=True)) for i, p in enumerate(PROMPTS)]
+    engine.generate(reqs)
+    assert {"embedding", "index_select", "index_copy_", "mm"} <= seen      # the model ran
+    assert not seen & syncing
