@@ -264,7 +264,8 @@ def test_graph_runner_protocol_with_a_fake_cuda(monkeypatch):
              "current_stream": lambda device=None: type(
                  "S", (), {"wait_stream": lambda s, o: log.append("join")})(),
              "stream": lambda s: on("side", "to side"), "CUDAGraph": Graph,
-             "graph": lambda g, pool: on("capture", f"capture pool={pool}")}
+             "graph": lambda g, pool, capture_error_mode: on(
+                 "capture", f"capture pool={pool} {capture_error_mode}")}
     for name, fake in fakes.items():
         monkeypatch.setattr(torch.cuda, name, fake)
     runner = GraphRunner(torch.device("cuda"))
@@ -275,14 +276,14 @@ def test_graph_runner_protocol_with_a_fake_cuda(monkeypatch):
         return out
 
     assert runner(4, step) is out
-    assert log == ["pool", "to side", "side", "side", "side", "join", "capture pool=7", "capture",
-                   "replay"]
+    captured = ["capture pool=7 thread_local", "capture", "replay"]
+    assert log == ["pool", "to side", "side", "side", "side", "join", *captured]
     log.clear()
     assert runner(4, step) is out and log == ["replay"]
     runner.reset()
     log.clear()
     runner(4, step)
-    assert log == ["pool", "to side", "side", "join", "capture pool=7", "capture", "replay"]
+    assert log == ["pool", "to side", "side", "join", *captured]
     assert runner.captured == [4, 4] and runner.capture_s > 0
 
 
