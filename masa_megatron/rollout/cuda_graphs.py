@@ -7,6 +7,8 @@ Protocol (torch.cuda.CUDAGraph, as the CUDA-graph notes of torch prescribe):
                     graphs (they never run concurrently); keep its output tensor.
   replay(key):      re-launch the recorded kernels; they read the static buffers (refilled in
                     place by the caller before each replay) and rewrite the same output tensor.
+                    The caller reads that output before any other replay: graphs sharing the
+                    pool may reuse the memory of another graph's output for their temporaries.
 A step's warm-up runs and capture run on the step's real inputs: its only side effect, the new
 key/value written at the current slot, is the one the replay writes again.
 

@@ -10,6 +10,8 @@ per TransformerLayer
 then final norm and output layer (last stage, TP-gathered logits of the last token) or a send of
 the hidden states to the next stage. Keys are cached already rotated, so a decode step rotates
 only the new token; attention is torch's scaled_dot_product_attention with grouped KV heads.
+For a cache with `fold_query_groups` (static_decode's), a one-token step attends each KV group
+with its query heads as query rows (the same maths, no KV head repeated, any SDPA kernel).
 Megatron's static-inference path re-rotates the whole key cache and repeats the KV heads at
 every step and layer (about 30% of a CPU decode step) and has no per-row positions.
 
