@@ -199,6 +199,17 @@ def test_static_decoding_refuses_model_parallel_groups_and_bad_bucket_limits():
         bucket_sizes(0)
 
 
+def test_cuda_graphs_refuse_moe_models(monkeypatch):
+    from types import SimpleNamespace
+
+    from masa_megatron.rollout.cuda_graphs import GraphRunner
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    GraphRunner(torch.device("cuda"), SimpleNamespace(num_moe_experts=None))
+    with pytest.raises(NotImplementedError, match="rollout.cuda_graphs=True: MoE layers"):
+        GraphRunner(torch.device("cuda"), SimpleNamespace(num_moe_experts=4))
+
+
 @pytest.mark.parametrize("change, field, words", [
     ({"parallel.tensor_model_parallel_size": 2}, "rollout.cuda_graphs", "TP=2"),
     ({"parallel.pipeline_model_parallel_size": 2}, "rollout.cuda_graphs", "PP=2"),

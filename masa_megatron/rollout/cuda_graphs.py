@@ -33,10 +33,14 @@ import torch
 class GraphRunner:
     """Replays one captured graph per key (a bucket size); captures on first use."""
 
-    def __init__(self, device: torch.device, warmup: int = 3):
+    def __init__(self, device: torch.device, model_config: Any = None, warmup: int = 3):
         if device.type != "cuda" or not torch.cuda.is_available():
             raise ValueError(f"rollout.cuda_graphs=True needs the model on a CUDA device; it is "
                              f"on {device} (set rollout.cuda_graphs=false)")
+        if getattr(model_config, "num_moe_experts", None):
+            raise NotImplementedError("rollout.cuda_graphs=True: MoE layers route tokens with "
+                                      "data-dependent shapes, which a CUDA graph cannot replay "
+                                      "(set rollout.cuda_graphs=false)")
         self.device, self.warmup = device, warmup
         self.graphs: dict[Any, tuple[Any, torch.Tensor]] = {}
         self.captured: list = []          # every key captured, in order (kept across resets)

@@ -195,7 +195,7 @@ class EmbeddedEngine(RolloutEngine):
         runner = None
         if decode == "graphs":
             from masa_megatron.rollout.cuda_graphs import GraphRunner
-            runner = GraphRunner(self._device)
+            runner = GraphRunner(self._device, self.config)
         return StaticDecoder(self._stepper, self._mp, max_batch, runner)
 
     # ------------------------------------------------------------ interface
