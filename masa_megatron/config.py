@@ -70,7 +70,7 @@ class RolloutConfig:
     seed: int = 0
     # embedded engine on CUDA, TP = PP = 1: decode steps replayed from CUDA graphs captured per
     # batch-size bucket (1, 2, 4, ... up to cuda_graph_max_batch); larger batches run the same
-    # static-shape step uncaptured. Refused without CUDA.
+    # static-shape step uncaptured. Refused (at engine start) without CUDA and for MoE models.
     cuda_graphs: bool = False
     cuda_graph_max_batch: int = 64
     # SGLang only
