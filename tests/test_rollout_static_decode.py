@@ -324,3 +324,47 @@ def test_static_step_has_no_host_synchronising_ops(model):
     engine.generate(reqs)
     assert {"embedding", "index_select", "index_copy_", "mm"} <= seen      # the model ran
     assert not seen & syncing
+
+
+def test_steps_of_a_bucket_run_the_same_ops_on_the_same_memory(model):
+    """What replaying one captured graph per bucket assumes: every step of a bucket runs the same
+    aten ops with the same shapes and non-tensor arguments, reading the same outside memory
+    (static buffers, weights); only the values in that memory change from step to step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    def storage(t):
+        return t.untyped_storage().data_ptr()
+
+    class Trace(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.made = [], set()      # storages allocated during this step
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            flat = tree_flatten((args, kwargs))[0]
+            inputs = {storage(a) for a in flat if isinstance(a, torch.Tensor)}
+            self.ops.append((str(func), tuple(
+                (tuple(a.shape), a.dtype, "made" if storage(a) in self.made else storage(a))
+                if isinstance(a, torch.Tensor) else repr(a) for a in flat)))
+            out = func(*args, **kwargs)
+            self.made |= {storage(t) for t in tree_flatten(out)[0]
+                          if isinstance(t, torch.Tensor) and storage(t) not in inputs}
+            return out
+
+    engine = _engine(model, decode="static", cuda_graph_max_batch=4)
+    run, traces = engine._static._forward, {}
+
+    def traced(b):
+        with Trace() as trace:
+            out = run(b)
+        traces.setdefault(b, []).append(trace.ops)
+        return out
+    engine._static._forward = traced
+    engine.generate([GenerationRequest(p, SamplingParams(max_new_tokens=(4, 7)[i % 2],
+                                                         temperature=0.0, ignore_eos=True))
+                     for i, p in enumerate(PROMPTS)])
+    assert sorted((b, len(t)) for b, t in traces.items()) == [(2, 3), (4, 3)]
+    for steps in traces.values():
+        assert all(ops == steps[0] for ops in steps[1:])
