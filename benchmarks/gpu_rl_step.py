@@ -15,6 +15,14 @@ reported separately (decode is memory-bound; MFU is not meaningful there).
 
 `--core-attention megatron` swaps the local spec's SDPA core attention back to Megatron's own
 unfused DotProductAttention (the spec before 6c62b46), to compare the two in one lease.
+
+`--cuda-graphs` also generates every step's requests with a second engine on the same model,
+decode="graphs" (CUDA graphs per batch-size bucket; on CPU the same static steps eagerly), timed
+separately (its samples are not trained on), and afterwards compares greedy rows of
+`--greedy-tokens` tokens from the default (eager), static-eager and graph decoding. The graph
+rows must equal the static-eager rows (same kernels; exit 1 otherwise); with `--strict-greedy`
+they must also equal the eager rows (exact in fp32; bf16 rounding may part them). The peak
+GPU memory then includes the second engine's static KV buffers.
 """
 import argparse
 import json
@@ -49,6 +57,11 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--core-attention", choices=("sdpa", "megatron"), default="sdpa",
                    help="the local spec's core attention (megatron: its unfused default)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time generation with CUDA-graph decoding, compare greedy rows")
+    p.add_argument("--greedy-tokens", type=int, default=64)
+    p.add_argument("--strict-greedy", action="store_true",
+                   help="with --cuda-graphs: exit 1 unless graph rows equal the eager rows too")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -88,15 +101,22 @@ def main() -> None:
                                                    total_steps=args.steps)
             actor = Actor(chunks, optimizer, scheduler, GRPOConfig(micro_batch_tokens=16384),
                           vocab_size=shape["vocab_size"])
-            engine = EmbeddedEngine(model, vocab_size=shape["vocab_size"], seed=0,
-                                    max_batch_size=args.prompts * args.group)
+            rows = args.prompts * args.group
+
+            def make_engine(decode):
+                return EmbeddedEngine(model, vocab_size=shape["vocab_size"], seed=0,
+                                      max_batch_size=rows, decode=decode,
+                                      cuda_graph_max_batch=rows)
+            engine = make_engine("eager")
+            graph_engine = make_engine("graphs" if cuda else "static") if args.cuda_graphs \
+                else None
             gen = torch.Generator().manual_seed(0)
             prompts = [torch.randint(3, shape["vocab_size"], (args.prompt_len,), generator=gen)
                        .tolist() for _ in range(args.prompts)]
             sampling = SamplingParams(max_new_tokens=args.new_tokens, n=args.group, seed=1,
                                       ignore_eos=True)
             sync = torch.cuda.synchronize if cuda else (lambda: None)
-            steps = [_one_step(engine, actor, prompts, sampling, gen, sync, cuda)
+            steps = [_one_step(engine, actor, prompts, sampling, gen, sync, graph_engine)
                      for _ in range(args.steps)]
             timed = steps[1:] or steps          # the first step pays for kernel set-up
             phases = ("generate_s", "logprob_s", "update_s")
@@ -117,15 +137,56 @@ def main() -> None:
                 "ratio_dev_max": steps[0]["ratio_dev_max"],
                 "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
                 "per_step": [{k: s[k] for k in phases} for s in steps]}
+            if graph_engine is not None:
+                result.update(_graph_figures(timed, steps[0], gen_tokens, med["generate_s"],
+                                             graph_engine._static.runner, args.steps))
+                result.update(_greedy_rows({"eager": engine, "static": make_engine("static"),
+                                            "graphs": graph_engine}, prompts, args.greedy_tokens))
         finally:
             destroy_parallel()
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.cuda_graphs and (result["greedy_graphs_vs_static_identical"] < 1 or (
+            args.strict_greedy and result["greedy_graphs_vs_eager_identical"] < 1)):
+        raise SystemExit("greedy rows of graph decoding differ (see greedy_* above)")
 
 
-def _one_step(engine, actor, prompts, sampling, gen, sync, cuda: bool) -> dict:
-    """Generate G samples per prompt, recompute old log-probs, one PPO update; phase times."""
+def _graph_figures(timed: list, first: dict, tokens: int, eager_s: float, runner,
+                   calls: int) -> dict:
+    """Generation with graph decoding (each call captures its graphs again: included)."""
+    graphs_s = statistics.median(s["generate_graphs_s"] for s in timed)
+    out = {"graph_decode": "cuda graphs" if runner else "static, eager (no CUDA)",
+           "generate_graphs_s": graphs_s, "generate_graphs_tokens_per_s": tokens / graphs_s,
+           "graphs_speedup": eager_s / graphs_s,
+           "first_step_generate_graphs_s": first["generate_graphs_s"],
+           "sampled_rows_identical": min(s["sampled_rows_identical"] for s in timed)}
+    if runner:
+        out.update(graph_captures_per_call=len(runner.captured) / calls,
+                   graph_capture_s_per_call=runner.capture_s / calls)
+    return out
+
+
+def _greedy_rows(engines: dict, prompts: list, tokens: int) -> dict:
+    """Greedy rows of each engine; fraction of graph rows equal to the eager and static rows,
+    and the first differing position of each differing row."""
+    from masa_megatron.rollout.base import GenerationRequest, SamplingParams
+
+    greedy = SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
+    rows = {name: [r.completions[0].token_ids for r in e.generate(
+        [GenerationRequest(ids, greedy) for ids in prompts])] for name, e in engines.items()}
+    out = {}
+    for other in ("eager", "static"):
+        pairs = list(zip(rows["graphs"], rows[other]))
+        out[f"greedy_graphs_vs_{other}_identical"] = sum(a == b for a, b in pairs) / len(pairs)
+        out[f"greedy_graphs_vs_{other}_first_difference"] = [
+            next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) for a, b in pairs if a != b]
+    return out
+
+
+def _one_step(engine, actor, prompts, sampling, gen, sync, graph_engine=None) -> dict:
+    """Generate G samples per prompt, recompute old log-probs, one PPO update; phase times.
+    `graph_engine`: generates the same requests again, timed apart (not trained on)."""
     from masa_megatron.rollout.base import GenerationRequest
     from masa_megatron.train.batching import TrainBatch
 
@@ -135,6 +196,14 @@ def _one_step(engine, actor, prompts, sampling, gen, sync, cuda: bool) -> dict:
     results = engine.generate([GenerationRequest(ids, sampling) for ids in prompts])
     sync()
     out["generate_s"] = time.perf_counter() - t0
+    if graph_engine is not None:
+        t0 = time.perf_counter()
+        again = graph_engine.generate([GenerationRequest(ids, sampling) for ids in prompts])
+        sync()
+        out["generate_graphs_s"] = time.perf_counter() - t0
+        pairs = [(a.token_ids, b.token_ids) for r, q in zip(results, again)
+                 for a, b in zip(r.completions, q.completions)]
+        out["sampled_rows_identical"] = sum(a == b for a, b in pairs) / len(pairs)
     samples = [(pr, c.token_ids) for pr, r in zip(prompts, results) for c in r.completions]
     batch = TrainBatch([s[0] for s in samples], [s[1] for s in samples],
                        torch.randn(len(samples), generator=gen))

@@ -68,6 +68,11 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1
     seed: int = 0
+    # embedded engine on CUDA, TP = PP = 1: decode steps replayed from CUDA graphs captured per
+    # batch-size bucket (1, 2, 4, ... up to cuda_graph_max_batch); larger batches run the same
+    # static-shape step uncaptured. Refused (at engine start) without CUDA and for MoE models.
+    cuda_graphs: bool = False
+    cuda_graph_max_batch: int = 64
     # SGLang only
     sglang_urls: list[str] = field(default_factory=list)   # attach; empty: launch servers
     sglang_num_servers: int = 1
@@ -354,6 +359,7 @@ _RANGES = {
     "rollout.sglang_request_timeout_s": (0.001, None),
     "rollout.sglang_max_retries": (0, None),
     "rollout.sglang_retry_backoff_s": (0.0, None),
+    "rollout.cuda_graph_max_batch": (1, None),
     "grpo.clip_low": (0.0, 1.0),
     "grpo.clip_high": (0.0, None),
     "grpo.kl_coef": (0.0, None),
@@ -505,6 +511,7 @@ def validate_static(cfg: ExperimentConfig) -> None:
     if cfg.rollout.colocate and cfg.rollout.engine == "embedded":
         _fail("rollout.colocate", True, "the embedded engine already shares the trainer's "
               "weights; colocation hands the GPUs to SGLang servers (rollout.engine=sglang)")
+    _check_cuda_graphs(cfg)
     if cfg.rollout.offload_train_state and not cfg.rollout.colocate:
         _fail("rollout.offload_train_state", True, "the trainer's state leaves the GPUs only "
               "for colocated servers: set rollout.colocate")
@@ -516,6 +523,21 @@ def validate_static(cfg: ExperimentConfig) -> None:
         if not str(path).strip():
             _fail(f"data.train_files[{i}]", path, "empty path")
     _check_sglang_extra_args(cfg.rollout)
+
+
+def _check_cuda_graphs(cfg: ExperimentConfig) -> None:
+    if not cfg.rollout.cuda_graphs:
+        return
+    p = cfg.parallel
+    if cfg.rollout.engine != "embedded":
+        _fail("rollout.cuda_graphs", True, f"only the embedded engine captures graphs; "
+              f"rollout.engine={cfg.rollout.engine!r} (SGLang captures its own: pass "
+              "--cuda-graph-max-bs in rollout.sglang_extra_args)")
+    if (p.tensor_model_parallel_size, p.pipeline_model_parallel_size) != (1, 1):
+        _fail("rollout.cuda_graphs", True, "needs tensor_model_parallel_size = "
+              "pipeline_model_parallel_size = 1 (collectives and pipeline sends are not "
+              f"captured); got TP={p.tensor_model_parallel_size}, "
+              f"PP={p.pipeline_model_parallel_size}")
 
 
 # launch_server flags that other fields or the launch set (see sglang_launch.server_flags)

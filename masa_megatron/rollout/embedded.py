@@ -27,6 +27,11 @@ Per batch of rows (one row per sample; a request with n samples gives n rows):
    them pays an OpenMP fork/join, and on a busy machine a descheduled sibling thread stalls it
    for a time slice, so small forwards run single-threaded. The thread count is a function of the
    batch alone, so a seed gives the same samples on every run with the same torch threads.
+7. `decode="graphs"` (rollout.cuda_graphs, CUDA, TP = PP = 1) replaces the decode steps of point 2
+   by static-shape steps (`static_decode`: batch padded to a bucket, fixed-size KV buffers, the
+   slot a tensor) replayed from one CUDA graph per bucket (`cuda_graphs`); `decode="static"`
+   runs the same steps eagerly (any device; what the CPU tests compare with the default).
+   The capture path has not run on a GPU yet.
 
 The model runs in eval mode under no_grad; per-module train flags are restored afterwards and
 nothing else in the model is touched (no Megatron inference context, no rotary cache, nor
@@ -52,6 +57,7 @@ from masa_megatron.rollout.base import (FINISH_ABORT, FINISH_LENGTH, FINISH_STOP
 from masa_megatron.rollout.megatron_step import (KVCache, MegatronStep, ModelParallel,
                                                  release_megatron_buffers, unwrap)
 from masa_megatron.rollout.sampling import RowSampling, sample_next_tokens
+from masa_megatron.rollout.static_decode import StaticDecoder
 
 _MASK64 = (1 << 64) - 1
 # multiply-adds of one forward's matmuls per intra-op thread it may use (2^27: ~3 ms on one
@@ -113,6 +119,23 @@ class _LiveRows:
             self.sampling = self.sampling.select(rows)
 
 
+class _EagerSteps:
+    """The default decode step: attention over the slots so far, finished rows compacted away."""
+
+    def __init__(self, engine: "EmbeddedEngine", live: _LiveRows, cache: KVCache):
+        self.engine, self.live, self.cache = engine, live, cache
+
+    def drop(self, keep: torch.Tensor) -> None:
+        self.cache.select(keep)         # `live` is kept by the loop
+
+    def step(self, tokens: torch.Tensor, slot: int) -> Optional[torch.Tensor]:
+        live = self.live
+        mask = None if live.real is None else live.real[:, None, None, :slot + 1]
+        rope = None if live.rope is None else live.rope[slot:slot + 1]
+        return self.engine._stepper(tokens.unsqueeze(1), live.positions[:, slot:slot + 1], rope,
+                                    mask, self.cache, slot, slice(None), self.engine._mp)
+
+
 class EmbeddedEngine(RolloutEngine):
     """Generates with `model` (a GPTModel, a DDP/Float16Module wrapper, or a list of one).
 
@@ -121,11 +144,14 @@ class EmbeddedEngine(RolloutEngine):
     log-probs. `eos_token_ids` join every request's
     stop set unless it sets ignore_eos. `seed` drives unseeded requests. Construct it on every
     rank of the model-parallel group (it runs one collective to learn the layout).
+    `decode`: "eager" (default), "static" or "graphs" (point 7 of the module docstring), with
+    buckets up to `cuda_graph_max_batch` rows.
     """
 
     def __init__(self, model: Any, *, vocab_size: Optional[int] = None,
                  eos_token_ids: Sequence[int] = (), seed: int = 0, max_batch_size: int = 64,
-                 prefill_token_budget: int = 8192, max_context_length: Optional[int] = None):
+                 prefill_token_budget: int = 8192, max_context_length: Optional[int] = None,
+                 decode: str = "eager", cuda_graph_max_batch: int = 64):
         if isinstance(model, (list, tuple)):
             if len(model) != 1:
                 raise NotImplementedError("virtual pipeline chunks are not supported")
@@ -147,6 +173,7 @@ class EmbeddedEngine(RolloutEngine):
         self._mp = ModelParallel()
         self._device = next(self.gpt.parameters()).device
         self._macs_per_token = matmul_weights(self.gpt)
+        self._static = self._static_decoder(decode, cuda_graph_max_batch)
 
     @classmethod
     def from_config(cls, model: Any, cfg: Any, *, vocab_size: Optional[int] = None,
@@ -155,8 +182,21 @@ class EmbeddedEngine(RolloutEngine):
         response length). Every engine's from_config takes the ExperimentConfig (train/main.py)."""
         rollout_cfg = getattr(cfg, "rollout", cfg)
         context = rollout_cfg.max_prompt_length + rollout_cfg.max_response_length
+        kwargs.setdefault("decode", "graphs" if rollout_cfg.cuda_graphs else "eager")
         return cls(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids,
-                   seed=rollout_cfg.seed, max_context_length=context, **kwargs)
+                   seed=rollout_cfg.seed, max_context_length=context,
+                   cuda_graph_max_batch=rollout_cfg.cuda_graph_max_batch, **kwargs)
+
+    def _static_decoder(self, decode: str, max_batch: int) -> Optional[StaticDecoder]:
+        if decode not in ("eager", "static", "graphs"):
+            raise ValueError(f"decode must be eager, static or graphs, got {decode!r}")
+        if decode == "eager":
+            return None
+        runner = None
+        if decode == "graphs":
+            from masa_megatron.rollout.cuda_graphs import GraphRunner
+            runner = GraphRunner(self._device, self.config)
+        return StaticDecoder(self._stepper, self._mp, max_batch, runner)
 
     # ------------------------------------------------------------ interface
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -169,10 +209,14 @@ class EmbeddedEngine(RolloutEngine):
         requests = self._mp.share(list(requests))
         self._calls += 1
         rows, results = self._expand(requests)
-        with self._eval_mode():
-            for batch in self._batches(rows):
-                for row, completion in zip(batch, self._generate_batch(batch)):
-                    results[row.request].completions[row.sample] = completion
+        try:
+            with self._eval_mode():
+                for batch in self._batches(rows):
+                    for row, completion in zip(batch, self._generate_batch(batch)):
+                        results[row.request].completions[row.sample] = completion
+        finally:
+            if self._static is not None:    # static KV buffers and graphs: this call's only
+                self._static.release()
         return results
 
     def update_weights(self, model: Any = None, path: Optional[str] = None, *,
@@ -225,8 +269,11 @@ class EmbeddedEngine(RolloutEngine):
     def _generate_batch(self, rows: list[_Row]) -> list[Completion]:
         live = self._layout(rows)
         logits, cache = self._prefill(rows, live)
+        steps = _EagerSteps(self, live, cache) if self._static is None else \
+            self._static.start(live, cache)
+        del cache
         with self._threads(len(rows)):
-            return self._decode(live, logits, cache)
+            return self._decode(live, logits, steps)
 
     @contextlib.contextmanager
     def _threads(self, tokens: int):
@@ -297,8 +344,9 @@ class EmbeddedEngine(RolloutEngine):
         return (torch.cat(parts)[prompt_of] if self._mp.is_last_stage else None), cache
 
     def _decode(self, live: "_LiveRows", logits: Optional[torch.Tensor],
-                cache: KVCache) -> list[Completion]:
-        """Sample, record, drop finished rows, feed the new tokens; until every row is done."""
+                steps: Any) -> list[Completion]:
+        """Sample, record, drop finished rows, feed the new tokens; until every row is done.
+        `steps`: an _EagerSteps or a StaticDecoder (drop(keep), step(tokens, slot) -> logits)."""
         n_rows, longest, dev = len(live.index), int(live.max_new.max()), self._device
         out_tokens = torch.zeros(n_rows, longest, dtype=torch.long, device=dev)
         out_logprobs = torch.zeros(n_rows, longest, dtype=torch.float32, device=dev)
@@ -316,13 +364,9 @@ class EmbeddedEngine(RolloutEngine):
                     break
                 keep = (~done).nonzero().squeeze(1)
                 live.keep(keep)
-                cache.select(keep)
+                steps.drop(keep)
                 tok = tok[keep]
-            slot = live.width + step
-            mask = None if live.real is None else live.real[:, None, None, :slot + 1]
-            rope = None if live.rope is None else live.rope[slot:slot + 1]
-            logits = self._stepper(tok.unsqueeze(1), live.positions[:, slot:slot + 1], rope,
-                                   mask, cache, slot, slice(None), self._mp)
+            logits = steps.step(tok, live.width + step)
         out_tokens, out_logprobs, lengths = out_tokens.cpu(), out_logprobs.cpu(), lengths.cpu()
         return [Completion(out_tokens[b, :lengths[b]].tolist(),
                            out_logprobs[b, :lengths[b]].tolist(),

@@ -10,6 +10,8 @@ per TransformerLayer
 then final norm and output layer (last stage, TP-gathered logits of the last token) or a send of
 the hidden states to the next stage. Keys are cached already rotated, so a decode step rotates
 only the new token; attention is torch's scaled_dot_product_attention with grouped KV heads.
+For a cache with `fold_query_groups` (static_decode's), a one-token step attends each KV group
+with its query heads as query rows (the same maths, no KV head repeated, any SDPA kernel).
 Megatron's static-inference path re-rotates the whole key cache and repeats the KV heads at
 every step and layer (about 30% of a CPU decode step) and has no per-row positions.
 
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 
 class KVCache:
     """Rotated keys and values of this stage's layers, each [rows, kv_heads, slots, head_dim]."""
+    fold_query_groups = False       # see MegatronStep._layer; the static decode cache sets it
 
     def __init__(self, layers: int, rows: int, slots: int):
         self.keys: list[Optional[torch.Tensor]] = [None] * layers
@@ -194,10 +197,15 @@ class MegatronStep:
         if cos_sin is not None:
             query, key = self._rotate(query, *cos_sin), self._rotate(key, *cos_sin)
         keys, values = cache.append(index, key, value, slot, rows)
+        query = query.permute(1, 2, 0, 3)                                     # [b, heads, s, d]
+        b, heads, s, dim = query.shape
+        fold = cache.fold_query_groups and s == 1 and keys.size(1) < heads
+        if fold:    # one token: a KV group's heads are its query rows [b, groups, heads/g, d]
+            query = query.reshape(b, keys.size(1), heads // keys.size(1), dim)
         context = F.scaled_dot_product_attention(
-            query.permute(1, 2, 0, 3), keys, values, attn_mask=mask,
-            is_causal=mask is None and query.size(0) > 1, scale=self._softmax_scale(attn),
-            enable_gqa=True)                                                  # [b, heads, s, d]
+            query, keys, values, attn_mask=mask, is_causal=mask is None and s > 1,
+            scale=self._softmax_scale(attn), enable_gqa=not fold)
+        context = context.reshape(b, heads, s, context.size(-1))             # [b, heads, s, d]
         out, bias = self._linear(attn.linear_proj, context.permute(2, 0, 1, 3).flatten(2))
         hidden = hidden + (out if bias is None else out + bias)
         out, bias = self._mlp(layer.mlp, layer.pre_mlp_layernorm(hidden))
