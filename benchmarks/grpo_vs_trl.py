@@ -52,10 +52,13 @@ What still differs in the work done (by design of each trainer, not by settings)
                 the batch). TRL: transformers `generate` (KV cache; each of the P*G rows prefills
                 its own copy of the prompt; finished rows keep being computed as padding until
                 the longest row ends).
-    training    ours: Megatron GPTModel, local layer spec (unfused attention), sequences packed
-                into token-budget micro-batches (one here) without padding, the vocabulary padded
-                to a multiple of 128 (masked), torch AdamW inside Megatron's distributed
-                optimizer (DP=1). TRL: transformers Qwen3ForCausalLM with SDPA attention, the
+    training    ours: Megatron GPTModel's modules, local layer spec (SDPA attention),
+                shared-prefix micro-batches (one here; train/shared_prefix.py: each of the P
+                prompts runs once, its G responses attend to it, so the forwards and the update
+                compute P x prompt + P x G x response positions, not P x G x (prompt + response)),
+                the vocabulary padded to a multiple of 128 (masked), torch AdamW inside
+                Megatron's distributed optimizer (DP=1). TRL: transformers Qwen3ForCausalLM with
+                SDPA attention, the
                 batch right-padded to the longest completion and left-padded to the longest
                 prompt, one forward, torch's fused AdamW (transformers' default `optim`) via
                 accelerate.
@@ -475,8 +478,9 @@ def main() -> None:
         "generation differs by design: ours prefills each prompt once for its G samples and "
         "drops finished rows; transformers generate prefills every row and keeps finished rows "
         "as padding until the longest ends",
-        "training differs by design: ours Megatron local spec, packed micro-batch, vocab padded "
-        "to a multiple of 128; TRL transformers SDPA, padded batch",
+        "training differs by design: ours Megatron local spec, shared-prefix micro-batch (each "
+        "prompt computed once for its G samples), vocab padded to a multiple of 128; TRL "
+        "transformers SDPA, padded batch (each row repeats its prompt)",
         "tokens = completion tokens incl. EOS; the two sides sample different tokens (different "
         "RNG), so token counts may differ slightly: compare tokens/s as well as s/step",
         "peak RSS: the trainer process only (grader pool processes excluded on both sides)",

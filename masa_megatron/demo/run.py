@@ -6,7 +6,7 @@ are measured by the evaluation module (train/loop.evaluate_in_loop) at step 0, e
 `eval_every` steps and at the end. The report folder holds each run's metrics JSONL and eval
 records, the plots and `summary.md` (see demo/report.py).
 
-    masa demo                      default budget, one seed: ~5 min on 2 cores (+ ~5 min warm start, once)
+    masa demo                      default budget, one seed: ~2 min on 2 cores (+ ~3 min warm start, once)
     masa demo --quick              about a minute: a smoke run of all three modes
     masa demo --seeds 3 --out runs/demo3
 """
