@@ -52,7 +52,8 @@ def setup_actor(tp: int = 1, pp: int = 1, *, sp: bool = False, opt_cfg: Optimize
 
 
 def make_batch(seed: int = 0):
-    """16 samples in 4 groups of 4; prompts 2-30 tokens, responses 1-60 tokens."""
+    """16 samples in 4 groups of 4 sharing their group's prompt (as GRPO's do; the actor's
+    shared-prefix micro-batches compute it once); prompts 2-30 tokens, responses 1-60 tokens."""
     from masa_megatron.train.batching import TrainBatch
 
     gen = torch.Generator().manual_seed(seed)
@@ -60,7 +61,8 @@ def make_batch(seed: int = 0):
     for i in range(16):
         p = int(torch.randint(2, 31, (1,), generator=gen))
         r = 1 if i == 5 else int(torch.randint(1, 61, (1,), generator=gen))
-        prompts.append(torch.randint(3, VOCAB, (p,), generator=gen).tolist())
+        prompt = torch.randint(3, VOCAB, (p,), generator=gen).tolist()
+        prompts.append(prompt if i % 4 == 0 else prompts[-1])
         responses.append(torch.randint(3, VOCAB, (r,), generator=gen).tolist())
     advantages = torch.randn(16, generator=gen)
     rollout = [torch.randn(len(r), generator=gen) * 0.1 - 5.0 for r in responses]
