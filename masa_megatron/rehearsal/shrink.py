@@ -17,6 +17,8 @@ Changed because a CPU cannot do otherwise (and said so in the rehearsal's output
 `CPU_CHANGES`): fp32 instead of bf16 (the stand-in servers run the fp32 embedded engine, which
 is what makes a 1e-4 log-prob gap a meaningful bound), Megatron's local layer spec instead of
 Transformer Engine's, no FP8 (the `_fp8` recipes keep their truncated importance sampling).
+A recipe on the TE spec also gets `grpo.shared_prefix=false`: its GPU run trains the padded
+layout (train/shared_prefix.py is off for TE), so the rehearsal does too.
 """
 from __future__ import annotations
 
@@ -127,6 +129,8 @@ def shrink_overrides(cfg: ExperimentConfig, *, prompt_tokens: int, steps: int) -
            f"grpo.micro_batch_tokens={micro_tokens}",
            f"trainer.steps={steps}", f"checkpoint.save_every={steps}",
            "optimizer.warmup_steps=0", "logging.tensorboard=false", "logging.progress=false"]
+    if cfg.model.layer_spec == "te":        # the layout its GPU run trains (module docstring)
+        out.append("grpo.shared_prefix=false")
     if cfg.masa.mode != "grpo":
         out.append(f"masa.meta_group_size={META_GROUP_SIZE}")
     if cfg.masa.mode == "masa_efficient":   # k inside the rehearsal: step 0 plain, then gated

@@ -127,10 +127,7 @@ class Actor:
         self.shared_prefix_off = ["grpo.shared_prefix=false"] if not grpo_cfg.shared_prefix else \
             ["virtual pipeline chunks"] if len(self.model_chunks) > 1 else \
             unsupported_reasons(gpt, self._pp_size, ps.get_context_parallel_world_size())
-        self._stepper = None
-        if not self.shared_prefix_off:
-            from masa_megatron.rollout.megatron_step import MegatronStep
-            self._stepper = MegatronStep(gpt)
+        self._stepper = None                   # made by the first shared-prefix forward
 
     # ------------------------------------------------------------------ plumbing
 
@@ -143,8 +140,7 @@ class Actor:
             plan = plan_shared_micro_batches([batch.prompt_ids[i] for i in indices],
                                              [len(batch.response_ids[i]) for i in indices],
                                              self.cfg.micro_batch_tokens)
-            return [pack_shared_micro_batch(batch, [indices[j] for j in g],
-                                            multiple_of=self.sequence_multiple).to(self.device)
+            return [pack_shared_micro_batch(batch, [indices[j] for j in g]).to(self.device)
                     for g in plan]
         lengths = batch.row_lengths()
         plan = plan_micro_batches([lengths[i] for i in indices], self.cfg.micro_batch_tokens,
@@ -165,8 +161,11 @@ class Actor:
             mb = next(data_iterator)
             with hot_path():
                 if mb.prefix is not None:
-                    output = shared_prefix_forward(unwrap_model(model), mb, per_token,
-                                                   self._stepper)
+                    gpt = unwrap_model(model)
+                    if self._stepper is None:
+                        from masa_megatron.rollout.megatron_step import MegatronStep
+                        self._stepper = MegatronStep(gpt)
+                    output = shared_prefix_forward(gpt, mb, per_token, self._stepper)
                 else:
                     output = model(mb.tokens, mb.position_ids, None, labels=mb.labels,
                                    runtime_gather_output=False)

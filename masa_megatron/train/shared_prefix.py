@@ -25,16 +25,18 @@ Work: the norms, linear layers and MLPs see U*Pp + B*R positions instead of B*(P
 the output layer only the B*R segment positions; with G samples per prompt and prompts about as
 long as responses that is ~2x fewer (benchmarks/results/shared_prefix.json).
 
-Used where `unsupported_reasons` is empty: the local layer spec (SDPA core attention) on one
-pipeline stage, without sequence/context parallelism, activation recompute, dropout, FP8, MoE,
-multi-token prediction, and for batches without prompt-state targets (the meta head reads the
-decoder's output through a hook that this forward does not call). Elsewhere the actor uses the
-padded layout.
+Used where `unsupported_reasons` is empty: the local layer spec (SDPA core attention) on CPU, on
+one pipeline stage, without sequence/context parallelism, activation recompute, dropout, FP8,
+MoE, multi-token prediction, and for batches without prompt-state targets (the meta head reads
+the decoder's output through a hook that this forward does not call). Elsewhere the actor uses
+the padded layout. Not on CUDA yet: there torch's SDPA has no fused kernel for an explicit mask
+with grouped KV heads (the math kernel would keep every layer's scores), and no GPU has measured
+an alternative (KV heads repeated for the memory-efficient kernel, or FlexAttention).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +48,7 @@ from masa_megatron.train.batching import PER_TOKEN_FIELDS, MicroBatch, TrainBatc
 @dataclass
 class SharedPrefix:
     """The prefix half of a shared-prefix micro-batch (the segments are MicroBatch.tokens)."""
-    tokens: Tensor         # [U, Pp] int64, 0 at padding (Pp may be 0)
+    tokens: Tensor         # [U, Pp] int64, 0 at padding (Pp >= 1: a 1-token prompt pads it)
     position_ids: Tensor   # [U, Pp] int64
     lengths: Tensor        # [U] int64: P_u - 1 valid prefix tokens
     prompt_of: Tensor      # [B] int64: the prefix row of each segment row
@@ -64,6 +66,9 @@ def unsupported_reasons(gpt: Any, pipeline_stages: int, context_parallel: int) -
 
     c = gpt.config
     checks = {
+        # on CUDA, SDPA with a mask and grouped KV heads has no fused kernel and would keep
+        # B x heads x R x (Pp + R) scores per layer; not measured on a GPU yet
+        "CUDA": next(gpt.parameters()).is_cuda,
         "pipeline parallelism": pipeline_stages > 1,
         "context parallelism": context_parallel > 1,
         "sequence parallelism": c.sequence_parallel,
@@ -79,6 +84,7 @@ def unsupported_reasons(gpt: Any, pipeline_stages: int, context_parallel: int) -
         "post-layernorm residuals": c.apply_residual_connection_post_layernorm,
         "position embeddings other than RoPE": getattr(gpt, "position_embedding_type",
                                                        "rope") != "rope",
+        "layers without RoPE": bool(getattr(c, "no_rope_freq", None)),
         "layers other than the local spec's": not all(
             isinstance(layer.self_attention, SelfAttention) and isinstance(layer.mlp, MLP)
             and isinstance(layer.self_attention.core_attention, DotProductAttention)
@@ -99,9 +105,9 @@ def plan_shared_micro_batches(prompts: Sequence[Sequence[int]], response_lengths
     members: dict[tuple, list[int]] = {}
     for i, prompt in enumerate(prompts):
         members.setdefault(tuple(prompt), []).append(i)
-    pieces = []          # (prefix length, [samples]) each fitting the budget alone
+    pieces = []          # (prefix width, [samples]) each fitting the budget alone
     for key, idx in members.items():
-        pp, run = len(key) - 1, []
+        pp, run = max(len(key) - 1, 1), []      # the packer's width: at least 1
         for i in sorted(idx, key=lambda i: (-response_lengths[i], i)):
             if run and pp + (len(run) + 1) * response_lengths[run[0]] > token_budget:
                 pieces.append((pp, run))
@@ -123,8 +129,7 @@ def plan_shared_micro_batches(prompts: Sequence[Sequence[int]], response_lengths
     return groups
 
 
-def pack_shared_micro_batch(batch: TrainBatch, indices: Sequence[int],
-                            multiple_of: int = 1) -> MicroBatch:
+def pack_shared_micro_batch(batch: TrainBatch, indices: Sequence[int]) -> MicroBatch:
     """The samples `indices` of `batch` as one shared-prefix MicroBatch (module docstring):
     tokens/labels/loss_mask/per-token fields [B, R] in segment columns, `prefix` set."""
     indices = list(indices)
@@ -133,9 +138,8 @@ def pack_shared_micro_batch(batch: TrainBatch, indices: Sequence[int],
     rows: dict[tuple, int] = {}
     prompt_of = [rows.setdefault(tuple(batch.prompt_ids[i]), len(rows)) for i in indices]
     prompts = list(rows)
-    pad = lambda n: -(-max(n, 1) // multiple_of) * multiple_of   # noqa: E731
-    width_p, width_r = pad(max(len(p) - 1 for p in prompts)), \
-        pad(max(len(batch.response_ids[i]) for i in indices))
+    width_p = max(1, max(len(p) - 1 for p in prompts))
+    width_r = max(1, max(len(batch.response_ids[i]) for i in indices))
     prefix = torch.zeros(len(prompts), width_p, dtype=torch.long)
     for u, p in enumerate(prompts):
         prefix[u, :len(p) - 1] = torch.as_tensor(p[:-1], dtype=torch.long)
@@ -165,15 +169,13 @@ def pack_shared_micro_batch(batch: TrainBatch, indices: Sequence[int],
 
 
 def shared_prefix_forward(gpt: Any, mb: MicroBatch, per_token: Callable[[Tensor, Tensor], Tensor],
-                          stepper: Optional[Any] = None) -> Tensor:
+                          step: Any) -> Tensor:
     """per_token(labels [B, R], logits [R, B, V/TP]) of a shared-prefix micro-batch: [B, R].
 
     The layer math is the local TransformerLayer's (input norm, QKV with q/k norms, RoPE, SDPA,
     output projection, residual, pre-MLP norm, MLP, residual) through the model's own modules,
-    so TP collectives and their gradients are Megatron's; only the attention pattern differs."""
-    from masa_megatron.rollout.megatron_step import MegatronStep
-
-    step = stepper or MegatronStep(gpt)
+    so TP collectives and their gradients are Megatron's; only the attention pattern differs.
+    `step`: a rollout.megatron_step.MegatronStep of `gpt` (its RoPE table and rotation)."""
     pre = mb.prefix
     (u, pp), (b, r) = pre.tokens.shape, mb.tokens.shape
     hidden = torch.cat([
