@@ -1,4 +1,5 @@
-"""Shared test set-up: deterministic CPU torch, and the path of the shared data files."""
+"""Shared test set-up: deterministic CPU torch, the path of the shared data files, a
+one-process Megatron parallel state, an echo stand-in server."""
 import os
 from pathlib import Path
 
@@ -22,6 +23,17 @@ def _deterministic_torch():
     torch.manual_seed(0)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture(scope="module")
+def parallel():
+    """Megatron's parallel state for one process (TP = PP = 1), for a test module."""
+    from masa_megatron.config import ParallelConfig
+    from masa_megatron.parallel import destroy_parallel, init_parallel
+
+    init_parallel(ParallelConfig())
+    yield
+    destroy_parallel()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
 sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
 
-from actor_common import VOCAB, make_batch, max_abs_diff, model_state, setup_actor  # noqa: E402
+from actor_common import (VOCAB, make_batch, max_abs_diff, model_state,  # noqa: E402
+                          restore_weights, setup_actor)
 
 from masa_megatron.config import OptimizerConfig  # noqa: E402
 
@@ -27,23 +28,12 @@ def actor():
     destroy_parallel()
 
 
-def _restore(actor, weights):
-    """Set the weights and drop the optimizer state (a fresh start from `weights`)."""
-    from masa_megatron.train.actor import unwrap_model
-
-    with torch.no_grad():
-        for name, param in unwrap_model(actor.model_chunks[0]).named_parameters():
-            param.copy_(weights[name])
-    for sub in actor.optimizer.chained_optimizers:
-        sub.optimizer.state.clear()
-
-
 @pytest.fixture
 def fresh(actor):
     """The module's actor back at its initial weights, every test."""
     if not hasattr(actor, "_initial"):
         actor._initial = model_state(actor)
-    _restore(actor, actor._initial)
+    restore_weights(actor, actor._initial)
     actor.cfg.micro_batch_tokens = 1 << 20
     return actor
 
@@ -74,7 +64,7 @@ def test_micro_batch_budget_does_not_change_the_update(fresh):
     start = model_state(fresh)
     one = fresh.update(batch, check_ratio=True)
     single = model_state(fresh)
-    _restore(fresh, start)
+    restore_weights(fresh, start)
     fresh.cfg.micro_batch_tokens = 100  # rows up to ~90 tokens: many micro-batches
     assert len(fresh._micro_batches(batch, range(8))) > 2
     many = fresh.update(batch, check_ratio=True)
@@ -96,7 +86,7 @@ def test_policy_old_logprobs_give_the_same_update_as_the_recompute(fresh):
         start = model_state(fresh)
         recomputed = fresh.update(batch)
         after_recompute = model_state(fresh)
-        _restore(fresh, start)
+        restore_weights(fresh, start)
         cfg.old_logprobs, batch.old_logprobs = "policy", None
         policy = fresh.update(batch)
         assert abs(recomputed["train/loss"] - policy["train/loss"]) <= 1e-6
@@ -169,7 +159,7 @@ def test_sequence_padding_for_the_layout_is_neutral_to_logprobs_and_loss(fresh, 
     batch.old_logprobs = logp
     start = model_state(fresh)
     loss = fresh.update(batch)["train/loss"]
-    _restore(fresh, start)
+    restore_weights(fresh, start)
     assert padded_actor.update(batch)["train/loss"] == pytest.approx(loss, rel=1e-5, abs=1e-7)
 
 

@@ -11,16 +11,6 @@ from masa_megatron.rollout.sampling import token_logprobs  # noqa: E402
 PROMPTS = [[5, 17, 301, 44, 9, 120, 7], [88, 3], [400, 401, 402, 403, 11], [999]]
 
 
-@pytest.fixture(scope="module")
-def parallel():
-    from masa_megatron.config import ParallelConfig
-    from masa_megatron.parallel import destroy_parallel, init_parallel
-
-    init_parallel(ParallelConfig())
-    yield
-    destroy_parallel()
-
-
 def _build(tmp_path_factory, family):
     from masa_megatron.config import ModelConfig
     from masa_megatron.model import build_gpt_model, load_hf_weights

@@ -11,16 +11,6 @@ from masa_megatron.rollout.base import GenerationRequest, SamplingParams  # noqa
 PROMPTS = [[5, 17, 301, 44, 9, 120, 7], [88, 3], [400, 401, 402, 403, 11], [999]]
 
 
-@pytest.fixture(scope="module")
-def parallel():
-    from masa_megatron.config import ParallelConfig
-    from masa_megatron.parallel import destroy_parallel, init_parallel
-
-    init_parallel(ParallelConfig())
-    yield
-    destroy_parallel()
-
-
 @pytest.fixture(scope="module", params=["qwen3", "llama"])
 def models(request, parallel, tmp_path_factory):
     """(transformers model, Megatron GPTModel) with the same random weights."""

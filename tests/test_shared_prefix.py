@@ -9,7 +9,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
 
-from actor_common import VOCAB, max_abs_diff, model_state, setup_actor  # noqa: E402
+from actor_common import (VOCAB, max_abs_diff, model_state, restore_weights,  # noqa: E402
+                          setup_actor)
 
 from masa_megatron.train.batching import TrainBatch  # noqa: E402
 from masa_megatron.train.shared_prefix import (plan_shared_micro_batches,  # noqa: E402
@@ -32,20 +33,10 @@ def actor():
 @pytest.fixture
 def fresh(actor):
     """The module's actor at its initial weights, no optimizer state, the shared layout on."""
-    restore(actor, actor._initial)
+    restore_weights(actor, actor._initial)
     actor.cfg.micro_batch_tokens = 1 << 20
     actor.shared_prefix_off = []
     return actor
-
-
-def restore(actor, weights):
-    from masa_megatron.train.actor import unwrap_model
-
-    with torch.no_grad():
-        for name, param in unwrap_model(actor.model_chunks[0]).named_parameters():
-            param.copy_(weights[name])
-    for sub in actor.optimizer.chained_optimizers:
-        sub.optimizer.state.clear()
 
 
 def grouped_batch(seed: int = 3) -> TrainBatch:
@@ -97,7 +88,7 @@ def test_the_update_equals_the_padded_layouts(fresh, budget):
     batch.old_logprobs = [x - 0.05 for x in fresh.logprobs(batch)]   # ratios off 1: clipping acts
     shared = fresh.update(batch)
     after_shared = model_state(fresh)
-    restore(fresh, fresh._initial)
+    restore_weights(fresh, fresh._initial)
     fresh.shared_prefix_off = ["the padded layout"]
     padded = fresh.update(batch)
     assert max_abs_diff(after_shared, fresh._initial) > 1e-3        # the step moved the weights
@@ -110,7 +101,7 @@ def test_the_sft_step_equals_the_padded_layouts(fresh):
     batch = grouped_batch()
     shared = fresh.sft_step(batch.prompt_ids, batch.response_ids)
     after_shared = model_state(fresh)
-    restore(fresh, fresh._initial)
+    restore_weights(fresh, fresh._initial)
     fresh.shared_prefix_off = ["the padded layout"]
     padded = fresh.sft_step(batch.prompt_ids, batch.response_ids)
     assert max_abs_diff(after_shared, fresh._initial) > 1e-3

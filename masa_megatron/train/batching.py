@@ -160,6 +160,16 @@ class MicroBatch:
                 in enumerate(zip(self.response_start, self.response_len))]
 
 
+def zero_rows(batch: TrainBatch, rows: int, width: int
+              ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """Zeroed [rows, width] tokens and labels (int64), loss mask (bool) and the batch's per-token
+    fields (float32): what a micro-batch packer fills in."""
+    per_token = {name: torch.zeros(rows, width) for name in PER_TOKEN_FIELDS
+                 if getattr(batch, name) is not None}
+    return (torch.zeros(rows, width, dtype=torch.long), torch.zeros(rows, width, dtype=torch.long),
+            torch.zeros(rows, width, dtype=torch.bool), per_token)
+
+
 def pack_micro_batch(batch: TrainBatch, indices: Sequence[int],
                      pad_to: Optional[int] = None, multiple_of: int = 1) -> MicroBatch:
     """Pad the samples `indices` of `batch` into one MicroBatch (width max length, or `pad_to`,
@@ -185,11 +195,7 @@ def pack_micro_batch(batch: TrainBatch, indices: Sequence[int],
         raise ValueError(f"pad_to={pad_to} is shorter than the longest row ({max(lengths)})")
     width = -(-width // multiple_of) * multiple_of
     b = len(indices)
-    tokens = torch.zeros(b, width, dtype=torch.long)
-    labels = torch.zeros(b, width, dtype=torch.long)
-    loss_mask = torch.zeros(b, width, dtype=torch.bool)
-    per_token = {name: torch.zeros(b, width) for name in PER_TOKEN_FIELDS
-                 if getattr(batch, name) is not None}
+    tokens, labels, loss_mask, per_token = zero_rows(batch, b, width)
     starts, counts = [], []
     for row, i in enumerate(indices):
         prompt, response = batch.prompt_ids[i], batch.response_ids[i]

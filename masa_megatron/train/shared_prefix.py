@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from masa_megatron.train.batching import PER_TOKEN_FIELDS, MicroBatch, TrainBatch
+from masa_megatron.train.batching import MicroBatch, TrainBatch, zero_rows
 
 
 @dataclass
@@ -145,11 +145,7 @@ def pack_shared_micro_batch(batch: TrainBatch, indices: Sequence[int]) -> MicroB
         prefix[u, :len(p) - 1] = torch.as_tensor(p[:-1], dtype=torch.long)
     lengths = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long)
     b = len(indices)
-    tokens = torch.zeros(b, width_r, dtype=torch.long)
-    labels = torch.zeros(b, width_r, dtype=torch.long)
-    loss_mask = torch.zeros(b, width_r, dtype=torch.bool)
-    per_token = {name: torch.zeros(b, width_r) for name in PER_TOKEN_FIELDS
-                 if getattr(batch, name) is not None}
+    tokens, labels, loss_mask, per_token = zero_rows(batch, b, width_r)
     counts = []
     for row, i in enumerate(indices):
         response = list(batch.response_ids[i])

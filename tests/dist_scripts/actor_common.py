@@ -78,6 +78,17 @@ def model_state(actor) -> dict[str, torch.Tensor]:
             for n, p in unwrap_model(c).named_parameters()}
 
 
+def restore_weights(actor, weights: dict[str, torch.Tensor]) -> None:
+    """Set this rank's parameters to `weights` and drop the optimizer state (a fresh start)."""
+    from masa_megatron.train.actor import unwrap_model
+
+    with torch.no_grad():
+        for name, param in unwrap_model(actor.model_chunks[0]).named_parameters():
+            param.copy_(weights[name])
+    for sub in actor.optimizer.chained_optimizers:
+        sub.optimizer.state.clear()
+
+
 def max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
     return max((a[k] - b[k]).abs().max().item() for k in a)
