@@ -107,6 +107,7 @@ def test_the_shrunk_recipe_keeps_what_shapes_the_run(name):
         assert _get(cfg, field) == _get(recipe, field), field
     assert cfg.trainer.steps == 3 and cfg.checkpoint.save_every == 3
     assert cfg.model.dtype == "fp32" and cfg.model.fp8 is None and cfg.model.layer_spec == "local"
+    assert not cfg.grpo.shared_prefix       # the padded layout, as the recipe's GPU run trains
     assert optimizer_steps_per_rl_step(cfg) == optimizer_steps_per_rl_step(recipe)
     assert cfg.masa.efficient_start_step < 3 or cfg.masa.mode != "masa_efficient"
     check_layout(cfg, topology_for(info, cfg))

@@ -17,8 +17,8 @@ Changed because a CPU cannot do otherwise (and said so in the rehearsal's output
 `CPU_CHANGES`): fp32 instead of bf16 (the stand-in servers run the fp32 embedded engine, which
 is what makes a 1e-4 log-prob gap a meaningful bound), Megatron's local layer spec instead of
 Transformer Engine's, no FP8 (the `_fp8` recipes keep their truncated importance sampling).
-A recipe on the TE spec also gets `grpo.shared_prefix=false`: its GPU run trains the padded
-layout (train/shared_prefix.py is off for TE), so the rehearsal does too.
+Also `grpo.shared_prefix=false`: the recipe's GPU run trains the padded layout
+(train/shared_prefix.py is CPU-only for now), so the rehearsal does too.
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ META_GROUP_SIZE = 2           # masa.meta_group_size (M), the least MASA accepts
 PROBLEMS_PER_DP_RANK = 1      # data.prompt_batch_size = this x DP
 EVAL_SUBSET = 4               # trainer.eval_subset when the recipe evaluates in the loop
 EXTRA_MODEL_IDS = 19          # model vocabulary = tokenizer + this (ids no text encodes to)
-CPU_CHANGES = ("model.dtype=fp32", "model.layer_spec=local", "model.fp8=null")
+CPU_CHANGES = ("model.dtype=fp32", "model.layer_spec=local", "model.fp8=null",
+               "grpo.shared_prefix=false")
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,6 @@ def shrink_overrides(cfg: ExperimentConfig, *, prompt_tokens: int, steps: int) -
            f"grpo.micro_batch_tokens={micro_tokens}",
            f"trainer.steps={steps}", f"checkpoint.save_every={steps}",
            "optimizer.warmup_steps=0", "logging.tensorboard=false", "logging.progress=false"]
-    if cfg.model.layer_spec == "te":        # the layout its GPU run trains (module docstring)
-        out.append("grpo.shared_prefix=false")
     if cfg.masa.mode != "grpo":
         out.append(f"masa.meta_group_size={META_GROUP_SIZE}")
     if cfg.masa.mode == "masa_efficient":   # k inside the rehearsal: step 0 plain, then gated
