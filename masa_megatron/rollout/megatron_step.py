@@ -127,33 +127,41 @@ class ModelParallel:
         return payload
 
 
+def unsupported_layout(gpt: Any) -> list[str]:
+    """What in `gpt` a forward through its own layer modules, as this module runs it, cannot run
+    ([] when it can); the actor's shared-prefix forward (train/shared_prefix.py) shares it."""
+    from megatron.core.transformer.attention import SelfAttention
+
+    c = gpt.config
+    checks = {"sequence parallelism": c.sequence_parallel,
+              "multi-latent attention": getattr(c, "multi_latent_attention", False),
+              "attention output gates": getattr(c, "attention_output_gate", False),
+              "post-layernorm residuals": c.apply_residual_connection_post_layernorm,
+              "sliding-window attention": getattr(c, "window_size", None) is not None,
+              "softmax offsets": getattr(c, "softmax_type", "vanilla") != "vanilla",
+              "layers without standard self-attention": not all(
+                  isinstance(layer.self_attention, SelfAttention) for layer in gpt.decoder.layers)}
+    bad = [name for name, on in checks.items() if on]
+    kind = getattr(gpt, "position_embedding_type", "rope")
+    if kind not in ("rope", "learned_absolute", "none"):
+        bad.append(f"position_embedding_type={kind}")
+    return bad
+
+
 class MegatronStep:
     """One KV-cached forward of this pipeline stage (see the module docstring). Raises
     NotImplementedError at construction for layouts it cannot run."""
 
     def __init__(self, gpt: Any):
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-        from megatron.core.transformer.attention import SelfAttention
         from megatron.core.transformer.mlp import MLP
 
         self.gpt, self.config = gpt, gpt.config
         self._column, self._row, self._mlp_type = ColumnParallelLinear, RowParallelLinear, MLP
-        c = self.config
-        unsupported = {"sequence_parallel": c.sequence_parallel,
-                       "multi_latent_attention": getattr(c, "multi_latent_attention", False),
-                       "attention_output_gate": getattr(c, "attention_output_gate", False),
-                       "apply_residual_connection_post_layernorm":
-                           c.apply_residual_connection_post_layernorm,
-                       "sliding-window attention": getattr(c, "window_size", None) is not None,
-                       "softmax offsets": getattr(c, "softmax_type", "vanilla") != "vanilla"}
-        bad = [name for name, on in unsupported.items() if on]
-        kind = getattr(gpt, "position_embedding_type", "rope")
-        if kind not in ("rope", "learned_absolute", "none"):
-            bad.append(f"position_embedding_type={kind}")
-        if not all(isinstance(layer.self_attention, SelfAttention) for layer in gpt.decoder.layers):
-            bad.append("layers without standard self-attention")
+        bad = unsupported_layout(gpt)
         if bad:
             raise NotImplementedError(f"the embedded engine does not support: {', '.join(bad)}")
+        c = self.config
         self.hidden_dtype = torch.float32 if c.fp32_residual_connection else c.params_dtype
         self.interleaved = getattr(getattr(gpt, "rotary_pos_emb", None), "rotary_interleaved", False)
 
@@ -171,7 +179,7 @@ class MegatronStep:
             hidden = torch.empty(tokens.size(1), tokens.size(0), self.config.hidden_size,
                                  dtype=self.hidden_dtype, device=tokens.device)
             torch.distributed.recv(hidden, src=mp.prev_rank)
-        cos_sin = None if rope is None else self._cos_sin(rope)
+        cos_sin = None if rope is None else self.cos_sin(rope)
         for index, layer in enumerate(gpt.decoder.layers):
             hidden = self._layer(layer, hidden, cos_sin, mask, cache, index, slot, rows)
         if not mp.is_last_stage:
@@ -195,7 +203,7 @@ class MegatronStep:
         attn = layer.self_attention
         query, key, value = self._qkv(attn, layer.input_layernorm(hidden))
         if cos_sin is not None:
-            query, key = self._rotate(query, *cos_sin), self._rotate(key, *cos_sin)
+            query, key = self.rotate(query, *cos_sin), self.rotate(key, *cos_sin)
         keys, values = cache.append(index, key, value, slot, rows)
         query = query.permute(1, 2, 0, 3)                                     # [b, heads, s, d]
         b, heads, s, dim = query.shape
@@ -204,7 +212,7 @@ class MegatronStep:
             query = query.reshape(b, keys.size(1), heads // keys.size(1), dim)
         context = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, is_causal=mask is None and s > 1,
-            scale=self._softmax_scale(attn), enable_gqa=not fold)
+            scale=self.softmax_scale(attn), enable_gqa=not fold)
         context = context.reshape(b, heads, s, context.size(-1))             # [b, heads, s, d]
         out, bias = self._linear(attn.linear_proj, context.permute(2, 0, 1, 3).flatten(2))
         hidden = hidden + (out if bias is None else out + bias)
@@ -269,7 +277,7 @@ class MegatronStep:
             return out, module.bias
         return out + module.bias, None
 
-    def _cos_sin(self, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of the angles, once per step for every layer; without interleaving the
         sin's first half is negated, so that rotate_half(t) * sin == roll(t, d/2) * signed sin
         (negation is exact: the same bits as Megatron's -x2 * sin)."""
@@ -279,10 +287,10 @@ class MegatronStep:
             sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         return rope.cos(), sin
 
-    def _rotate(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE as Megatron's unfused bshd path: t * cos + rotate_half(t) * sin, with cos and sin
         cast to t's dtype first (as Megatron does; a bf16 model keeps bf16 queries and keys).
-        `sin` comes from `_cos_sin` (half-negated unless interleaved)."""
+        `sin` comes from `cos_sin` (half-negated unless interleaved)."""
         dim = cos.size(-1)
         cos, sin = cos.to(t.dtype), sin.to(t.dtype)
         rest = None
@@ -295,7 +303,7 @@ class MegatronStep:
         out = t * cos + half * sin
         return out if rest is None else torch.cat((out, rest), dim=-1)
 
-    def _softmax_scale(self, attn: Any) -> float:
+    def softmax_scale(self, attn: Any) -> float:
         """The net scale of q.k (Megatron's query-key layer scaling cancels out)."""
         scale = self.config.softmax_scale
         return scale if scale is not None else 1.0 / math.sqrt(attn.hidden_size_per_attention_head)

@@ -49,20 +49,21 @@ from masa_megatron.train.batching import MicroBatch, TrainBatch, zero_rows
 class SharedPrefix:
     """The prefix half of a shared-prefix micro-batch (the segments are MicroBatch.tokens)."""
     tokens: Tensor         # [U, Pp] int64, 0 at padding (Pp >= 1: a 1-token prompt pads it)
-    position_ids: Tensor   # [U, Pp] int64
     lengths: Tensor        # [U] int64: P_u - 1 valid prefix tokens
     prompt_of: Tensor      # [B] int64: the prefix row of each segment row
 
     def to(self, device: torch.device | str) -> "SharedPrefix":
-        return SharedPrefix(*(t.to(device) for t in (self.tokens, self.position_ids,
-                                                       self.lengths, self.prompt_of)))
+        return SharedPrefix(*(t.to(device) for t in (self.tokens, self.lengths,
+                                                       self.prompt_of)))
 
 
 def unsupported_reasons(gpt: Any, pipeline_stages: int, context_parallel: int) -> list[str]:
-    """Why this model cannot train on shared-prefix micro-batches ([] when it can)."""
-    from megatron.core.transformer.attention import SelfAttention
+    """Why this model cannot train on shared-prefix micro-batches ([] when it can): what the
+    layer-by-layer forward of rollout.megatron_step cannot run, and what training adds."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.mlp import MLP
+
+    from masa_megatron.rollout.megatron_step import unsupported_layout
 
     c = gpt.config
     checks = {
@@ -71,26 +72,20 @@ def unsupported_reasons(gpt: Any, pipeline_stages: int, context_parallel: int) -
         "CUDA": next(gpt.parameters()).is_cuda,
         "pipeline parallelism": pipeline_stages > 1,
         "context parallelism": context_parallel > 1,
-        "sequence parallelism": c.sequence_parallel,
         "activation recompute": c.recompute_granularity is not None,
         "dropout": c.hidden_dropout > 0 or c.attention_dropout > 0,
         "FP8": bool(getattr(c, "fp8", None)),
         "MoE layers": bool(getattr(c, "num_moe_experts", None)),
         "multi-token prediction": bool(getattr(c, "mtp_num_layers", None)),
-        "multi-latent attention": getattr(c, "multi_latent_attention", False),
-        "attention output gates": getattr(c, "attention_output_gate", False),
-        "sliding-window attention": getattr(c, "window_size", None) is not None,
-        "softmax offsets": getattr(c, "softmax_type", "vanilla") != "vanilla",
-        "post-layernorm residuals": c.apply_residual_connection_post_layernorm,
         "position embeddings other than RoPE": getattr(gpt, "position_embedding_type",
                                                        "rope") != "rope",
         "layers without RoPE": bool(getattr(c, "no_rope_freq", None)),
         "layers other than the local spec's": not all(
-            isinstance(layer.self_attention, SelfAttention) and isinstance(layer.mlp, MLP)
-            and isinstance(layer.self_attention.core_attention, DotProductAttention)
+            isinstance(layer.mlp, MLP) and isinstance(
+                getattr(layer.self_attention, "core_attention", None), DotProductAttention)
             for layer in gpt.decoder.layers),
     }
-    return [name for name, bad in checks.items() if bad]
+    return unsupported_layout(gpt) + [name for name, bad in checks.items() if bad]
 
 
 def plan_shared_micro_batches(prompts: Sequence[Sequence[int]], response_lengths: Sequence[int],
@@ -157,11 +152,9 @@ def pack_shared_micro_batch(batch: TrainBatch, indices: Sequence[int]) -> MicroB
         counts.append(n)
     prompt_of_t = torch.tensor(prompt_of, dtype=torch.long)
     position_ids = lengths[prompt_of_t].unsqueeze(1) + torch.arange(width_r).unsqueeze(0)
-    shared = SharedPrefix(prefix, torch.arange(width_p).unsqueeze(0).expand(len(prompts), -1)
-                          .contiguous(), lengths, prompt_of_t)
     return MicroBatch(indices, tokens, position_ids, labels, loss_mask,
                       batch.advantages[indices].clone(), [0] * b, counts, per_token, None,
-                      prefix=shared)
+                      prefix=SharedPrefix(prefix, lengths, prompt_of_t))
 
 
 def shared_prefix_forward(gpt: Any, mb: MicroBatch, per_token: Callable[[Tensor, Tensor], Tensor],
@@ -174,13 +167,14 @@ def shared_prefix_forward(gpt: Any, mb: MicroBatch, per_token: Callable[[Tensor,
     `step`: a rollout.megatron_step.MegatronStep of `gpt` (its RoPE table and rotation)."""
     pre = mb.prefix
     (u, pp), (b, r) = pre.tokens.shape, mb.tokens.shape
+    positions = torch.arange(pp, device=pre.tokens.device).expand(u, pp)   # prefix t at t
     hidden = torch.cat([
-        gpt.embedding(input_ids=pre.tokens, position_ids=pre.position_ids).flatten(0, 1),
+        gpt.embedding(input_ids=pre.tokens, position_ids=positions).flatten(0, 1),
         gpt.embedding(input_ids=mb.tokens, position_ids=mb.position_ids).flatten(0, 1)]
     ).unsqueeze(1)                                                  # [Pp*U + R*B, 1, h]
-    rope_pre = step._cos_sin(step.rope_table(pre.position_ids))     # [Pp, U, 1, d] each
-    rope_seg = step._cos_sin(step.rope_table(mb.position_ids))      # [R, B, 1, d] each
-    keys_visible = torch.arange(pp, device=pre.tokens.device) < pre.lengths[pre.prompt_of, None]
+    rope_pre = step.cos_sin(step.rope_table(positions))     # [Pp, U, 1, d] each
+    rope_seg = step.cos_sin(step.rope_table(mb.position_ids))      # [R, B, 1, d] each
+    keys_visible = positions[0] < pre.lengths[pre.prompt_of, None]          # [B, Pp]
     causal = torch.ones(r, r, dtype=torch.bool, device=keys_visible.device).tril_()
     mask = torch.cat([keys_visible[:, None, :].expand(b, r, pp), causal.expand(b, r, r)],
                      dim=-1).unsqueeze(1)                           # [B, 1, R, Pp + R]
@@ -189,11 +183,11 @@ def shared_prefix_forward(gpt: Any, mb: MicroBatch, per_token: Callable[[Tensor,
         attn = layer.self_attention
         query, key, value = attn.get_query_key_value_tensors(layer.input_layernorm(hidden),
                                                             None)[:3]
-        scale = step._softmax_scale(attn)
+        scale = step.softmax_scale(attn)
         q_pre, k_pre, v_pre = (t[:split].view(pp, u, *t.shape[2:]) for t in (query, key, value))
         q_seg, k_seg, v_seg = (t[split:].view(r, b, *t.shape[2:]) for t in (query, key, value))
-        q_pre, k_pre = step._rotate(q_pre, *rope_pre), step._rotate(k_pre, *rope_pre)
-        q_seg, k_seg = step._rotate(q_seg, *rope_seg), step._rotate(k_seg, *rope_seg)
+        q_pre, k_pre = step.rotate(q_pre, *rope_pre), step.rotate(k_pre, *rope_pre)
+        q_seg, k_seg = step.rotate(q_seg, *rope_seg), step.rotate(k_seg, *rope_seg)
         k_pre, v_pre = k_pre.permute(1, 2, 0, 3), v_pre.permute(1, 2, 0, 3)   # [U, g, Pp, d]
         context_pre = F.scaled_dot_product_attention(
             q_pre.permute(1, 2, 0, 3), k_pre, v_pre, is_causal=True, scale=scale,
