@@ -1,0 +1,65 @@
+"""The ports masa picks for servers and process groups (the SGLang launcher, the one-process
+group's TCP store, the weight-sync group) lie below the kernel's ephemeral range.
+
+A port from bind(0) is an ephemeral one: between the pick and the server's own bind, any outgoing
+connection of this or another process (a TCP-store client, gloo's pairs, an HTTP request) may be
+given it, and the server then fails with "address already in use". That is how CI failed on
+2026-12-03: the stand-in server of tests/test_sglang_standin_model.py lost its port while the test
+process set up its process group.
+"""
+import importlib
+import socket
+from pathlib import Path
+
+import pytest
+
+PICKERS = ["masa_megatron.parallel", "masa_megatron.rollout.sglang_launch"]
+RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ephemeral_low() -> int:
+    if not RANGE_FILE.exists():
+        pytest.skip("no Linux ephemeral port range to compare with")
+    return int(RANGE_FILE.read_text().split()[0])
+
+
+@pytest.mark.parametrize("module", PICKERS)
+def test_picked_ports_lie_below_the_ephemeral_range(module):
+    free_port = importlib.import_module(module).free_port
+    low = _ephemeral_low()
+    ports = [free_port() for _ in range(50)]
+    assert all(1024 <= port < low for port in ports), (low, ports)
+
+
+@pytest.mark.parametrize("module", PICKERS)
+def test_a_process_never_hands_out_a_port_twice(module):
+    free_port = importlib.import_module(module).free_port
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+
+
+def test_a_block_of_consecutive_ports_is_free_and_below_the_ephemeral_range():
+    from masa_megatron.rollout.sglang_launch import free_port
+
+    low = _ephemeral_low()
+    base = free_port(count=4)
+    assert base + 4 <= low
+    for port in range(base, base + 4):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))      # raises if it was not free
+
+
+def test_a_port_in_use_is_never_picked(monkeypatch):
+    from masa_megatron import ports
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        choices = iter([taken, free])
+        monkeypatch.setattr(ports, "_candidate", lambda low, high: next(choices))
+        monkeypatch.setattr(ports, "_usable_range", lambda count: (1024, 65536 - count))
+        assert ports.free_port() == free
