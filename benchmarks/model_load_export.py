@@ -82,7 +82,7 @@ def _launch(script: Path, hf: Path, work: Path, tp: int) -> None:
     if tp == 1:
         cmd = [sys.executable] + common
     else:
-        from masa_megatron.parallel import free_port
+        from masa_megatron.ports import free_port
 
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={tp}",
                f"--master_port={free_port()}"] + common

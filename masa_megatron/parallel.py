@@ -18,7 +18,6 @@ and `model_parallel_cuda_manual_seed(seed)` sets up Megatron's tracker: data-par
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Optional, TypeVar
@@ -27,6 +26,7 @@ import torch
 
 from masa_megatron.config import ParallelConfig
 from masa_megatron.errors import UserError
+from masa_megatron.ports import free_port
 
 T = TypeVar("T")
 _OWNS_PROCESS_GROUP = False
@@ -74,12 +74,6 @@ def broadcast_from_rank0(obj):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _init_process_group(backend: str, timeout_minutes: int) -> None:

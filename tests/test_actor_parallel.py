@@ -22,7 +22,7 @@ CHECKPOINT_LAYOUTS = LAYOUTS[:3]
 
 
 def _torchrun(nproc: int, *args: str) -> None:
-    from masa_megatron.parallel import free_port
+    from masa_megatron.ports import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", str(SCRIPT), *args]
@@ -91,7 +91,7 @@ def test_distributed_adam_and_checkpoint_resume(results, layout):
 def test_sequence_mini_batches_count_sequences_over_data_parallel_ranks(tmp_path):
     """grpo.mini_batch_sequences at DP=2 with uneven ranks: the chunks of both ranks form each
     mini-batch and the loss scale is its global share (hand-computed in the script)."""
-    from masa_megatron.parallel import free_port
+    from masa_megatron.ports import free_port
 
     script = Path(__file__).parent / "dist_scripts" / "actor_sequence_minis.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",

@@ -2,17 +2,12 @@
 counts with balanced tokens (the reference's balance_batch), over two gloo processes."""
 import json
 import os
-import socket
 
 import pytest
 
+from masa_megatron.ports import free_port
+
 torch = pytest.importorskip("torch")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_batch(rank: int):
@@ -45,7 +40,7 @@ def test_samples_are_redealt_into_equal_counts_with_balanced_tokens(tmp_path):
     """Global order: rank 0's (10, 1, 5) then rank 1's (3); equal-count parts of 2 with the
     lightest spread: {10, 1} = 11 and {5, 3} = 8 (verl's own example), each in global order."""
     out = str(tmp_path / "r")
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), out), nprocs=2)
+    torch.multiprocessing.spawn(_worker, args=(free_port(), out), nprocs=2)
     got = [json.loads(open(f"{out}.{r}").read()) for r in range(2)]
     assert [g["rows"] for g in got] == [[10, 1], [5, 3]]
     assert [g["adv"] for g in got] == [[0.0, 1.0], [2.0, 10.0]]

@@ -133,7 +133,7 @@ def _train_resume_of_damaged_checkpoint(fx):
 
 
 def _free_url():
-    from masa_megatron.rollout.sglang_launch import free_port
+    from masa_megatron.ports import free_port
     return f"http://127.0.0.1:{free_port()}"
 
 
@@ -205,7 +205,7 @@ def test_tensor_parallel_size_that_does_not_divide_the_heads_is_a_config_error(f
     """Under torchrun each rank says it in one line instead of a Megatron assertion (torchrun
     itself then reports the failed ranks)."""
     from masa_megatron.model.tiny import make_tiny_hf_model
-    from masa_megatron.parallel import free_port
+    from masa_megatron.ports import free_port
     model = tmp_path / "three_heads"
     make_tiny_hf_model(model, "qwen3", num_attention_heads=3, num_key_value_heads=3)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",

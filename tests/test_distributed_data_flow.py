@@ -23,7 +23,7 @@ PROBLEMS = [f"Compute {a} + {b}." for a in range(1, 5) for b in range(1, 5)]
 @pytest.fixture(scope="module")
 def seen(tmp_path_factory):
     from masa_megatron.data.prompts import PromptConfig
-    from masa_megatron.parallel import free_port
+    from masa_megatron.ports import free_port
     from tests.support.tiny_run import write_tiny_policy_and_problems
 
     work = tmp_path_factory.mktemp("data_flow")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-PICKERS = ["masa_megatron.parallel", "masa_megatron.rollout.sglang_launch"]
+USERS = ["masa_megatron.parallel", "masa_megatron.rehearsal.run",
+         "masa_megatron.rollout.weight_sync.broadcast"]
 RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
@@ -23,23 +24,30 @@ def _ephemeral_low() -> int:
     return int(RANGE_FILE.read_text().split()[0])
 
 
-@pytest.mark.parametrize("module", PICKERS)
-def test_picked_ports_lie_below_the_ephemeral_range(module):
-    free_port = importlib.import_module(module).free_port
+@pytest.mark.parametrize("module", USERS)
+def test_servers_and_groups_take_their_ports_from_the_one_picker(module):
+    from masa_megatron.ports import free_port
+
+    assert importlib.import_module(module).free_port is free_port
+
+
+def test_picked_ports_lie_below_the_ephemeral_range():
+    from masa_megatron.ports import free_port
+
     low = _ephemeral_low()
     ports = [free_port() for _ in range(50)]
     assert all(1024 <= port < low for port in ports), (low, ports)
 
 
-@pytest.mark.parametrize("module", PICKERS)
-def test_a_process_never_hands_out_a_port_twice(module):
-    free_port = importlib.import_module(module).free_port
+def test_a_process_never_hands_out_a_port_twice():
+    from masa_megatron.ports import free_port
+
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)
 
 
 def test_a_block_of_consecutive_ports_is_free_and_below_the_ephemeral_range():
-    from masa_megatron.rollout.sglang_launch import free_port
+    from masa_megatron.ports import free_port
 
     low = _ephemeral_low()
     base = free_port(count=4)

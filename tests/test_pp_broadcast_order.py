@@ -23,7 +23,7 @@ from tests.sglang_standin import standin_env, start_standin  # noqa: E402
 @pytest.mark.slow
 def test_pipeline_stages_broadcast_in_turns_to_every_server(tmp_path):
     from masa_megatron.model.tiny import make_tiny_hf_model
-    from masa_megatron.rollout.sglang_launch import free_port
+    from masa_megatron.ports import free_port
 
     folder = tmp_path / "tiny"
     make_tiny_hf_model(folder, "qwen3", seed=5)

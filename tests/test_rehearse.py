@@ -17,7 +17,7 @@ def test_a_standin_started_by_a_torchrun_rank_runs_its_own_world(tmp_path, monke
     rendezvous waits for torchrun's store); the stand-in (like SGLang) must not join the trainer's
     world with them (it waited there forever) but start on its own."""
     from masa_megatron.model.tiny import make_tiny_hf_model
-    from masa_megatron.rollout.sglang_launch import free_port
+    from masa_megatron.ports import free_port
     from tests.sglang_standin import start_standin
 
     make_tiny_hf_model(tmp_path / "tiny", "qwen3", seed=1)

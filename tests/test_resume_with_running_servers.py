@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from masa_megatron.ports import free_port
+
 pytest.importorskip("megatron.core")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -23,13 +25,8 @@ def _attempt(folder, url, out, seed, die_in_broadcast=0):
            str(folder), "--url", url, "--out", str(out), "--seed", str(seed),
            "--die-in-broadcast", str(die_in_broadcast)]
     env = {**os.environ, **standin_env(), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_port()), "RANK": "0", "WORLD_SIZE": "1"}
+           "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _port():
-    from masa_megatron.rollout.sglang_launch import free_port
-    return free_port()
 
 
 @pytest.mark.slow

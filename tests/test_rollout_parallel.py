@@ -17,7 +17,7 @@ SCRIPT = Path(__file__).parent / "dist_scripts" / "rollout_parallel.py"
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     from masa_megatron.model.tiny import make_tiny_hf_model
-    from masa_megatron.parallel import free_port
+    from masa_megatron.ports import free_port
 
     work = tmp_path_factory.mktemp("rollout_parallel")
     make_tiny_hf_model(work / "hf", "qwen3", seed=5)

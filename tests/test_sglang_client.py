@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from masa_megatron.ports import free_port
+
 pytest.importorskip("aiohttp")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # for tests.sglang_standin
 
@@ -180,7 +182,7 @@ def test_weight_session_probe_and_dead_server(tmp_path):
     eng = SGLangEngine("/nonexistent-model", server_module=STANDIN_MODULE,
                        launch_env=standin_env(), extra_server_args=["--backend", "echo",
                                                                     "--no-begin-end"],
-                       base_port=_free_port(), health_timeout_s=60, request_timeout_s=2.0,
+                       base_port=free_port(), health_timeout_s=60, request_timeout_s=2.0,
                        max_retries=2, retry_backoff_s=0.05, log_dir=str(tmp_path))
     try:
         eng.update_weights(path=str(tmp_path))
@@ -199,10 +201,8 @@ def test_weight_session_probe_and_dead_server(tmp_path):
 def test_two_launched_servers_behind_a_router(tmp_path):
     """launch: two servers on consecutive ports and GPU blocks, a router in front; generation
     goes through the router, control calls go to every server; shutdown stops all three."""
-    from masa_megatron.rollout.sglang_launch import free_port
-
     eng = SGLangEngine("/nonexistent-model", num_servers=2, tp=1, router=True,
-                       router_port=free_port(), base_port=_free_port_pair(),
+                       router_port=free_port(), base_port=free_port(count=2),
                        server_module=STANDIN_MODULE, router_module="tests.sglang_standin.router",
                        launch_env=standin_env(), extra_server_args=["--backend", "echo"],
                        health_timeout_s=60, log_dir=str(tmp_path))
@@ -222,25 +222,6 @@ def test_two_launched_servers_behind_a_router(tmp_path):
     finally:
         eng.shutdown()
     assert all(p.popen.poll() is not None for p in procs)
-
-
-def _free_port_pair():
-    import socket
-
-    for _ in range(50):
-        port = _free_port()
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no two consecutive free ports")
-
-
-def _free_port():
-    from masa_megatron.rollout.sglang_launch import free_port
-    return free_port()
 
 
 def test_from_config_attaches_to_configured_urls(echo, tmp_path):
@@ -372,7 +353,6 @@ def test_attached_servers_use_the_launchs_router_and_never_start_their_own(echo,
     control calls; with rollout.sglang_urls and sglang_router but no router URL it refuses to
     start a router of its own on rank 0's loopback, which other nodes cannot reach
     (issue 24, defect 3)."""
-    from masa_megatron.rollout.sglang_launch import free_port
     from tests.sglang_standin import standin_env
 
     router_port = free_port()

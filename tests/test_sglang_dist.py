@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from masa_megatron.ports import free_port
+
 pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
 pytest.importorskip("aiohttp")
@@ -30,7 +32,7 @@ def test_tp2_and_pp2_trainers_sync_into_a_tp2_server(tmp_path):
                            extra_args=["--tp-size", "2"])
     try:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               "--master_port", str(_port()), str(REPO / "tests/sglang_standin/dist_sync_check.py"),
+               "--master_port", str(free_port()), str(REPO / "tests/sglang_standin/dist_sync_check.py"),
                "--hf-dir", str(folder), "--url", server.url, "--out", str(tmp_path)]
         # output to a file, not a pipe: the torch_shm_manager daemons that CPU tensor payloads
         # start inherit it and outlive the ranks, so reading a pipe to its end would hang
@@ -52,7 +54,3 @@ def test_tp2_and_pp2_trainers_sync_into_a_tp2_server(tmp_path):
             assert r["generate_calls"] == 3, (layout, sync)   # 1 greedy + 2 seeded samples
             assert r["sync_stats"][f"weight_sync/{sync.split('_')[0]}/bytes"] > 0
 
-
-def _port():
-    from masa_megatron.rollout.sglang_launch import free_port
-    return free_port()

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from masa_megatron.ports import free_port
 from masa_megatron.rollout.sglang_launch import (EngineError, ManagedProcess, ServerOptions,
-                                                 free_port, router_command, server_command,
-                                                 wait_healthy)
+                                                 router_command, server_command, wait_healthy)
 
 PY = sys.executable
 

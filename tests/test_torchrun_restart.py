@@ -34,7 +34,7 @@ def launch_line(procs: int, max_restarts: int) -> str:
 
 @pytest.mark.slow
 def test_restarted_ranks_form_their_group_when_one_starts_late(tmp_path):
-    from masa_megatron.parallel import free_port
+    from masa_megatron.ports import free_port
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from masa_megatron.ports import free_port
 import yaml
 
 pytest.importorskip("megatron.core")
@@ -89,7 +91,7 @@ def test_masa_train_performs_the_colocated_hand_off_in_order(workdir, ranks, met
     extra = ["masa.mode=masa", "masa.predictor=both", "rollout.max_prompt_length=512"] \
         if method == "masa_head" else []
     launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-                                      f"--master_port={_free_port()}"]
+                                      f"--master_port={free_port()}"]
     try:
         log = workdir / f"train{ranks}_{method}.log"
         with open(log, "w") as f:   # a file, not a pipe (torch_shm_manager outlives the run)
@@ -149,14 +151,10 @@ def test_colocated_servers_start_before_the_trainer_allocates(monkeypatch, workd
 
     monkeypatch.setattr("masa_megatron.rollout.sglang_placement.launch_servers", launch)
     monkeypatch.setattr(model_pkg, "build_gpt_model", build)
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     with pytest.raises(EngineError, match="launch recorded"):
         run_training(str(workdir / "exp.yaml"), [f"trainer.output_dir={workdir / 'launch'}",
                                                  f"rollout.sglang_python={sys.executable}"],
                      log=lambda m: None)
     assert events == ["launch"]
 
-
-def _free_port():
-    from masa_megatron.rollout.sglang_launch import free_port
-    return free_port()

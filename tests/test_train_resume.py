@@ -18,7 +18,7 @@ import time
 import pytest
 import yaml
 
-from masa_megatron.parallel import free_port
+from masa_megatron.ports import free_port
 from tests.support.tiny_run import write_tiny_policy_and_problems
 
 pytestmark = pytest.mark.slow

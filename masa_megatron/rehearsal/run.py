@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from masa_megatron.errors import UserError
+from masa_megatron.ports import free_port
 from masa_megatron.rehearsal import checks
 from masa_megatron.rehearsal.probe import ENV as PROBE_ENV
 
@@ -47,26 +48,6 @@ def _standin_available() -> None:
     if importlib.util.find_spec("tests.sglang_standin") is None:
         raise UserError(f"masa rehearse needs the SGLang stand-in of a repository checkout "
                         f"(tests/sglang_standin under {REPO_ROOT}); it is not there")
-
-
-def free_port_block(count: int, low: int = 20000, high: int = 32000) -> int:
-    """A first port of `count` consecutive free ones below Linux's ephemeral range (32768+),
-    where the ranks' own connections cannot take one between this check and the servers'
-    start."""
-    import random
-    import socket
-
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(low, high - count)
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise UserError(f"no {count} consecutive free ports in [{low}, {high})")
 
 
 def plan(recipe: str, root: Path, steps: int, server_module: str = STANDIN_MODULE) -> dict:
@@ -92,7 +73,7 @@ def plan(recipe: str, root: Path, steps: int, server_module: str = STANDIN_MODUL
                   f"trainer.output_dir={root / 'run'}",
                   f"rollout.sglang_server_module={server_module}",
                   "rollout.sglang_extra_args=[--record]",
-                  f"rollout.sglang_base_port={free_port_block(cfg.rollout.sglang_num_servers + 1)}"]
+                  f"rollout.sglang_base_port={free_port(count=cfg.rollout.sglang_num_servers + 1)}"]
     if cfg.data.eval_files:
         overrides.append(f"data.eval_files=[{assets.eval_file}]")
     return {"info": info, "cfg": cfg, "shape": shape, "assets": assets, "overrides": overrides}

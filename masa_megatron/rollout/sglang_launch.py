@@ -29,7 +29,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -116,12 +115,6 @@ def router_command(worker_urls: Sequence[str], host: str = "127.0.0.1", port: in
                    python: str = sys.executable) -> list[str]:
     return [python, "-m", module, "--worker-urls", *worker_urls, "--host", host,
             "--port", str(port), "--policy", policy]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((_url_host(host), 0))
-        return sock.getsockname()[1]
 
 
 # torchrun's per-rank rendezvous variables: a server started from a rank must not see them, or

@@ -225,7 +225,7 @@ def launch_layout(tp: int, pp: int) -> tuple[dict, Path]:
         import subprocess
         import sys
 
-        from masa_megatron.parallel import free_port
+        from masa_megatron.ports import free_port
 
         out = _scratch() / key
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",

@@ -29,8 +29,9 @@ def start_standin(model_path: str, *, backend: str = "model", port: Optional[int
     False: then call `wait_healthy(proc.url, ...)` later); `.url`, `.stop()`."""
     import tempfile
 
-    from masa_megatron.rollout.sglang_launch import (ManagedProcess, ServerOptions, free_port,
-                                                     launch_servers, server_command)
+    from masa_megatron.ports import free_port
+    from masa_megatron.rollout.sglang_launch import (ManagedProcess, ServerOptions, launch_servers,
+                                                     server_command)
 
     opts = ServerOptions(model_path=str(model_path), port=port or free_port(),
                          module=STANDIN_MODULE, env=standin_env(),

@@ -53,7 +53,8 @@ from urllib.parse import urlparse
 import torch
 
 from masa_megatron.parallel import model_parallel_source
-from masa_megatron.rollout.sglang_launch import EngineError, free_port
+from masa_megatron.ports import free_port
+from masa_megatron.rollout.sglang_launch import EngineError
 from masa_megatron.rollout.weight_sync import SyncTarget, WeightSync, raise_if_any
 from masa_megatron.rollout.weight_sync.buckets import (bucketize, dtype_name, flatten_bucket,
                                                        nbytes, stage_hf_tensors)
