@@ -197,7 +197,8 @@ def child_ours(spec: dict) -> dict:
     run_step is wrapped (in this process only) to time each step."""
     import torch
 
-    from masa_megatron.config import load_config, validate_environment
+    from masa_megatron.config import load_config
+    from masa_megatron.config_checks import validate_environment
     from masa_megatron.metrics import read_jsonl
     from masa_megatron.parallel import destroy_parallel, init_parallel
     from masa_megatron.train import loop

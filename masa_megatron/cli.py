@@ -31,7 +31,8 @@ def _cmd_config_show(args) -> int:
 
 
 def _cmd_config_validate(args) -> int:
-    from masa_megatron.config import load_config, validate_environment
+    from masa_megatron.config import load_config
+    from masa_megatron.config_checks import validate_environment
     cfg = load_config(*_config_and_overrides(args), base=_recipe_base(args.recipe))
     if args.environment:
         validate_environment(cfg)

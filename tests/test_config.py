@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from masa_megatron.config import (ConfigError, ExperimentConfig, load_config, to_yaml,
-                                  validate_static)
+from masa_megatron.config import ConfigError, ExperimentConfig, load_config, to_yaml
+from masa_megatron.config_checks import validate_static
 
 MODEL = ["model.hf_path=/tmp/some-model"]
 
@@ -139,7 +139,8 @@ def test_cli_bad_config_exits_2_without_traceback(tmp_path):
 
 
 def test_sglang_extra_args_may_not_set_a_flag_another_field_owns():
-    from masa_megatron.config import ConfigError, ExperimentConfig, validate_static
+    from masa_megatron.config import ConfigError, ExperimentConfig
+    from masa_megatron.config_checks import validate_static
     cfg = ExperimentConfig()
     cfg.rollout.sglang_extra_args = ["--chunked-prefill-size", "4096"]
     validate_static(cfg)
@@ -151,7 +152,7 @@ def test_sglang_extra_args_may_not_set_a_flag_another_field_owns():
 def test_the_environment_check_looks_for_the_configured_server_module(tmp_path):
     """rollout.sglang_server_module: its package must be importable here (the stand-in's is;
     a misspelt one is named)."""
-    from masa_megatron.config import validate_environment
+    from masa_megatron.config_checks import validate_environment
     from masa_megatron.model.tiny import make_tiny_hf_model
 
     make_tiny_hf_model(tmp_path, "qwen3")

@@ -97,7 +97,8 @@ def test_without_colocation_the_hand_off_is_the_weight_sync():
 
 
 def test_colocation_needs_servers_and_offload_needs_colocation():
-    from masa_megatron.config import ConfigError, ExperimentConfig, validate_static
+    from masa_megatron.config import ConfigError, ExperimentConfig
+    from masa_megatron.config_checks import validate_static
 
     cfg = ExperimentConfig()
     cfg.data.train_files = ["train.jsonl"]

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from masa_megatron.config import validate_static
+from masa_megatron.config_checks import validate_static
 from masa_megatron.masa.policies import CUTOFF, GATING, resolve_policies
 from masa_megatron.masa.predictors import PREDICTORS, Predictor, head_in_use, resolve_predictor
 from tests.test_masa_planner_scoring import make_cfg, plan, tokenizer  # noqa: F401 (fixture)

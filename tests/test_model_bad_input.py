@@ -154,7 +154,8 @@ def test_mcore2hf_of_a_truncated_shard_names_the_checkpoint_and_the_shard(tiny, 
 
 
 def test_train_config_whose_tp_cannot_split_the_heads_fails_before_any_rank_starts(tiny):
-    from masa_megatron.config import ExperimentConfig, validate_environment
+    from masa_megatron.config import ExperimentConfig
+    from masa_megatron.config_checks import validate_environment
     from masa_megatron.errors import UserError
     cfg = ExperimentConfig()
     cfg.model.hf_path = str(tiny)
@@ -165,7 +166,8 @@ def test_train_config_whose_tp_cannot_split_the_heads_fails_before_any_rank_star
 
 
 def test_train_config_whose_uniform_recompute_cannot_group_a_stages_layers_fails_before_start(tiny):
-    from masa_megatron.config import ExperimentConfig, validate_environment
+    from masa_megatron.config import ExperimentConfig
+    from masa_megatron.config_checks import validate_environment
     from masa_megatron.errors import UserError
     cfg = ExperimentConfig()
     cfg.model.hf_path = str(tiny)

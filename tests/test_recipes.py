@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from masa_megatron.config import ConfigError, load_config, to_yaml, validate_static
+from masa_megatron.config import ConfigError, load_config, to_yaml
+from masa_megatron.config_checks import validate_static
 from masa_megatron.errors import UserError
 from masa_megatron.memory_estimator import GPU_MEMORY_GIB, ModelArch, estimate
 from recipes import get_recipe, get_recipe_info, list_recipes, recipe_table

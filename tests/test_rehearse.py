@@ -94,7 +94,8 @@ def test_the_shrunk_recipe_keeps_what_shapes_the_run(name):
     from recipes import get_recipe_info
     from recipes.launch import check_layout, topology_for
 
-    from masa_megatron.config import load_config, optimizer_steps_per_rl_step
+    from masa_megatron.config import load_config
+    from masa_megatron.config_checks import optimizer_steps_per_rl_step
     from masa_megatron.rehearsal.shrink import shrink_overrides
 
     info = get_recipe_info(name)

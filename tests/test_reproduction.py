@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from masa_megatron.config import (ConfigError, ExperimentConfig, load_config,
-                                  optimizer_steps_per_rl_step, validate_static)
+from masa_megatron.config import ConfigError, ExperimentConfig, load_config
+from masa_megatron.config_checks import optimizer_steps_per_rl_step, validate_static
 from recipes import get_recipe, list_recipes
 
 MODEL = ["model.hf_path=/m"]

@@ -207,7 +207,8 @@ def test_cuda_graphs_refuse_moe_models(monkeypatch):
     ({"rollout.cuda_graph_max_batch": 0}, "rollout.cuda_graph_max_batch", ">= 1"),
 ])
 def test_cuda_graphs_config_refusals_name_the_field(change, field, words):
-    from masa_megatron.config import ConfigError, ExperimentConfig, validate_static
+    from masa_megatron.config import ConfigError, ExperimentConfig
+    from masa_megatron.config_checks import validate_static
 
     cfg = ExperimentConfig()
     cfg.rollout.cuda_graphs = True

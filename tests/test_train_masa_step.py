@@ -8,7 +8,8 @@ import statistics
 import pytest
 import torch
 
-from masa_megatron.config import ExperimentConfig, validate_static
+from masa_megatron.config import ExperimentConfig
+from masa_megatron.config_checks import validate_static
 from masa_megatron.data.prompts import render_solution_prompt
 from masa_megatron.data.tiny_tokenizer import make_tiny_tokenizer
 from masa_megatron.model.tiny import make_tiny_hf_model

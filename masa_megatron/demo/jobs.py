@@ -179,7 +179,7 @@ def worker(spec_path: str) -> int:
     """Worker entry point: train the run described by the spec file."""
     import torch
 
-    from masa_megatron.config import validate_static
+    from masa_megatron.config_checks import validate_static
     from masa_megatron.demo.run import DemoBudget, run_config, run_one
     spec = RunSpec(**json.loads(Path(spec_path).read_text()))
     torch.set_num_threads(spec.threads)

@@ -65,7 +65,8 @@ QUICK = DemoBudget(steps=3, problems_per_step=2, group_size=4, meta_group_size=2
 
 def run_config(budget: DemoBudget, mode: str, seed: int, hf_dir: Path, train_file: Path,
                eval_file: Path, out_dir: Path):
-    from masa_megatron.config import ExperimentConfig, validate_static
+    from masa_megatron.config import ExperimentConfig
+    from masa_megatron.config_checks import validate_static
     cfg = ExperimentConfig(name=f"{mode}-s{seed}")
     cfg.model.hf_path, cfg.model.seed = str(hf_dir), 1234 + seed
     cfg.masa.mode = mode

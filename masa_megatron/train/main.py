@@ -10,8 +10,8 @@ from typing import Optional
 
 import torch
 
-from masa_megatron.config import (ExperimentConfig, load_config, optimizer_steps_per_rl_step,
-                                  to_yaml, validate_environment)
+from masa_megatron.config import ExperimentConfig, load_config, to_yaml
+from masa_megatron.config_checks import optimizer_steps_per_rl_step, validate_environment
 from masa_megatron.errors import UserError
 
 EVAL_SUBSET_SEED = 0
