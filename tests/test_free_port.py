@@ -8,6 +8,7 @@ given it, and the server then fails with "address already in use". That is how C
 process set up its process group.
 """
 import importlib
+import os
 import socket
 from pathlib import Path
 
@@ -71,3 +72,26 @@ def test_a_port_in_use_is_never_picked(monkeypatch):
         monkeypatch.setattr(ports, "_candidate", lambda low, high: next(choices))
         monkeypatch.setattr(ports, "_usable_range", lambda count: (1024, 65536 - count))
         assert ports.free_port() == free
+
+
+def test_a_one_process_group_takes_no_port():
+    """`init_parallel` outside torchrun (masa train on one device, the stand-in servers, convert)
+    needs no TCP store: a port it picked could be a sibling server's, picked by another process
+    and not yet bound."""
+    import subprocess
+    import sys
+
+    script = (
+        "import masa_megatron.ports as ports, masa_megatron.parallel as parallel\n"
+        "def refuse(*args, **kwargs):\n"
+        "    raise AssertionError('a one-process group asked for a port')\n"
+        "ports.free_port = parallel.free_port = refuse\n"
+        "from masa_megatron.config import ParallelConfig\n"
+        "layout = parallel.init_parallel(ParallelConfig())\n"
+        "assert (layout.world_size, layout.dp_size) == (1, 1), layout\n"
+        "parallel.destroy_parallel()\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
