@@ -26,7 +26,6 @@ import torch
 
 from masa_megatron.config import ParallelConfig
 from masa_megatron.errors import UserError
-from masa_megatron.ports import free_port
 
 T = TypeVar("T")
 _OWNS_PROCESS_GROUP = False
@@ -89,8 +88,10 @@ def _init_process_group(backend: str, timeout_minutes: int) -> None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         torch.distributed.init_process_group(backend=backend, timeout=timeout)
     else:
+        # one process: an in-memory store, no port (one picked here could be a sibling
+        # server's, picked by another process of the same launch and not bound yet)
         torch.distributed.init_process_group(
-            backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+            backend=backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
             timeout=timeout)
     _OWNS_PROCESS_GROUP = True
 

@@ -1,5 +1,5 @@
-"""The ports masa picks for servers and process groups (the SGLang launcher, the one-process
-group's TCP store, the weight-sync group) lie below the kernel's ephemeral range.
+"""The ports masa picks for servers and process groups (the SGLang launcher, the rehearsal's
+servers, the weight-sync group) lie below the kernel's ephemeral range.
 
 A port from bind(0) is an ephemeral one: between the pick and the server's own bind, any outgoing
 connection of this or another process (a TCP-store client, gloo's pairs, an HTTP request) may be
@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-USERS = ["masa_megatron.parallel", "masa_megatron.rehearsal.run",
-         "masa_megatron.rollout.weight_sync.broadcast"]
+USERS = ["masa_megatron.rehearsal.run", "masa_megatron.rollout.weight_sync.broadcast"]
 RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
