@@ -47,7 +47,9 @@ def _requests(count, tokens=20, n=1):
 
 def test_per_server_limits_hold_with_several_senders(timed):
     """Three senders, two servers of CAP sequences each: no server ever runs more than CAP of
-    our sequences (n-sample requests count n), and both are filled to CAP."""
+    our sequences (n-sample requests count n), and both are filled to CAP. Each request runs
+    200 ms (100 tokens x 2 ms), long next to the client's few ms between an answer and the next
+    request, so every slot is held at once even on a loaded machine."""
     engines = [_engine(timed) for _ in range(3)]
     for eng in engines:
         eng.senders = 3
@@ -57,7 +59,7 @@ def test_per_server_limits_hold_with_several_senders(timed):
 
         def send(eng, n):
             try:
-                eng.generate(_requests(24, tokens=25, n=n))
+                eng.generate(_requests(8, tokens=100, n=n))
             except Exception as err:      # reported below, in the test's thread
                 errors.append(err)
         threads = [threading.Thread(target=send, args=(eng, 1 + i % 2))
