@@ -52,8 +52,9 @@ def test_efficient_start_step_is_a_share_of_the_steps_and_at_least_one():
 
 def _pins_cpu_kernels_on_x86_without_overriding_the_user(monkeypatch):
     from masa_megatron.demo import run
-    for name in run.PINNED_CPU_KERNELS:
-        monkeypatch.delenv(name, raising=False)
+    for name in run.PINNED_CPU_KERNELS:       # set first, so the undo restores even unset ones
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
     monkeypatch.setattr(run.platform, "machine", lambda: "x86_64")
     assert run.pin_cpu_kernels() == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE",
