@@ -36,6 +36,18 @@ def parallel():
     destroy_parallel()
 
 
+@pytest.fixture
+def parallel_per_test():
+    """The same for one test, for tests whose code under test tears it down itself (the
+    converters' main) or changes it."""
+    from masa_megatron.config import ParallelConfig
+    from masa_megatron.parallel import destroy_parallel, init_parallel
+
+    init_parallel(ParallelConfig())
+    yield
+    destroy_parallel()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -56,8 +56,7 @@ def test_export_copies_metadata_and_generates_like_the_original():
     assert torch.equal(got, want) and got.shape[1] == ids.shape[1] + 8
 
 
-def test_sharded_source_and_bf16_sharded_export(tmp_path):
-    harness.init_single_process()
+def test_sharded_source_and_bf16_sharded_export(tmp_path, parallel_per_test):
     source = tmp_path / "src"
     make_tiny_hf_model(source, "qwen2", seed=5, max_shard_size="100KB")
     assert len(list(source.glob("*.safetensors"))) > 1
