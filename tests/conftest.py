@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.timeout_output import pytest_runtest_makereport  # noqa: F401  (a hook)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
