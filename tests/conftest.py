@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.timeout_output import pytest_runtest_makereport  # noqa: F401  (a hook)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
@@ -28,6 +30,18 @@ def _deterministic_torch():
 @pytest.fixture(scope="module")
 def parallel():
     """Megatron's parallel state for one process (TP = PP = 1), for a test module."""
+    from masa_megatron.config import ParallelConfig
+    from masa_megatron.parallel import destroy_parallel, init_parallel
+
+    init_parallel(ParallelConfig())
+    yield
+    destroy_parallel()
+
+
+@pytest.fixture
+def parallel_per_test():
+    """The same for one test, for tests whose code under test tears it down itself (the
+    converters' main) or changes it."""
     from masa_megatron.config import ParallelConfig
     from masa_megatron.parallel import destroy_parallel, init_parallel
 

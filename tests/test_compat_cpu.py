@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
 
 import harness  # noqa: E402
 from masa_megatron.compat import apply_cpu_compat, is_applied  # noqa: E402
+from tests.support.timeouts import outlasting  # noqa: E402
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU shim only without CUDA")
 
@@ -86,6 +87,7 @@ def test_megatron_training_loss_decreases_at_tp1():
 
 
 @pytest.mark.slow
+@outlasting(900)                            # harness.launch_layout's torchrun
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
 def test_parallel_training_reproduces_tp1_losses(tp, pp):
     results, _ = harness.launch_layout(tp, pp)

@@ -50,10 +50,11 @@ def test_efficient_start_step_is_a_share_of_the_steps_and_at_least_one():
     assert DemoBudget(steps=1, efficient_start=0.1).efficient_start_step == 1
 
 
-def test_demo_pins_cpu_kernels_on_x86_without_overriding_the_user(monkeypatch):
+def _pins_cpu_kernels_on_x86_without_overriding_the_user(monkeypatch):
     from masa_megatron.demo import run
-    for name in run.PINNED_CPU_KERNELS:
-        monkeypatch.delenv(name, raising=False)
+    for name in run.PINNED_CPU_KERNELS:       # set first, so the undo restores even unset ones
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
     monkeypatch.setattr(run.platform, "machine", lambda: "x86_64")
     assert run.pin_cpu_kernels() == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE",
@@ -61,3 +62,20 @@ def test_demo_pins_cpu_kernels_on_x86_without_overriding_the_user(monkeypatch):
     monkeypatch.delenv("ATEN_CPU_CAPABILITY")
     monkeypatch.setattr(run.platform, "machine", lambda: "arm64")
     assert run.pin_cpu_kernels() == {} and "ATEN_CPU_CAPABILITY" not in os.environ
+
+
+def test_demo_pins_cpu_kernels_on_x86_without_overriding_the_user(monkeypatch):
+    _pins_cpu_kernels_on_x86_without_overriding_the_user(monkeypatch)
+
+
+def test_the_kernel_pinning_test_leaves_the_environment_as_it_found_it(monkeypatch):
+    """Its pins must not reach the rest of the session (every later subprocess would run AVX2
+    kernels), also when the pinned names were unset before it."""
+    from masa_megatron.demo import run
+    for name in run.PINNED_CPU_KERNELS:
+        monkeypatch.setenv(name, "x")           # recorded, so restored after this test
+        monkeypatch.delenv(name)
+    before = dict(os.environ)
+    with pytest.MonkeyPatch.context() as inner:
+        _pins_cpu_kernels_on_x86_without_overriding_the_user(inner)
+    assert dict(os.environ) == before

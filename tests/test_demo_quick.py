@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from masa_megatron.demo.run import MODES
+from tests.support.timeouts import outlasting
 
 pytestmark = pytest.mark.slow
 
@@ -15,6 +16,7 @@ def _finite_numbers(row: dict) -> list[float]:
     return [v for v in row.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
 
+@outlasting(900)
 def test_quick_demo_writes_a_report_with_finite_metrics_for_all_modes(tmp_path):
     out, cache = tmp_path / "demo", tmp_path / "cache"
     done = subprocess.run(

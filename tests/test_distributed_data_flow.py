@@ -17,7 +17,9 @@ pytest.importorskip("megatron.core")
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "data_flow_check.py"
 sys.path.insert(0, str(SCRIPT.parent))
+from tests.support.timeouts import outlasting  # noqa: E402
 PROBLEMS = [f"Compute {a} + {b}." for a in range(1, 5) for b in range(1, 5)]
+pytestmark = outlasting(600)         # `seen`'s torchrun, run by the first test that uses it
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 
 from recipes import get_recipe, get_recipe_info, launch
 from recipes.launch import main, torchrun_command_line, topology_for
+from tests.support.timeouts import outlasting
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "qwen3_8b_masa_1n8g"
@@ -259,6 +260,7 @@ def make_tiny_run_inputs(folder: Path) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 @needs_nemo_run
+@outlasting(900)
 def test_tiny_recipe_trains_through_nemo_run_local_executor(tmp_path):
     try:
         importlib.import_module("masa_megatron.train.main")

@@ -1,25 +1,20 @@
 """Bad checkpoints and configs fail with errors naming the file and the tensor; a failed export
 leaves no output folder behind."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
-
-import harness  # noqa: E402
-from masa_megatron.config import ModelConfig  # noqa: E402
-from masa_megatron.model import (  # noqa: E402
+from masa_megatron.config import ModelConfig
+from masa_megatron.model import (
     ModelLoadError, build_gpt_model, export_hf_checkpoint, family_for, load_hf_weights)
-from masa_megatron.model.convert_cli import megatron_to_hf_main  # noqa: E402
-from masa_megatron.model.tiny import make_tiny_hf_model  # noqa: E402
+from masa_megatron.model.convert_cli import megatron_to_hf_main
+from masa_megatron.model.tiny import make_tiny_hf_model
 
 
 @pytest.fixture
-def tiny(tmp_path):
-    harness.init_single_process()
+def tiny(tmp_path, parallel_per_test):
     folder = tmp_path / "tiny"
     make_tiny_hf_model(folder, "llama", seed=1)
     return folder
@@ -43,8 +38,7 @@ def test_unsupported_option_is_named():
         family_for({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True})
 
 
-def test_missing_shard_names_file_and_tensor(tmp_path):
-    harness.init_single_process()
+def test_missing_shard_names_file_and_tensor(tmp_path, parallel_per_test):
     folder = tmp_path / "sharded"
     make_tiny_hf_model(folder, "llama", seed=2, max_shard_size="100KB")
     index = json.loads((folder / "model.safetensors.index.json").read_text())

@@ -9,10 +9,7 @@ from masa_megatron.model import (
 from masa_megatron.model.tiny import tiny_hf_config
 from masa_megatron.parallel import init_parallel
 
-
-@pytest.fixture(autouse=True)
-def single_process():
-    init_parallel(ParallelConfig())
+pytestmark = pytest.mark.usefixtures("parallel_per_test")
 
 
 def _cfg(**kwargs) -> ModelConfig:

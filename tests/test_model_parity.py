@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
 import harness  # noqa: E402
 from masa_megatron.model import llama3_inv_freq, padded_vocab_size  # noqa: E402
 from masa_megatron.model.hf_config import decoder_shape, read_hf_config  # noqa: E402
+from tests.support.timeouts import outlasting  # noqa: E402
 
 TOL = 1e-5
 
@@ -20,6 +21,7 @@ def test_tp1_logits_match_transformers(case):
 
 
 @pytest.mark.slow
+@outlasting(900)                            # harness.launch_layout's torchrun
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
 def test_parallel_logits_match_transformers(tp, pp):
     results, _ = harness.launch_layout(tp, pp)

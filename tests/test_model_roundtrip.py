@@ -13,6 +13,7 @@ from masa_megatron.config import ModelConfig  # noqa: E402
 from masa_megatron.model import build_gpt_model, export_hf_checkpoint, load_hf_weights  # noqa: E402
 from masa_megatron.model.convert_cli import megatron_to_hf_main  # noqa: E402
 from masa_megatron.model.tiny import make_tiny_hf_model  # noqa: E402
+from tests.support.timeouts import outlasting  # noqa: E402
 
 
 @pytest.mark.parametrize("case", list(harness.CASES))
@@ -21,6 +22,7 @@ def test_tp1_export_is_bit_exact(case):
 
 
 @pytest.mark.slow
+@outlasting(900)                            # harness.launch_layout's torchrun
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
 def test_parallel_export_is_bit_exact(tp, pp):
     _, out = harness.launch_layout(tp, pp)
@@ -29,6 +31,7 @@ def test_parallel_export_is_bit_exact(tp, pp):
 
 
 @pytest.mark.slow
+@outlasting(900)                            # harness.launch_layout's torchrun
 @pytest.mark.parametrize("case", ["llama", "qwen3_tied"])
 def test_tp2_dist_checkpoint_exported_at_tp1_is_bit_exact(case, tmp_path):
     _, out = harness.launch_layout(2, 1)
@@ -53,8 +56,7 @@ def test_export_copies_metadata_and_generates_like_the_original():
     assert torch.equal(got, want) and got.shape[1] == ids.shape[1] + 8
 
 
-def test_sharded_source_and_bf16_sharded_export(tmp_path):
-    harness.init_single_process()
+def test_sharded_source_and_bf16_sharded_export(tmp_path, parallel_per_test):
     source = tmp_path / "src"
     make_tiny_hf_model(source, "qwen2", seed=5, max_shard_size="100KB")
     assert len(list(source.glob("*.safetensors"))) > 1

@@ -151,13 +151,11 @@ def test_stub_leaves_the_real_spec_modules_in_place():
 
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
-def test_registry_local_names_match_a_built_model(arch, tmp_path):
-    from masa_megatron.config import ModelConfig, ParallelConfig
+def test_registry_local_names_match_a_built_model(arch, tmp_path, parallel_per_test):
+    from masa_megatron.config import ModelConfig
     from masa_megatron.model import build_gpt_model
     from masa_megatron.model.tiny import tiny_hf_config
-    from masa_megatron.parallel import init_parallel
 
-    init_parallel(ParallelConfig())
     config = tiny_hf_config(FAMILIES[arch]).to_dict()
     model = build_gpt_model(config, ModelConfig(hf_path=str(tmp_path)))
     built = {n if not n.startswith("decoder.layers.") else

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from tests.support import simulated_nodes, slurm_cluster
+from tests.support.timeouts import outlasting
 from tests.test_multinode_slurm import REPO, job_env
 
 why_not = simulated_nodes.available() or slurm_cluster.available()
 pytestmark = [pytest.mark.skipif(why_not is not None, reason=f"Slurm rehearsal: {why_not}"),
-              pytest.mark.slow]
+              pytest.mark.slow, outlasting(1500)]     # one submit() per test
 KILL_SWITCH = REPO / "tests/support/kill_switch"
 
 

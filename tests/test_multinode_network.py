@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import simulated_nodes
+from tests.support.timeouts import outlasting
 
 REPO = Path(__file__).resolve().parents[1]
 why_not = simulated_nodes.available()
@@ -47,6 +48,7 @@ def test_nodes_are_separate_hosts():
 
 
 @pytest.mark.slow
+@outlasting(600)
 def test_broadcast_sync_reaches_a_server_on_another_node(tmp_path):
     """The sender tells the server an address of node0 that node1 can reach (before the fix:
     gethostbyname('node0') = 127.0.1.1, node1's own loopback; the group never formed)."""
@@ -91,6 +93,7 @@ def _node_torchrun(node, nodes, overrides, log_path, recipe="tiny_cpu_grpo", npr
 
 
 @pytest.mark.slow
+@outlasting(600)
 def test_colocated_across_nodes_starts_servers_beside_the_ranks_of_each_node(tmp_path):
     """Colocated on 2 nodes x 1 rank, tensor sync: each node's local rank 0 starts that node's
     server and the trainer learns every node's address (before the fix rank 0 started both

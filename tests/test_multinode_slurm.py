@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import simulated_nodes, slurm_cluster
+from tests.support.timeouts import outlasting
 
 REPO = Path(__file__).resolve().parents[1]
 why_not = simulated_nodes.available() or slurm_cluster.available()
@@ -43,6 +44,7 @@ def metrics_steps(out_dir: Path) -> list:
     return [json.loads(line)["step"] for line in rows]
 
 
+@outlasting(900)
 def test_colocated_sbatch_on_two_nodes_trains_with_a_server_beside_each_rank(tmp_path,
                                                                               tiny_inputs):
     """sbatch --nodes=2 slurm/colocated.sbatch: one torchrun per node (rendezvous on the first
@@ -77,6 +79,7 @@ def readme_block(marker: str) -> str:
     return text[fence:text.index("```", fence)]
 
 
+@outlasting(300, 600)          # the submission, then the wait in squeue
 def test_readme_cluster_quick_start_runs_as_written(tmp_path, tiny_inputs):
     """The README's cluster quick start: its settings block replaced by a tiny CPU recipe's, its
     run block executed as written on the login node of a real Slurm; the job must train."""
@@ -103,6 +106,7 @@ def test_readme_cluster_quick_start_runs_as_written(tmp_path, tiny_inputs):
     assert metrics_steps(out_dir) == [1, 2], job.read_text()[-4000:]
 
 
+@outlasting(300, 420)          # the submission, then the wait in squeue
 def test_nemo_run_slurm_executor_script_trains_on_two_nodes(tmp_path, tiny_inputs):
     """`python -m recipes.launch --executor slurm` on the login node: NeMo-Run renders its sbatch
     script and submits it to the real Slurm; its srun starts one torchrun per node, which must
@@ -121,7 +125,7 @@ def test_nemo_run_slurm_executor_script_trains_on_two_nodes(tmp_path, tiny_input
         result = cluster.run(argv, env=env, cwd=str(REPO), capture_output=True, text=True,
                              timeout=300, stdin=subprocess.DEVNULL)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        deadline = time.monotonic() + 420       # under pytest's timeout: logs get shown
+        deadline = time.monotonic() + 420       # under the test's timeout: logs get shown
         while time.monotonic() < deadline and cluster.run(
                 ["squeue", "-h"], capture_output=True, text=True).stdout.strip():
             time.sleep(2)
@@ -134,6 +138,7 @@ def test_nemo_run_slurm_executor_script_trains_on_two_nodes(tmp_path, tiny_input
     assert metrics_steps(out_dir) == [1, 2], job_logs
 
 
+@outlasting(600)
 def test_disaggregated_sbatch_runs_one_torchrun_per_training_node(tmp_path, tiny_inputs):
     """In a 2-node allocation (one SGLang node, one training node) the training step must start
     one torchrun, not one per task of the allocation: a second agent on the node joins the same

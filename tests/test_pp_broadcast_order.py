@@ -18,9 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.sglang_standin import standin_env, start_standin  # noqa: E402
+from tests.support.timeouts import outlasting  # noqa: E402
 
 
 @pytest.mark.slow
+@outlasting(600)
 def test_pipeline_stages_broadcast_in_turns_to_every_server(tmp_path):
     from masa_megatron.model.tiny import make_tiny_hf_model
     from masa_megatron.ports import free_port

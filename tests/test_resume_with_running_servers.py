@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,8 @@ def test_next_attempt_resyncs_servers_left_running_by_a_killed_one(tmp_path):
         assert killed.returncode == 9, killed.stderr[-3000:]
         second = _attempt(folder, server.url, tmp_path / "a2.json", seed=2)
         assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
-        stats = json.loads(subprocess.run(
-            ["curl", "-s", f"{server.url}/standin/stats"], capture_output=True, text=True).stdout)
+        with urllib.request.urlopen(f"{server.url}/standin/stats", timeout=30) as reply:
+            stats = json.load(reply)
     finally:
         server.stop()
     result = json.loads((tmp_path / "a2.json").read_text())

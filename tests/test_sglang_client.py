@@ -23,7 +23,9 @@ REQ = GenerationRequest([1, 2, 3], SamplingParams(max_new_tokens=4, n=2))
 
 @pytest.fixture
 def engine(echo):
-    eng = SGLangEngine(urls=[echo.url], request_timeout_s=1.0, max_retries=2,
+    """The echo server answers in ms; the 10 s per-call timeout keeps a stall of a loaded
+    machine from turning into a retry the tests count."""
+    eng = SGLangEngine(urls=[echo.url], request_timeout_s=10.0, max_retries=2,
                        retry_backoff_s=0.01, health_timeout_s=30, max_running_requests=4,
                        colocate=True)
     yield eng
@@ -109,6 +111,7 @@ def test_dropped_connection_is_retried(engine):
 
 def test_slow_server_times_out_instead_of_hanging(engine, echo):
     _faults(engine, delay_next=-1, delay_s=30.0)
+    engine.http.timeout_s = 1.0                # each attempt's limit (request_timeout_s)
     start = time.monotonic()
     with pytest.raises(EngineError, match=rf"{echo.url}.*timeout"):
         engine.generate([REQ])

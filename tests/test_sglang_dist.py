@@ -20,9 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # for tests.sglang_standin
 
 from tests.sglang_standin import standin_env, start_standin  # noqa: E402
+from tests.support.timeouts import outlasting  # noqa: E402
 
 
 @pytest.mark.slow
+@outlasting(900)
 def test_tp2_and_pp2_trainers_sync_into_a_tp2_server(tmp_path):
     from masa_megatron.model.tiny import make_tiny_hf_model
 

@@ -47,7 +47,9 @@ def _requests(count, tokens=20, n=1):
 
 def test_per_server_limits_hold_with_several_senders(timed):
     """Three senders, two servers of CAP sequences each: no server ever runs more than CAP of
-    our sequences (n-sample requests count n), and both are filled to CAP."""
+    our sequences (n-sample requests count n), and both are filled to CAP. Each request runs
+    200 ms (100 tokens x 2 ms), long next to the client's few ms between an answer and the next
+    request, so every slot is held at once even on a loaded machine."""
     engines = [_engine(timed) for _ in range(3)]
     for eng in engines:
         eng.senders = 3
@@ -57,7 +59,7 @@ def test_per_server_limits_hold_with_several_senders(timed):
 
         def send(eng, n):
             try:
-                eng.generate(_requests(24, tokens=25, n=n))
+                eng.generate(_requests(8, tokens=100, n=n))
             except Exception as err:      # reported below, in the test's thread
                 errors.append(err)
         threads = [threading.Thread(target=send, args=(eng, 1 + i % 2))
@@ -89,10 +91,12 @@ def test_limit_is_read_from_get_server_info_or_configured(timed):
 
 
 def test_one_sender_keeps_every_server_full_while_requests_wait(timed):
-    """More work than slots: while requests wait in the client, each server holds its limit."""
+    """More work than slots: while requests wait in the client, each server holds its limit.
+    5 waves of 200 ms: the longest request stays under 0.6 of the phase unless a stall of
+    ~1 s hits it."""
     eng = _engine(timed)
     try:
-        eng.generate(_requests(60, tokens=25))     # 5 waves of 2 x CAP
+        eng.generate(_requests(60, tokens=100))    # 5 waves of 2 x CAP
         m = eng.rollout_metrics
         assert m["rollout/server0_fill_while_queued"] > 0.9
         assert m["rollout/server1_fill_while_queued"] > 0.9
@@ -130,8 +134,9 @@ async def _drain_then(slots, weight):
 
 
 def _chain(eng, stream):
-    """Four first requests, one of them long (the batch's tail); one follow-up each."""
-    first = [GenerationRequest([i + 1], SamplingParams(max_new_tokens=150 if i == 0 else 10))
+    """Four first requests, one of them long (the batch's tail: 500 tokens x 2 ms = 1 s, the
+    others 20 ms); one follow-up each."""
+    first = [GenerationRequest([i + 1], SamplingParams(max_new_tokens=500 if i == 0 else 10))
              for i in range(4)]
 
     def follow(i, result):
@@ -141,6 +146,9 @@ def _chain(eng, stream):
 
 
 def test_streamed_follow_ups_start_before_the_slowest_first_request_ends(timed):
+    """Streamed, a short request's follow-up is sent as soon as it is answered (a gap of ms);
+    in two phases it waits for the 1 s tail (a gap of ~0.98 s). The 0.5 s bound between them
+    leaves ~0.5 s of scheduling delay to either side."""
     eng = _engine(timed[:1])
     try:
         times = {}
@@ -157,7 +165,7 @@ def test_streamed_follow_ups_start_before_the_slowest_first_request_ends(timed):
         assert len(starts) == 4 and sum(t < end for t in starts) == 3   # all but the tail's own
         end, starts, two_phase = times[False]
         assert all(t >= end for t in starts)
-        assert metrics["rollout/meta_to_solution_s_max"] < 0.1 < \
+        assert metrics["rollout/meta_to_solution_s_max"] < 0.5 < \
             two_phase["rollout/meta_to_solution_s_max"]
     finally:
         eng.shutdown()

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.sglang_standin import standin_env, start_standin  # noqa: E402
+from tests.support.timeouts import outlasting  # noqa: E402
 from tests.support.tiny_run import write_tiny_policy_and_problems  # noqa: E402
 
 PROBLEMS = [f"Compute {a} + {b}." for a in range(1, 4) for b in range(1, 4)]
@@ -78,6 +79,7 @@ def _control_calls(bodies: list) -> list:
 
 @pytest.mark.parametrize("ranks, method", [
     (1, "grpo"), (1, "masa_head"), pytest.param(2, "grpo", marks=pytest.mark.slow)])
+@outlasting(600)
 def test_masa_train_performs_the_colocated_hand_off_in_order(workdir, ranks, method):
     """One process with one server, and two data-parallel ranks under torchrun (gloo barriers
     between them) with one server each (tensor sync: a colocated server per trainer GPU).

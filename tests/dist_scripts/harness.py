@@ -183,32 +183,29 @@ def shared_cases() -> Path:
     return _CACHE["cases"]
 
 
-def init_single_process() -> None:
-    from masa_megatron.config import ParallelConfig
-    from masa_megatron.parallel import init_parallel
-
-    init_parallel(ParallelConfig())
-
-
 def tp1_results() -> dict:
     """In this process at TP=PP=1: logits diff, fp32 export and losses per case (once)."""
     if "tp1" not in _CACHE:
-        from masa_megatron.config import ModelConfig
+        from masa_megatron.config import ModelConfig, ParallelConfig
         from masa_megatron.model import build_gpt_model, export_hf_checkpoint, load_hf_weights
+        from masa_megatron.parallel import destroy_parallel, init_parallel
 
-        init_single_process()
         cases, out = shared_cases(), _scratch() / "tp1"
         results = {}
-        for case in CASES:
-            model = build_gpt_model(cases / case, ModelConfig(hf_path=str(cases / case)))
-            load_hf_weights(model, cases / case)
-            logits = megatron_logits(model, input_ids())
-            results[case] = {"max_logit_diff": (logits - torch.load(
-                cases / case / "ref_logits.pt")).abs().max().item()}
-            export_hf_checkpoint(model, out / "export" / case, dtype="fp32",
-                                 source_dir=cases / case)
-            if case in TRAIN_CASES:
-                results[case]["losses"] = train_losses(model)
+        init_parallel(ParallelConfig())
+        try:
+            for case in CASES:
+                model = build_gpt_model(cases / case, ModelConfig(hf_path=str(cases / case)))
+                load_hf_weights(model, cases / case)
+                logits = megatron_logits(model, input_ids())
+                results[case] = {"max_logit_diff": (logits - torch.load(
+                    cases / case / "ref_logits.pt")).abs().max().item()}
+                export_hf_checkpoint(model, out / "export" / case, dtype="fp32",
+                                     source_dir=cases / case)
+                if case in TRAIN_CASES:
+                    results[case]["losses"] = train_losses(model)
+        finally:
+            destroy_parallel()
         _CACHE["tp1"] = (results, out)
     return _CACHE["tp1"][0]
 
