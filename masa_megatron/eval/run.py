@@ -185,7 +185,7 @@ def head_predictor(actor, head):
     def predict(prompts):
         hidden = actor.prompt_last_hidden(prompts)
         preds = None if hidden is None else list(zip(*[t.tolist() for t in head(hidden)]))
-        return actor.broadcast_from_last_stage(preds)
+        return actor.pipeline.broadcast_object(preds)
     return predict
 
 

@@ -61,6 +61,7 @@ from masa_megatron.parallel import collective_device
 from masa_megatron.train.batching import (MicroBatch, TrainBatch, pack_micro_batch,
                                           plan_micro_batches, sequence_mini_batches,
                                           split_mini_batches)
+from masa_megatron.train.dist import DataParallelInfo, PipelineStages
 from masa_megatron.train.optim import load_train_state, save_train_state, unwrap_model
 from masa_megatron.train.shared_prefix import (pack_shared_micro_batch, plan_shared_micro_batches,
                                                shared_prefix_forward, unsupported_reasons)
@@ -111,22 +112,18 @@ class Actor:
         # micro-batch sequence length: s/TP rows per rank with SP, FP8 GEMM alignment
         self.sequence_multiple = sequence_multiple(config)
         self._forward_backward = get_forward_backward_func()
-        self._dp_group = ps.get_data_parallel_group()
-        self._dp_size = ps.get_data_parallel_world_size()
-        self._dp_rank = ps.get_data_parallel_rank()
-        self._pp_group = ps.get_pipeline_model_parallel_group()
-        self._pp_size = ps.get_pipeline_model_parallel_world_size()
-        self._last_stage_rank = ps.get_pipeline_model_parallel_last_rank()
+        self.dp = DataParallelInfo.from_megatron()
+        self.pipeline = PipelineStages.from_megatron()
         self.is_last_stage = ps.is_pipeline_last_stage()
         # DDP scales gradients by 1/DP unless the config asks for per-token loss scaling
-        self._dp_grad_factor = 1 if config.calculate_per_token_loss else self._dp_size
+        self._dp_grad_factor = 1 if config.calculate_per_token_loss else self.dp.size
         # set on the last stage to train on batches with prompt_targets (see the module docstring)
         self.prompt_state_loss: Optional[PromptStateLoss] = None
         # shared-prefix micro-batches (train/shared_prefix.py) where the model allows them
         gpt = unwrap_model(self.model_chunks[0])
         self.shared_prefix_off = ["grpo.shared_prefix=false"] if not grpo_cfg.shared_prefix else \
             ["virtual pipeline chunks"] if len(self.model_chunks) > 1 else \
-            unsupported_reasons(gpt, self._pp_size, ps.get_context_parallel_world_size())
+            unsupported_reasons(gpt, self.pipeline.size, ps.get_context_parallel_world_size())
         self._stepper = None                   # made by the first shared-prefix forward
 
     # ------------------------------------------------------------------ plumbing
@@ -240,20 +237,6 @@ class Actor:
         rows = torch.arange(mb.num_rows, device=hidden.device)
         return hidden[torch.as_tensor(mb.response_start, device=hidden.device), rows]
 
-    def broadcast_from_last_stage(self, obj: Any) -> Any:
-        """A picklable object held on the last pipeline stage, returned on every stage."""
-        if self._pp_size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=self._last_stage_rank, group=self._pp_group)
-        return box[0]
-
-    def _broadcast_tensor(self, value: Tensor) -> Tensor:
-        if self._pp_size > 1:
-            value = value.to(self.device)
-            dist.broadcast(value, src=self._last_stage_rank, group=self._pp_group)
-        return value.cpu()
-
     def _reduce_metrics(self, store: list[dict], keys: Sequence[str]) -> dict[str, float]:
         """Sum (max for "_max" keys) over micro-batches and DP ranks; the same on all ranks."""
         values = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
@@ -261,13 +244,7 @@ class Actor:
         for item in store:
             row = torch.stack([item[k].to(self.device, torch.float64) for k in keys])
             values = torch.where(is_max, torch.maximum(values, row), values + row)
-        if self._dp_size > 1:   # a MAX all-reduce may drop a NaN: a NaN anywhere stays NaN
-            maxed, summed, nan = values.clone(), values.clone(), values.isnan().double()
-            dist.all_reduce(summed, group=self._dp_group)
-            dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=self._dp_group)
-            dist.all_reduce(nan, op=dist.ReduceOp.MAX, group=self._dp_group)
-            values = torch.where(is_max, maxed, summed).masked_fill(nan > 0, float("nan"))
-        values = self._broadcast_tensor(values)
+        values = self.pipeline.broadcast_tensor(self.dp.sum_or_max(values, is_max))
         return dict(zip(keys, values.tolist()))
 
     def _mini_batches(self, batch: TrainBatch) -> tuple[list[list[int]], list[float]]:
@@ -278,16 +255,10 @@ class Actor:
         if not size:
             minis = split_mini_batches(len(batch), self.cfg.mini_batches_per_step)
             return minis, [1.0] * len(minis)
-        mine = [[0.0] * self._dp_size]
-        mine[0][self._dp_rank] = float(len(batch))
-        counts = [int(n) for n in self._global_counts(mine)[0].tolist()]
-        return sequence_mini_batches(counts, size)[self._dp_rank]
-
-    def _global_counts(self, counts: list[list[float]]) -> Tensor:
-        out = torch.tensor(counts, dtype=torch.float64, device=self.device)
-        if self._dp_size > 1:
-            dist.all_reduce(out, group=self._dp_group)
-        return out.cpu()
+        mine = [[0.0] * self.dp.size]
+        mine[0][self.dp.rank] = float(len(batch))
+        counts = [int(n) for n in self.dp.sum(mine)[0].tolist()]
+        return sequence_mini_batches(counts, size)[self.dp.rank]
 
     def _zero_grads(self) -> None:
         for chunk in self.model_chunks:
@@ -394,7 +365,7 @@ class Actor:
                     per_sample[i] = torch.stack([p[j] for p in parts]).cpu()
             if per_sample:
                 flat = torch.cat(per_sample, dim=1)
-        flat = self._broadcast_tensor(flat)
+        flat = self.pipeline.broadcast_tensor(flat)
         split = [list(torch.split(flat[r], lengths)) for r in range(rows)]
         return (split[0], split[1]) if with_entropy else split[0]
 
@@ -406,8 +377,8 @@ class Actor:
         gap = torch.zeros(0)
         if batch.rollout_logprobs is not None and len(batch):
             gap = (flat_logp - torch.cat(batch.rollout_logprobs)).abs()
-        totals = self._global_counts([[flat_ent.double().sum().item(), float(flat_ent.numel()),
-                                       gap.double().sum().item(), float(gap.numel())]])[0]
+        totals = self.dp.sum([[flat_ent.double().sum().item(), float(flat_ent.numel()),
+                               gap.double().sum().item(), float(gap.numel())]])[0]
         out = {"logprob/entropy_mean": (totals[0] / totals[1].clamp_min(1)).item()}
         if totals[3] > 0:
             out["logprob/rollout_gap_mean"] = (totals[2] / totals[3]).item()
@@ -428,7 +399,7 @@ class Actor:
         targets = batch.prompt_targets
         if targets is not None and self.is_last_stage and self.prompt_state_loss is None:
             raise ValueError("the batch has prompt_targets but the actor has no prompt_state_loss")
-        counts = self._global_counts(
+        counts = self.dp.sum(
             [[sum(len(batch.response_ids[i]) for i in idx), len(idx)]
              + ([] if targets is None else torch.isfinite(targets[idx]).sum(0).tolist())
              for idx in minis])
@@ -437,8 +408,8 @@ class Actor:
                            kl_coef=cfg.kl_coef, kl_type=cfg.kl_type)
         # optional inputs are used iff every DP rank with samples has them (same metric keys)
         optional = ("rollout_logprobs", "ref_logprobs")
-        missing = self._global_counts([[float(getattr(batch, name) is None and len(batch) > 0)
-                                        for name in optional]])[0]
+        missing = self.dp.sum([[float(getattr(batch, name) is None and len(batch) > 0)
+                                for name in optional]])[0]
         used = [name for name, m in zip(optional, missing.tolist()) if m == 0]
         if cfg.tis_cap is not None and "rollout_logprobs" not in used:
             raise ValueError(f"grpo.tis_cap={cfg.tis_cap} needs the rollout log-probs of every "
@@ -486,7 +457,7 @@ class Actor:
         loss = -sum_{pairs, t} log p(target_t | prompt, target_<t) / (number of target tokens).
         Temperature 1. The LR is `lr` or the peak LR; the RL schedule is not advanced."""
         batch = TrainBatch([list(p) for p in prompt_ids_list], [list(t) for t in target_ids_list])
-        tokens = self._global_counts([[batch.response_token_count()]])[0, 0].clamp_min(1).item()
+        tokens = self.dp.sum([[batch.response_token_count()]])[0, 0].clamp_min(1).item()
 
         def loss_of(mb: MicroBatch, logprobs: Tensor):
             nll = -torch.where(mb.loss_mask, logprobs, 0.0).sum()
@@ -507,7 +478,7 @@ class Actor:
     def prompt_last_hidden(self, prompt_ids_list: Sequence[Sequence[int]]) -> Optional[Tensor]:
         """[N, hidden] fp32: the final hidden state (after the final norm) at each prompt's last
         token, i.e. the state that predicts the first response token. Last stage only (None on
-        other stages; use broadcast_from_last_stage for what is computed from it)."""
+        other stages; use pipeline.broadcast_object for what is computed from it)."""
         batch = TrainBatch([list(p) for p in prompt_ids_list], [[0] for _ in prompt_ids_list])
         micro = self._micro_batches(batch, range(len(batch)), shared=False)  # hook on the decoder
         with self._eval_mode(), self._final_hidden_states() as captured:

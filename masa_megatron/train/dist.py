@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from masa_megatron.masa.scoring import StepTotals, step_totals
 from masa_megatron.parallel import collective_device
@@ -34,6 +35,24 @@ class DataParallelInfo:
 
     def my_share(self, indices: list[int]) -> list[int]:
         return indices[self.rank::self.size]
+
+    def sum(self, rows: list[list[float]]) -> Tensor:
+        """[len(rows), k] float64 on the CPU: `rows` summed element-wise over the DP ranks."""
+        out = torch.tensor(rows, dtype=torch.float64, device=collective_device())
+        if self.size > 1:
+            dist.all_reduce(out, group=self.group)
+        return out.cpu()
+
+    def sum_or_max(self, values: Tensor, is_max: Tensor) -> Tensor:
+        """`values` summed over the DP ranks, or their maximum where `is_max`; a NaN on any rank
+        stays NaN (a MAX all-reduce may drop it)."""
+        if self.size == 1:
+            return values
+        maxed, summed, nan = values.clone(), values.clone(), values.isnan().double()
+        dist.all_reduce(summed, group=self.group)
+        dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(nan, op=dist.ReduceOp.MAX, group=self.group)
+        return torch.where(is_max, maxed, summed).masked_fill(nan > 0, float("nan"))
 
     def any_rank(self, flag: bool) -> bool:
         if self.size == 1:
@@ -92,3 +111,34 @@ class DataParallelInfo:
                     merged.add(name, total, count)
             totals = merged
         return totals.finalize()
+
+
+@dataclass
+class PipelineStages:
+    """This rank's pipeline: results computed on the last stage are broadcast to the others."""
+    size: int = 1
+    group: Any = None          # torch.distributed group of this pipeline's stages
+    last_rank: int = 0         # global rank of its last stage
+
+    @classmethod
+    def from_megatron(cls) -> "PipelineStages":
+        from megatron.core import parallel_state as ps
+        return cls(ps.get_pipeline_model_parallel_world_size(),
+                   ps.get_pipeline_model_parallel_group(),
+                   ps.get_pipeline_model_parallel_last_rank())
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """A picklable object held on the last stage, returned on every stage."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.last_rank, group=self.group)
+        return box[0]
+
+    def broadcast_tensor(self, value: Tensor) -> Tensor:
+        """The last stage's `value` (same shape and dtype on every stage), on the CPU."""
+        if self.size > 1:
+            value = value.to(collective_device())
+            dist.broadcast(value, src=self.last_rank, group=self.group)
+        return value.cpu()
+

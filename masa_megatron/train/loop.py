@@ -168,7 +168,7 @@ def predict_heads(parts: LoopParts, problems: list[str]) -> Optional[list[tuple[
     with parts.handoff.trainer_params():
         hidden = parts.actor.prompt_last_hidden(prompts)
     preds = parts.head.predict(hidden) if (hidden is not None and parts.head) else None
-    return parts.actor.broadcast_from_last_stage(preds)
+    return parts.actor.pipeline.broadcast_object(preds)
 
 
 def joint_head_targets(parts: LoopParts, samples, stats) -> Optional[torch.Tensor]:
