@@ -94,3 +94,21 @@ def test_a_one_process_group_takes_no_port():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_port_in_use_on_any_local_address_is_never_picked(monkeypatch):
+    """The weight-sync group's TCP store listens on every interface, whatever address its
+    senders name: a port another process holds on 127.0.0.1 only is not free for it."""
+    from masa_megatron import ports
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        choices = iter([taken, free])
+        monkeypatch.setattr(ports, "_candidate", lambda low, high: next(choices))
+        monkeypatch.setattr(ports, "_usable_range", lambda count: (1024, 65536 - count))
+        assert ports.free_port("127.0.0.2") == free     # as broadcast.py asks, for its address
