@@ -5,10 +5,13 @@ connection on the host (a TCP-store client, gloo's pairs, an HTTP request) may b
 port, and the server fails with "address already in use"; bind(0) also returns a port it returned
 before. So a port is drawn at random below the kernel's ephemeral range (Linux:
 /proc/sys/net/ipv4/ip_local_port_range, 32768-60999 by default), where the kernel never hands
-out ports by itself, checked with a bind, and never handed out twice by one process.
+out ports by itself (or above it, on a host whose range leaves too little room below), checked
+with a bind on every interface (a server or TCP store listening on all of them conflicts with a
+port held on any one address), and never handed out twice by one process.
 """
 from __future__ import annotations
 
+import os
 import random
 import socket
 import threading
@@ -18,47 +21,58 @@ from masa_megatron.errors import UserError
 
 RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 LOWEST = 20000            # below: well-known services' habits (ssh tunnels, databases, 8xxx)
+ROOM = 1000               # fewest ports worth drawing from
 ATTEMPTS = 500
 
 _given: set[int] = set()
 _lock = threading.Lock()
 _rng = random.Random()
+os.register_at_fork(after_in_child=_rng.seed)     # forked children draw their own ports
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's [first, last] ephemeral port (Linux's default where it cannot be read)."""
+    try:
+        first, last = map(int, RANGE_FILE.read_text().split()[:2])
+        return first, last
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def _usable_range(count: int) -> tuple[int, int]:
-    """[low, high) for a block's first port: below the ephemeral range when it leaves room."""
-    try:
-        ephemeral_low = int(RANGE_FILE.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral_low = 32768
-    if ephemeral_low - count > LOWEST + 1000:
-        return LOWEST, ephemeral_low - count
-    return LOWEST, 65536 - count        # a host with no room below its ephemeral range
+    """[low, high) for a block's first port, outside the ephemeral range: below it, else above
+    it, else (a host whose range covers nearly everything) anywhere above LOWEST."""
+    first, last = ephemeral_range()
+    if first - count > LOWEST + ROOM:
+        return LOWEST, first - count + 1
+    if 65536 - count > last + 1 + ROOM:
+        return last + 1, 65536 - count
+    return LOWEST, 65536 - count
 
 
 def _candidate(low: int, high: int) -> int:
     return _rng.randrange(low, high)
 
 
-def _bindable(host: str, port: int) -> bool:
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
         try:
-            sock.bind((host, port))
+            sock.bind(("", port))
         except OSError:
             return False
     return True
 
 
-def free_port(host: str = "127.0.0.1", count: int = 1) -> int:
-    """The first of `count` consecutive ports, free on `host` now and not handed out before by
-    this process. A wildcard host ("0.0.0.0" or "") checks every interface."""
+def free_port(count: int = 1) -> int:
+    """The first of `count` consecutive ports, free on every IPv4 interface now and not handed
+    out before by this process."""
     low, high = _usable_range(count)
     with _lock:
         for _ in range(ATTEMPTS):
             base = _candidate(low, high)
             block = range(base, base + count)
-            if _given.isdisjoint(block) and all(_bindable(host, port) for port in block):
+            if _given.isdisjoint(block) and all(_bindable(port) for port in block):
                 _given.update(block)
                 return base
-    raise UserError(f"no {count} consecutive free port(s) on {host or '0.0.0.0'} in "
-                    f"[{low}, {high + count - 1}] after {ATTEMPTS} random tries")
+    raise UserError(f"no {count} consecutive free port(s) in [{low}, {high + count - 2}] "
+                    f"after {ATTEMPTS} random tries")

@@ -1,5 +1,5 @@
 """The ports masa picks for servers and process groups (the SGLang launcher, the rehearsal's
-servers, the weight-sync group) lie below the kernel's ephemeral range.
+servers, the weight-sync group) lie outside the kernel's ephemeral range (below it by default).
 
 A port from bind(0) is an ephemeral one: between the pick and the server's own bind, any outgoing
 connection of this or another process (a TCP-store client, gloo's pairs, an HTTP request) may be
@@ -18,10 +18,15 @@ USERS = ["masa_megatron.rehearsal.run", "masa_megatron.rollout.weight_sync.broad
 RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
-def _ephemeral_low() -> int:
+def _outside_ephemeral_range():
+    """A check that a port lies outside this host's ephemeral range (skips where the range
+    leaves no room outside it)."""
     if not RANGE_FILE.exists():
         pytest.skip("no Linux ephemeral port range to compare with")
-    return int(RANGE_FILE.read_text().split()[0])
+    first, last = map(int, RANGE_FILE.read_text().split()[:2])
+    if first < 21024 and last > 64534:
+        pytest.skip(f"the ephemeral range {first}-{last} leaves no room outside it")
+    return lambda port: 1024 <= port and not first <= port <= last
 
 
 @pytest.mark.parametrize("module", USERS)
@@ -31,12 +36,12 @@ def test_servers_and_groups_take_their_ports_from_the_one_picker(module):
     assert importlib.import_module(module).free_port is free_port
 
 
-def test_picked_ports_lie_below_the_ephemeral_range():
+def test_picked_ports_lie_outside_the_ephemeral_range():
     from masa_megatron.ports import free_port
 
-    low = _ephemeral_low()
+    outside = _outside_ephemeral_range()
     ports = [free_port() for _ in range(50)]
-    assert all(1024 <= port < low for port in ports), (low, ports)
+    assert all(outside(port) for port in ports), ports
 
 
 def test_a_process_never_hands_out_a_port_twice():
@@ -46,12 +51,12 @@ def test_a_process_never_hands_out_a_port_twice():
     assert len(set(ports)) == len(ports)
 
 
-def test_a_block_of_consecutive_ports_is_free_and_below_the_ephemeral_range():
+def test_a_block_of_consecutive_ports_is_free_and_outside_the_ephemeral_range():
     from masa_megatron.ports import free_port
 
-    low = _ephemeral_low()
+    outside = _outside_ephemeral_range()
     base = free_port(count=4)
-    assert base + 4 <= low
+    assert all(outside(port) for port in range(base, base + 4)), base
     for port in range(base, base + 4):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))      # raises if it was not free
@@ -111,4 +116,18 @@ def test_a_port_in_use_on_any_local_address_is_never_picked(monkeypatch):
         choices = iter([taken, free])
         monkeypatch.setattr(ports, "_candidate", lambda low, high: next(choices))
         monkeypatch.setattr(ports, "_usable_range", lambda count: (1024, 65536 - count))
-        assert ports.free_port("127.0.0.2") == free     # as broadcast.py asks, for its address
+        assert ports.free_port() == free
+
+
+@pytest.mark.parametrize("kernel_range, expected", [
+    ("32768\t60999", (20000, 32768 - 3)),      # Linux's default: below
+    ("15000\t60999", (61000, 65536 - 4)),      # no room below: above
+    ("1024\t65535", (20000, 65536 - 4)),       # no room outside: anywhere above 20000
+])
+def test_the_drawing_range_avoids_the_kernels_ephemeral_range(tmp_path, monkeypatch,
+                                                              kernel_range, expected):
+    from masa_megatron import ports
+
+    (tmp_path / "range").write_text(kernel_range + "\n")
+    monkeypatch.setattr(ports, "RANGE_FILE", tmp_path / "range")
+    assert ports._usable_range(4) == expected

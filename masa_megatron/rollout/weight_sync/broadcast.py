@@ -178,7 +178,7 @@ class BroadcastSync(WeightSync):
         for tp in self.target.tp_sizes:
             offsets.append(offset)
             offset += tp
-        port = free_port(self.master_address)
+        port = free_port()      # its store listens on every interface
         bodies = [{"master_address": self.master_address, "master_port": port, "rank_offset": off,
                    "world_size": offset, "group_name": self.group_name, "backend": self.backend}
                   for off in offsets]
