@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from masa_megatron.ports import free_port
+from tests.support.timeouts import outlasting
 
 pytest.importorskip("megatron.core")
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +32,7 @@ def _attempt(folder, url, out, seed, die_in_broadcast=0):
 
 
 @pytest.mark.slow
+@outlasting(120, 300, 300)     # the stand-in's health wait, then two trainer attempts
 def test_next_attempt_resyncs_servers_left_running_by_a_killed_one(tmp_path):
     from masa_megatron.model.tiny import make_tiny_hf_model
 

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))                                  # for tests.sglang_standin
 from tests.support.timeouts import outlasting  # noqa: E402
 
-SIDE_PYTHON = REPO / os.environ.get("SGLANG_SIDE_VENV", ".venv-sglang") / "bin" / "python"
+SIDE_PYTHON = REPO / (os.environ.get("SGLANG_SIDE_VENV") or ".venv-sglang") / "bin" / "python"
 SIDE_CHECK = REPO / "tests" / "sglang_contract" / "side_check.py"
 # Finished only with the stamp the build script writes last (a venv whose install failed is not).
 SIDE_MISSING = subprocess.run(["bash", str(REPO / "tools" / "sglang_side_env.sh"), "--check"],

@@ -19,9 +19,11 @@ import pytest
 import yaml
 
 from masa_megatron.ports import free_port
+from tests.support.timeouts import outlasting
 from tests.support.tiny_run import write_tiny_policy_and_problems
 
-pytestmark = pytest.mark.slow
+# at most: the module's uninterrupted run (a fixture) and three runs of one test, 600 s each
+pytestmark = [pytest.mark.slow, outlasting(600, 600, 600, 600)]
 PROBLEMS = [f"Compute {a} + {b}." for a in range(1, 5) for b in range(1, 5)]
 
 
