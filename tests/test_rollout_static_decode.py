@@ -119,6 +119,41 @@ def test_unwritten_prefill_cache_slots_never_reach_the_static_step(model, monkey
     _assert_same(expected, _engine(model, decode="static").generate(reqs))
 
 
+def test_static_start_frees_the_prefill_cache_layer_by_layer(model):
+    """Loading a prefilled batch into the static buffers releases each layer of the prefill's
+    cache as it is copied, so the two never coexist whole (the peak would double the KV memory:
+    ~2x eager at the default batch on an 8B model)."""
+    engine = _engine(model, decode="static", cuda_graph_max_batch=4)
+    reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=3, temperature=0.0))
+            for p in PROMPTS]
+    rows = engine._batches(engine._expand(reqs)[0])[0]
+    live = engine._layout(rows)
+    _, cache = engine._prefill(rows, live)
+    assert all(t is not None for t in (*cache.keys, *cache.values))
+    held, prefill = [], {t.untyped_storage().data_ptr() for t in (*cache.keys, *cache.values)}
+    copy, inner = torch.Tensor.copy_, []
+
+    def watched(dst, src, *args, **kwargs):
+        """At each copy out of the prefill cache: how many of its layers are still held (once
+        per copy: the CPU compat layer calls copy_ again from inside)."""
+        if not inner and src.untyped_storage().data_ptr() in prefill:
+            held.append(sum(t is not None for t in cache.keys))
+        inner.append(1)
+        try:
+            return copy(dst, src, *args, **kwargs)
+        finally:
+            inner.pop()
+
+    torch.Tensor.copy_ = watched
+    try:
+        engine._static.start(live, cache)
+    finally:
+        torch.Tensor.copy_ = copy
+    layers = len(cache.keys)
+    assert held == [layers - i for i in range(layers) for _ in ("key", "value")]
+    assert all(t is None for t in (*cache.keys, *cache.values))
+
+
 def test_static_seeded_sampling_equals_eager(model):
     """Temperature 1 (plain, top-p and top-k rows) with per-request seeds: the same samples."""
     reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=6 + i, temperature=1.0, n=3,
