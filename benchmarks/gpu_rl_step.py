@@ -180,7 +180,8 @@ def _greedy_rows(engines: dict, prompts: list, tokens: int) -> dict:
         pairs = list(zip(rows["graphs"], rows[other]))
         out[f"greedy_graphs_vs_{other}_identical"] = sum(a == b for a, b in pairs) / len(pairs)
         out[f"greedy_graphs_vs_{other}_first_difference"] = [
-            next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) for a, b in pairs if a != b]
+            next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            for a, b in pairs if a != b]
     return out
 
 

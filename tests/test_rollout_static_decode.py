@@ -119,6 +119,41 @@ def test_unwritten_prefill_cache_slots_never_reach_the_static_step(model, monkey
     _assert_same(expected, _engine(model, decode="static").generate(reqs))
 
 
+def test_static_start_frees_the_prefill_cache_layer_by_layer(model):
+    """Loading a prefilled batch into the static buffers releases each layer of the prefill's
+    cache as it is copied, so the two never coexist whole (the peak would double the KV memory:
+    ~2x eager at the default batch on an 8B model)."""
+    engine = _engine(model, decode="static", cuda_graph_max_batch=4)
+    reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=3, temperature=0.0))
+            for p in PROMPTS]
+    rows = engine._batches(engine._expand(reqs)[0])[0]
+    live = engine._layout(rows)
+    _, cache = engine._prefill(rows, live)
+    assert all(t is not None for t in (*cache.keys, *cache.values))
+    held, prefill = [], {t.untyped_storage().data_ptr() for t in (*cache.keys, *cache.values)}
+    copy, inner = torch.Tensor.copy_, []
+
+    def watched(dst, src, *args, **kwargs):
+        """At each copy out of the prefill cache: how many of its layers are still held (once
+        per copy: the CPU compat layer calls copy_ again from inside)."""
+        if not inner and src.untyped_storage().data_ptr() in prefill:
+            held.append(sum(t is not None for t in cache.keys))
+        inner.append(1)
+        try:
+            return copy(dst, src, *args, **kwargs)
+        finally:
+            inner.pop()
+
+    torch.Tensor.copy_ = watched
+    try:
+        engine._static.start(live, cache)
+    finally:
+        torch.Tensor.copy_ = copy
+    layers = len(cache.keys)
+    assert held == [layers - i for i in range(layers) for _ in ("key", "value")]
+    assert all(t is None for t in (*cache.keys, *cache.values))
+
+
 def test_static_seeded_sampling_equals_eager(model):
     """Temperature 1 (plain, top-p and top-k rows) with per-request seeds: the same samples."""
     reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=6 + i, temperature=1.0, n=3,
@@ -289,9 +324,18 @@ def test_graph_runner_protocol_with_a_fake_cuda(monkeypatch):
     assert runner.captured == [4, 4] and runner.capture_s > 0
 
 
-def test_static_step_has_no_host_synchronising_ops(model):
+def plain_mlp_activation(model, monkeypatch):
+    """The op traces below see aten ops. On CUDA the builder turns on Megatron's fused SwiGLU, a
+    torch.compile'd function whose kernels may allocate outside the dispatcher (a trace would
+    take their outputs for outside memory; not yet seen on a GPU); these tests trace the
+    unfused activation, which they were written for, on every device."""
+    monkeypatch.setattr(model.config, "bias_activation_fusion", False)
+
+
+def test_static_step_has_no_host_synchronising_ops(model, monkeypatch):
     """What a graph captures must not read device values on the host (.item(), nonzero, data-
     dependent shapes: a capture fails on them): every aten op of the static steps, recorded."""
+    plain_mlp_activation(model, monkeypatch)
     from torch.utils._python_dispatch import TorchDispatchMode
 
     syncing = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2",
@@ -317,10 +361,11 @@ def test_static_step_has_no_host_synchronising_ops(model):
     assert not seen & syncing
 
 
-def test_steps_of_a_bucket_run_the_same_ops_on_the_same_memory(model):
+def test_steps_of_a_bucket_run_the_same_ops_on_the_same_memory(model, monkeypatch):
     """What replaying one captured graph per bucket assumes: every step of a bucket runs the same
     aten ops with the same shapes and non-tensor arguments, reading the same outside memory
     (static buffers, weights); only the values in that memory change from step to step."""
+    plain_mlp_activation(model, monkeypatch)
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 

@@ -119,7 +119,8 @@ class StaticDecoder:
             self.runner.reset()
 
     def start(self, live: Any, cache: KVCache) -> "StaticDecoder":
-        """Load a prefilled batch (`live`: the engine's _LiveRows, `cache` its prefill cache)."""
+        """Load a prefilled batch (`live`: the engine's _LiveRows, `cache` its prefill cache,
+        emptied layer by layer as it is copied)."""
         n, slots = len(live.index), live.positions.size(1)
         self.n, self.bucket, self.rowpos = n, self.bucket_for(n), None
         buf = self._buf
@@ -131,8 +132,11 @@ class StaticDecoder:
             self.release()
             buf = self._buf = _Buffers(cache, live.rope, rows, capacity)
         width = live.width              # the prefill's slots; the cache's others are unwritten
-        for mine, theirs in zip((*buf.keys, *buf.values), (*cache.keys, *cache.values)):
-            mine[:n, :, :width].copy_(theirs[:, :, :width])
+        # each prefill layer is freed once copied: the two caches never coexist whole
+        for i in range(len(cache.keys)):
+            buf.keys[i][:n, :, :width].copy_(cache.keys[i][:, :, :width])
+            buf.values[i][:n, :, :width].copy_(cache.values[i][:, :, :width])
+            cache.keys[i] = cache.values[i] = None
         buf.positions[:n, :slots] = live.positions
         buf.real[:n, :slots] = True if live.real is None else live.real
         buf.real[n:] = True
