@@ -27,27 +27,27 @@ def _deterministic_torch():
     yield
 
 
-@pytest.fixture(scope="module")
-def parallel():
-    """Megatron's parallel state for one process (TP = PP = 1), for a test module."""
+def _one_process_parallel():
+    """Megatron's parallel state for one process (TP = PP = 1), torn down after."""
     from masa_megatron.config import ParallelConfig
     from masa_megatron.parallel import destroy_parallel, init_parallel
 
     init_parallel(ParallelConfig())
     yield
     destroy_parallel()
+
+
+@pytest.fixture(scope="module")
+def parallel():
+    """The one-process parallel state for a test module."""
+    yield from _one_process_parallel()
 
 
 @pytest.fixture
 def parallel_per_test():
     """The same for one test, for tests whose code under test tears it down itself (the
     converters' main) or changes it."""
-    from masa_megatron.config import ParallelConfig
-    from masa_megatron.parallel import destroy_parallel, init_parallel
-
-    init_parallel(ParallelConfig())
-    yield
-    destroy_parallel()
+    yield from _one_process_parallel()
 
 
 @pytest.fixture(scope="session")

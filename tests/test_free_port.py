@@ -10,20 +10,20 @@ process set up its process group.
 import importlib
 import os
 import socket
-from pathlib import Path
 
 import pytest
 
 USERS = ["masa_megatron.rehearsal.run", "masa_megatron.rollout.weight_sync.broadcast"]
-RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
 def _outside_ephemeral_range():
     """A check that a port lies outside this host's ephemeral range (skips where the range
     leaves no room outside it)."""
-    if not RANGE_FILE.exists():
+    from masa_megatron import ports
+
+    if not ports.RANGE_FILE.exists():
         pytest.skip("no Linux ephemeral port range to compare with")
-    first, last = map(int, RANGE_FILE.read_text().split()[:2])
+    first, last = ports.ephemeral_range()
     if first < 21024 and last > 64534:
         pytest.skip(f"the ephemeral range {first}-{last} leaves no room outside it")
     return lambda port: 1024 <= port and not first <= port <= last

@@ -141,4 +141,3 @@ class PipelineStages:
             value = value.to(collective_device())
             dist.broadcast(value, src=self.last_rank, group=self.group)
         return value.cpu()
-
