@@ -23,8 +23,10 @@ def pytest_runtest_teardown(item, nextitem):
     if nextitem is None or nextitem.module is not item.module:
         left = left_behind()
         if left:
-            sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
-            if sys.modules["torch.distributed"].is_initialized():
+            from masa_megatron.parallel import destroy_parallel
+
+            destroy_parallel()      # masa's own teardown (its module state too), then a group
+            if sys.modules["torch.distributed"].is_initialized():   # it did not create
                 sys.modules["torch.distributed"].destroy_process_group()
             raise AssertionError(f"{item.module.__name__} left {' and '.join(left)} "
                                  f"initialised after its tests")
