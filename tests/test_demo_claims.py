@@ -1,9 +1,11 @@
 """The demo's claims are checked seed by seed from the runs' evaluations (demo/claims.py)."""
 import json
+import math
 import random
 
 from masa_megatron.demo.claims import check_claims, claims_markdown, run_stats
 from masa_megatron.demo.report import run_series
+from masa_megatron.metrics import JsonlSink, read_jsonl
 
 
 def make_run(root, mode, seed, acc, mae, meta_reward, tokens, problems=60):
@@ -62,3 +64,24 @@ def test_claims_name_the_modes_that_were_not_run(tmp_path):
     claims, _ = claims_of(tmp_path, {("masa", 1): ((0.2, 0.5), (1.0, 0.2), (0.1, 0.3), 200)})
     assert [c.holds for c in claims] == [None, None, None]
     assert claims[0].detail == "grpo was not run"
+
+
+def test_a_run_whose_meta_error_ends_as_nan_still_gets_its_claims_checked(tmp_path):
+    """A run whose metas stop parsing logs its pass-rate error as NaN (written "nan" by the
+    metrics sink); the report must still check the claims (it raised a TypeError at the end of
+    the demo, losing the summary)."""
+    runs = three_modes((0.2, 0.6))
+    dirs = {key: make_run(tmp_path, *key, *spec) for key, spec in runs.items()}
+    metrics = dirs["grpo", 0] / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows[-1]["eval/meta_pass_rate_mae"] = float("nan")
+    metrics.unlink()
+    sink = JsonlSink(metrics)
+    for row in rows:
+        sink.log(row.pop("step"), row)
+    sink.close()
+    assert math.isnan(read_jsonl(metrics)[-1]["eval/meta_pass_rate_mae"])
+    stats = {key: run_stats(d, run_series(d), k_step=1) for key, d in dirs.items()}
+    assert math.isnan(stats["grpo", 0]["mae_ratio"])
+    claims = check_claims(stats, dirs)
+    assert claims[0].holds is True and claims[1].holds is not None

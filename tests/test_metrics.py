@@ -1,6 +1,7 @@
 """Metric sinks and the progress line."""
 import io
 import json
+import math
 
 import pytest
 
@@ -17,7 +18,21 @@ def test_jsonl_sink_appends_one_row_per_step_and_survives_truncation(tmp_path):
     with open(path, "a") as f:
         f.write('{"step": 3, "loss"')  # a crash mid-write
     rows = read_jsonl(path)
-    assert rows == [{"step": 1, "loss": 0.5, "nan": "nan", "flag": 1}, {"step": 2, "loss": 0.25}]
+    assert rows[1:] == [{"step": 2, "loss": 0.25}]
+    assert rows[0]["flag"] == 1 and rows[0]["loss"] == 0.5 and math.isnan(rows[0]["nan"])
+
+
+def test_non_finite_metrics_read_back_as_floats(tmp_path):
+    """The file stays strict JSON ("nan" / "inf" strings); the reader gives floats back, so a
+    report dividing by a NaN metric gets NaN, not a TypeError."""
+    path = tmp_path / "m.jsonl"
+    sink = JsonlSink(path)
+    sink.log(1, {"mae": float("nan"), "up": float("inf"), "down": float("-inf"), "name": "x"})
+    sink.close()
+    assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()
+    row = read_jsonl(path)[0]
+    assert math.isnan(row["mae"]) and row["up"] == math.inf and row["down"] == -math.inf
+    assert row["name"] == "x"
 
 
 def test_tensorboard_sink_writes_event_file(tmp_path):
