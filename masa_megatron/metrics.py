@@ -32,6 +32,10 @@ def _plain(value):
     return value
 
 
+def _line(row: Mapping) -> str:
+    return json.dumps({k: _plain(v) for k, v in row.items()}) + "\n"
+
+
 class JsonlSink:
     """Appends `{"step": s, **metrics}` lines to `path`.
 
@@ -46,13 +50,12 @@ class JsonlSink:
             keep_through = resume_step if resume_step > 0 else -1
             rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= keep_through]
             tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            tmp.write_text("".join(_line(r) for r in rows), encoding="utf-8")
             os.replace(tmp, self.path)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write(_line({"step": step, **metrics}))
         self._file.flush()
 
     def close(self) -> None:
@@ -117,15 +120,21 @@ def open_sinks(logging_cfg, out_dir: str | Path, run_name: str = "masa",
     return MultiSink(sinks)
 
 
+NON_FINITE = {str(x): x for x in (math.nan, math.inf, -math.inf)}   # as `_plain` writes them
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a metrics file; a truncated last line (crash mid-write) is ignored."""
+    """Rows of a metrics file, non-finite values ("nan", "inf", "-inf") as floats again; a
+    truncated last line (crash mid-write) is ignored."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            rows.append({k: NON_FINITE.get(v, v) if isinstance(v, str) else v
+                         for k, v in row.items()})
     return rows
 
 

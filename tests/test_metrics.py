@@ -33,6 +33,8 @@ def test_non_finite_metrics_read_back_as_floats(tmp_path):
     row = read_jsonl(path)[0]
     assert math.isnan(row["mae"]) and row["up"] == math.inf and row["down"] == -math.inf
     assert row["name"] == "x"
+    JsonlSink(path, resume_step=1).close()   # a resume rewrites the kept rows: still strict JSON
+    assert "NaN" not in path.read_text() and math.isnan(read_jsonl(path)[0]["mae"])
 
 
 def test_tensorboard_sink_writes_event_file(tmp_path):
