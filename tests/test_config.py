@@ -56,6 +56,8 @@ BAD_CONFIGS = [
     (["rollout.temperature=0"], ["rollout.temperature", "0"]),
     (["grpo.loss_agg=mean"], ["grpo.loss_agg", "mean", "token-mean"]),
     (["grpo.dual_clip=0.5"], ["grpo.dual_clip", "0.5", "> 1"]),
+    # no reference model is wired: a KL penalty passed validation, then failed at step 1
+    (["grpo.kl_coef=0.05"], ["grpo.kl_coef", "0.05", "reference"]),
     (["grpo.old_logprobs=policy", "grpo.ppo_epochs=2"], ["grpo.old_logprobs", "ppo_epochs = 1"]),
     (["grpo.old_logprobs=rollout"], ["grpo.old_logprobs", "rollout", "recompute"]),
     (["model.fp8=hybrid", "model.layer_spec=local"], ["model.fp8", "hybrid", "Transformer Engine"]),
