@@ -104,8 +104,10 @@ class GRPOConfig:
     clip_high: float = 0.28
     dual_clip: Optional[float] = 10.0
     loss_agg: str = "token-mean"           # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    # KL to a reference policy: must stay 0 until a reference model is wired into the loop
+    # (config_checks refuses anything else); kl_type is then the estimator, k1 | k3
     kl_coef: float = 0.0
-    kl_type: str = "k3"                    # k1 | k3
+    kl_type: str = "k3"
     tis_cap: Optional[float] = None        # truncated importance sampling vs rollout log-probs
     adv_eps: float = 1e-6
     ppo_epochs: int = 1

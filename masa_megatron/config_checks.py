@@ -183,6 +183,10 @@ def validate_static(cfg: ExperimentConfig) -> None:
         _fail("grpo.old_logprobs", "policy", "needs grpo.ppo_epochs = 1 and "
               "grpo.mini_batches_per_step = 1 (later optimizer steps need the pre-update log-probs)")
     _check_sequence_mini_batches(cfg)
+    if cfg.grpo.kl_coef != 0:
+        _fail("grpo.kl_coef", cfg.grpo.kl_coef, "a KL penalty needs a reference model's "
+              "log-probs, and no reference model is wired into the loop (the paper's recipe "
+              "uses none); set it to 0")
     if cfg.grpo.dual_clip is not None and cfg.grpo.dual_clip <= 1.0:
         _fail("grpo.dual_clip", cfg.grpo.dual_clip, "dual clip constant must be > 1")
     if cfg.grpo.tis_cap is not None and cfg.grpo.tis_cap <= 0:
